@@ -1,0 +1,265 @@
+"""All of streamgen's configuration, in one torch-free module.
+
+Every field has a default and is validated in ``__post_init__`` with ``ValueError`` (never ``assert``).
+The data plane (``workers/``) imports these classes; ``workers.model`` re-exports ``ModelConfig`` and
+``get_config`` as its public API.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+__all__ = [
+    "ModelConfig",
+    "SamplerConfig",
+    "CacheConfig",
+    "GenerationConfig",
+    "get_config",
+    "MODEL_CONFIGS",
+    "SAMPLER_MODES",
+    "CACHE_POLICIES",
+    "KERNEL_BACKENDS",
+]
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+TEXT_ENCODERS = ("hash", "umt5")
+VAES = ("tiny", "wan")
+SAMPLER_MODES = ("sequential", "stream_batch")
+CACHE_POLICIES = ("sink", "ema_sink", "none")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Wan2.1 causal DiT plus the small components streamgen pairs it with."""
+
+    dim: int = 1536
+    """Hidden width of the transformer."""
+    ffn_dim: int = 8960
+    """Inner width of each block's FFN."""
+    num_heads: int = 12
+    """Attention heads; ``dim // num_heads`` is the head dim (128 for the real models)."""
+    num_layers: int = 30
+    """Transformer blocks."""
+    text_dim: int = 4096
+    """Width of the text encoder's output (umT5-XXL: 4096)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep embedding."""
+    in_channels: int = 16
+    """Latent channels in."""
+    out_channels: int = 16
+    """Latent channels out."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(t, h, w) patch; t must be 1 so that a token belongs to exactly one latent frame."""
+    eps: float = 1e-6
+    """LayerNorm / RMSNorm epsilon."""
+    text_len: int = 512
+    """Text tokens per prompt; the encoder pads (with zeros) to this length."""
+    rope_max_positions: int = 1024
+    """Temporal RoPE positions available; cache size plus in-flight frames must stay below it."""
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    """(t, h, w) compression of the VAE: one latent frame is 4 video frames, 8x8 pixels."""
+    default_height: int = 480
+    """Video height in pixels when a request gives 0."""
+    default_width: int = 832
+    """Video width in pixels when a request gives 0."""
+    text_encoder: str = "umt5"
+    """``umt5`` (real, local path) or ``hash`` (small, deterministic, no weights)."""
+    vae: str = "wan"
+    """``wan`` (real Wan VAE, local path) or ``tiny`` (small causal VAE, seeded weights)."""
+    init_seed: int = 0
+    """Seed for weights when no checkpoint is loaded (tiny / small configs and tests)."""
+    kernel_backend: str = "auto"
+    """Memory-bound block ops: ``auto`` (Triton on CUDA when available), ``torch`` or ``triton``."""
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "freq_dim", "in_channels",
+                     "out_channels", "text_len", "rope_max_positions", "default_height", "default_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even and at least 6 for 3D RoPE")
+        if self.freq_dim % 2:
+            raise ValueError(f"ModelConfig.freq_dim must be even, got {self.freq_dim}")
+        if tuple(self.patch_size) != tuple(int(p) for p in self.patch_size) or len(self.patch_size) != 3:
+            raise ValueError(f"ModelConfig.patch_size must be 3 ints, got {self.patch_size!r}")
+        if self.patch_size[0] != 1:
+            raise ValueError("ModelConfig.patch_size[0] must be 1 (one token belongs to one latent frame)")
+        if not (0 < self.eps < 1e-2):
+            raise ValueError(f"ModelConfig.eps must be in (0, 0.01), got {self.eps!r}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"ModelConfig.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
+        if self.vae not in VAES:
+            raise ValueError(f"ModelConfig.vae must be one of {VAES}, got {self.vae!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(
+                f"ModelConfig.kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        self.latent_grid(self.default_height, self.default_width)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Latent (h, w) for a pixel size; raises ValueError naming the field that does not divide."""
+        step_h = self.vae_stride[1] * self.patch_size[1]
+        step_w = self.vae_stride[2] * self.patch_size[2]
+        if not isinstance(height, int) or height <= 0 or height % step_h:
+            raise ValueError(f"height must be a positive multiple of {step_h}, got {height!r}")
+        if not isinstance(width, int) or width <= 0 or width % step_w:
+            raise ValueError(f"width must be a positive multiple of {step_w}, got {width!r}")
+        return height // self.vae_stride[1], width // self.vae_stride[2]
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens one latent frame becomes: 1560 for 480x832 with the real patch (30 x 52)."""
+        lh, lw = self.latent_grid(height, width)
+        return (lh // self.patch_size[1]) * (lw // self.patch_size[2])
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    # Tests and the demo: a chunk's forward takes a few ms on one CPU thread.
+    "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=4, text_dim=32, freq_dim=32,
+                        text_len=16, default_height=64, default_width=96, text_encoder="hash", vae="tiny"),
+    # Benchmarks: compute-dominated on CPU (well over 50 ms per chunk per half-model on one thread).
+    "small": ModelConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=8, text_dim=128, freq_dim=64,
+                         text_len=32, default_height=256, default_width=256, text_encoder="hash", vae="tiny"),
+    "wan2.1-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A named model config, optionally with fields replaced (validated again)."""
+    try:
+        base = MODEL_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; known: {sorted(MODEL_CONFIGS)}") from None
+    return replace(base, **overrides) if overrides else base
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Few-step flow-matching sampler (REFERENCE §2 A.6-A.7)."""
+
+    denoising_steps: tuple[float, ...] = (1000, 750, 500, 250)
+    """Step list before warping (Self-Forcing's default)."""
+    warp: bool = True
+    """Map the step list through the shifted sigma table (``warp_denoising_step``)."""
+    shift: float = 5.0
+    """Timestep shift S: 5 for Self-Forcing / LongLive / Reward Forcing, 8 for CausVid / StreamDiffusionV2."""
+    chunk_frames: int = 3
+    """Latent frames per chunk: 3 for Self-Forcing T2V, 1 for StreamDiffusionV2 V2V."""
+    mode: str = "sequential"
+    """``sequential``: a chunk's steps in order, context pass, then the next chunk (Self-Forcing).
+    ``stream_batch``: one forward per tick carries every in-flight chunk at its own step (docs/stream_batch)."""
+    context_timestep: float = 0.0
+    """Timestep of the context pass that writes a finished chunk's clean K/V."""
+
+    def __post_init__(self) -> None:
+        steps = tuple(float(s) for s in self.denoising_steps)
+        object.__setattr__(self, "denoising_steps", steps)
+        if not steps:
+            raise ValueError("SamplerConfig.denoising_steps must not be empty")
+        if any(not (0 < s <= 1000) or not math.isfinite(s) for s in steps):
+            raise ValueError(f"SamplerConfig.denoising_steps must lie in (0, 1000], got {steps}")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"SamplerConfig.denoising_steps must be strictly decreasing, got {steps}")
+        _positive("SamplerConfig.shift", self.shift)
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames <= 0:
+            raise ValueError(f"SamplerConfig.chunk_frames must be a positive int, got {self.chunk_frames!r}")
+        if self.mode not in SAMPLER_MODES:
+            raise ValueError(f"SamplerConfig.mode must be one of {SAMPLER_MODES}, got {self.mode!r}")
+        if not (0 <= self.context_timestep < 1000):
+            raise ValueError(f"SamplerConfig.context_timestep must be in [0, 1000), got {self.context_timestep}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_steps)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Per-stream rolling self-attention KV cache (memory fixed: sink_frames + window_frames frames).
+
+    A chunk attends to the sink, the ``window_frames`` most recent committed frames and itself, so
+    Self-Forcing's ``local_attn_size`` L with chunk f maps to ``sink_frames + window_frames = L - f``.
+    """
+
+    policy: str = "sink"
+    """``sink``: the first ``sink_frames`` frames stay pinned; ``ema_sink``: evicted frames are blended
+    into the sink (Reward Forcing); ``none``: no sink, a plain rolling window."""
+    sink_frames: int = 3
+    """Pinned frames (ignored, treated as 0, for policy ``none``)."""
+    window_frames: int = 6
+    """Most recent committed frames kept beside the sink."""
+    ema_alpha: float = 0.999
+    """``ema_sink``: sink <- alpha * sink + (1 - alpha) * evicted."""
+    recache_frames: int = 9
+    """Clean latents kept per stream and re-encoded on a prompt change or recovery (LongLive's K)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise ValueError(f"CacheConfig.policy must be one of {CACHE_POLICIES}, got {self.policy!r}")
+        for name in ("sink_frames", "window_frames", "recache_frames"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"CacheConfig.{name} must be a non-negative int, got {value!r}")
+        if self.window_frames < 1:
+            raise ValueError("CacheConfig.window_frames must be at least 1")
+        if not (0.0 <= self.ema_alpha <= 1.0):
+            raise ValueError(f"CacheConfig.ema_alpha must be in [0, 1], got {self.ema_alpha!r}")
+        if self.policy in ("sink", "ema_sink") and self.sink_frames < 1:
+            raise ValueError(f"CacheConfig.policy {self.policy!r} needs sink_frames >= 1")
+
+    @property
+    def pinned_frames(self) -> int:
+        return 0 if self.policy == "none" else self.sink_frames
+
+    @property
+    def capacity_frames(self) -> int:
+        return self.pinned_frames + self.window_frames
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What one stream generates with: model, sampler, cache and video size."""
+
+    model: ModelConfig = field(default_factory=lambda: get_config("tiny"))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    height: int = 0
+    """Pixels; 0 means the model's default."""
+    width: int = 0
+    """Pixels; 0 means the model's default."""
+    model_path: str = ""
+    """Local DiT checkpoint (``.pt`` / ``.safetensors``); empty means seeded random weights."""
+    text_encoder_path: str = ""
+    """Local directory of a umT5 encoder + tokenizer (text_encoder ``umt5``)."""
+    vae_path: str = ""
+    """Local directory of a diffusers ``AutoencoderKLWan`` (vae ``wan``)."""
+    use_ema: bool = False
+    """Load ``generator_ema`` instead of ``generator`` from a Self-Forcing-style file."""
+
+    def __post_init__(self) -> None:
+        if self.height == 0:
+            object.__setattr__(self, "height", self.model.default_height)
+        if self.width == 0:
+            object.__setattr__(self, "width", self.model.default_width)
+        self.model.latent_grid(self.height, self.width)
+        max_frames = self.cache.capacity_frames + (self.sampler.num_steps + 1) * self.sampler.chunk_frames
+        if max_frames > self.model.rope_max_positions:
+            raise ValueError(
+                f"cache ({self.cache.capacity_frames} frames) plus in-flight chunks ({max_frames} frames in all) "
+                f"exceed the model's {self.model.rope_max_positions} RoPE positions")
+        if self.cache.recache_frames > self.cache.capacity_frames:
+            raise ValueError(
+                f"CacheConfig.recache_frames ({self.cache.recache_frames}) must not exceed the cache capacity "
+                f"({self.cache.capacity_frames} frames)")

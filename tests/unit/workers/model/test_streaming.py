@@ -1,0 +1,90 @@
+"""Streaming forward with the KV cache equals the block-causal full-sequence forward (no eviction)."""
+
+import pytest
+import torch
+
+from orchestrator.config import CacheConfig
+from workers.model import CausalWanModel, Segment, get_config
+
+CFG = get_config("tiny")
+F_CHUNK, N_CHUNKS, H, W = 2, 3, 4, 6  # latent 4x6 -> 2x3 tokens per frame
+GRID = (H // 2, W // 2)
+BIG_CACHE = CacheConfig(policy="sink", sink_frames=2, window_frames=16)  # nothing is evicted
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalWanModel(CFG).eval()
+
+
+def full_flow(model, latents, t, ctx):
+    """Block-causal full-sequence forward. latents [F, C, h, w], t [F] -> flow [F, C, h, w]."""
+    out = model(latents.transpose(0, 1)[None], t[None], ctx[None], frames_per_block=F_CHUNK)
+    return out[0].transpose(0, 1)
+
+
+@torch.no_grad()
+def test_steps_and_context_pass_match_full_sequence(model):
+    ctx = torch.randn(5, CFG.text_dim)
+    clean = torch.randn(N_CHUNKS * F_CHUNK, CFG.in_channels, H, W)
+    cache = model.new_stream_cache(BIG_CACHE)
+    cache.set_context(model.embed_text(ctx))
+    for c in range(N_CHUNKS):
+        lo, hi = c * F_CHUNK, (c + 1) * F_CHUNK
+        for t_step in (1000.0, 937.5, 625.0):  # denoising steps of chunk c against the clean cache
+            noisy = torch.randn(F_CHUNK, CFG.in_channels, H, W)
+            got = model.stream_forward(noisy, [Segment(F_CHUNK, cache)], GRID, torch.full((F_CHUNK,), t_step))
+            lat = torch.cat((clean[:lo], noisy))
+            t = torch.cat((torch.zeros(lo), torch.full((F_CHUNK,), t_step)))
+            want = full_flow(model, lat, t, ctx)[lo:hi]
+            assert (got - want).abs().max() <= 1e-4
+            assert cache.frames == lo  # steps do not commit
+        # context pass: clean chunk at t=0 commits its K/V
+        got = model.stream_forward(clean[lo:hi], [Segment(F_CHUNK, cache, commit_frames=F_CHUNK)], GRID,
+                                   torch.zeros(F_CHUNK))
+        want = full_flow(model, clean[:hi], torch.zeros(hi), ctx)[lo:hi]
+        assert (got - want).abs().max() <= 1e-4
+        assert cache.frames == hi
+
+
+@torch.no_grad()
+def test_multi_chunk_segment_is_block_causal(model):
+    """A stream-batch segment [context chunk | in-flight chunks] equals the full block-causal forward."""
+    ctx = torch.randn(5, CFG.text_dim)
+    clean = torch.randn(2 * F_CHUNK, CFG.in_channels, H, W)
+    cache = model.new_stream_cache(BIG_CACHE)
+    cache.set_context(model.embed_text(ctx))
+    model.stream_forward(clean[:F_CHUNK], [Segment(F_CHUNK, cache, commit_frames=F_CHUNK)], GRID,
+                         torch.zeros(F_CHUNK))
+    inflight = torch.randn(2 * F_CHUNK, CFG.in_channels, H, W)
+    seq = torch.cat((clean[F_CHUNK:], inflight))  # [ctx chunk 1 | chunk 2 @ 625 | chunk 3 @ 1000]
+    t = torch.cat((torch.zeros(F_CHUNK), torch.full((F_CHUNK,), 625.0), torch.full((F_CHUNK,), 1000.0)))
+    got = model.stream_forward(seq, [Segment(3 * F_CHUNK, cache, block_frames=F_CHUNK, commit_frames=F_CHUNK)],
+                               GRID, t)
+    want = full_flow(model, torch.cat((clean[:F_CHUNK], seq)), torch.cat((torch.zeros(F_CHUNK), t)), ctx)
+    assert (got - want[F_CHUNK:]).abs().max() <= 1e-4
+    assert cache.frames == 2 * F_CHUNK  # only the context chunk was committed
+
+
+@torch.no_grad()
+def test_segments_of_different_streams_batch_without_mixing(model):
+    """Two streams in one forward give each stream's own single-stream result."""
+    caches, singles, inputs = [], [], []
+    for s in range(2):
+        ctx = torch.randn(5, CFG.text_dim)
+        cache_a, cache_b = model.new_stream_cache(BIG_CACHE), model.new_stream_cache(BIG_CACHE)
+        for c in (cache_a, cache_b):
+            c.set_context(model.embed_text(ctx))
+        warm = torch.randn((s + 1) * F_CHUNK, CFG.in_channels, H, W)  # different cache fill per stream
+        for c in (cache_a, cache_b):
+            model.stream_forward(warm, [Segment(warm.shape[0], c, block_frames=F_CHUNK,
+                                                commit_frames=warm.shape[0])], GRID, torch.zeros(warm.shape[0]))
+        x = torch.randn(F_CHUNK, CFG.in_channels, H, W)
+        singles.append(model.stream_forward(x, [Segment(F_CHUNK, cache_a)], GRID, torch.full((F_CHUNK,), 750.0)))
+        caches.append(cache_b)
+        inputs.append(x)
+    both = model.stream_forward(torch.cat(inputs), [Segment(F_CHUNK, c) for c in caches], GRID,
+                                torch.full((2 * F_CHUNK,), 750.0))
+    assert (both[:F_CHUNK] - singles[0]).abs().max() <= 1e-5
+    assert (both[F_CHUNK:] - singles[1]).abs().max() <= 1e-5
+    assert (singles[0] - singles[1]).abs().max() > 1e-2

@@ -1,0 +1,1 @@
+"""streamgen data plane: model runtime, caches, stages and the pipeline engine."""

@@ -1,0 +1,321 @@
+"""Wan2.1 causal DiT, written for streaming. State-dict keys are the original Wan names (REFERENCE §2 A.2).
+
+No parallelism lives here. A pipeline stage is this same class built with a block range
+``[a, b)`` (other blocks do not exist, so no weights are loaded for them) and with or without the
+embeddings and the head.
+
+Hidden states are laid out by latent frame: h [F, T, C] (frames of every stream in the forward,
+tokens per frame, channels). A forward carries one or more *segments*, each one stream's frames;
+GEMMs and norms run over all frames at once, attention runs per segment against that stream's cache.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import ops
+from orchestrator.config import ModelConfig
+from workers.cache import StreamCache
+from workers.model.rope import rope_tables
+
+
+@dataclass
+class Segment:
+    """One stream's frames inside a forward, in order (oldest first)."""
+
+    frames: int
+    """Latent frames of this stream in the forward."""
+    cache: StreamCache | None = None
+    """The stream's caches on this model slice; None runs without a KV cache (full sequence)."""
+    context: torch.Tensor | None = None
+    """Embedded text [L, dim], used when there is no cache (the cache carries its own context)."""
+    block_frames: int | None = None
+    """Frames per causal block inside the segment; None = bidirectional over the whole segment."""
+    commit_frames: int = 0
+    """Leading frames whose K/V join the cache after this forward (the context pass)."""
+
+
+class Activation(NamedTuple):
+    """What one slice hands to the next: hidden [F, T, C], time embedding [F, C], modulation [F, 6, C]."""
+
+    hidden: torch.Tensor
+    e_time: torch.Tensor
+    e0: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """q, k, v, o projections with q/k RMSNorm across all heads (names as Wan's self_attn / cross_attn)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(d, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, cfg.eps, elementwise_affine=True)  # cross-attention pre-norm
+        self.cross_attn = Attention(d, cfg.eps)
+        self.norm2 = nn.LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2])
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding: float64, cat[cos, sin], freqs 10000^(-i/half). t [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=1)
+
+
+class CausalWanModel(nn.Module):
+    """Wan2.1 causal DiT, or a slice of it: blocks [a, b), optionally with embeddings and head."""
+
+    def __init__(self, cfg: ModelConfig, block_range: tuple[int, int] | None = None,
+                 with_embed: bool = True, with_head: bool = True):
+        super().__init__()
+        a, b = block_range if block_range is not None else (0, cfg.num_layers)
+        if not (0 <= a <= b <= cfg.num_layers):
+            raise ValueError(f"block range [{a}, {b}) is outside the model's {cfg.num_layers} blocks")
+        self.cfg = cfg
+        self.block_range = (a, b)
+        self.with_embed = with_embed
+        self.with_head = with_head
+        d, p = cfg.dim, cfg.patch_size
+        if with_embed:
+            self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=p, stride=p)
+            self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                                nn.Linear(d, d))
+            self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+            self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(a, b)})
+        if with_head:
+            self.head = Head(cfg)
+        self.init_weights(cfg.init_seed)
+
+    # ----------------------------------------------------------------------------------------------
+    # weights
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seeded random weights, each parameter from its own name, so any slice of the model holds
+        exactly the weights the full model holds under the same names."""
+        for name, param in self.named_parameters():
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            if name.endswith("modulation"):
+                value = torch.randn(param.shape, generator=gen) / self.cfg.dim ** 0.5
+            elif name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):
+                value = 1 + 0.1 * torch.randn(param.shape, generator=gen)
+            elif name.endswith("bias"):
+                value = 0.02 * torch.randn(param.shape, generator=gen)
+            else:
+                fan_in = param[0].numel()
+                value = torch.randn(param.shape, generator=gen) / fan_in ** 0.5
+            param.copy_(value)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return list(range(*self.block_range))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_stream_cache(self, cache_cfg) -> StreamCache:
+        """Empty caches for one stream on this slice's blocks."""
+        return StreamCache(cache_cfg, self.block_ids, self.cfg.head_dim)
+
+    # ----------------------------------------------------------------------------------------------
+    # embeddings and head (first and last slice)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Text encoder output [..., L, text_dim] -> [..., L, dim]."""
+        return self.text_embedding(context.to(self.dtype))
+
+    def embed_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [F, C, H, W] -> tokens [F, T, dim], T = (H/2)(W/2) row-major."""
+        x = self.patch_embedding(latents.to(self.dtype).transpose(0, 1)[None])  # [1, dim, F, H/2, W/2]
+        return x[0].flatten(2).permute(1, 2, 0)  # [F, T, dim]
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame timesteps [F] -> (e_time [F, dim], e0 [F, 6, dim])."""
+        e_time = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.dtype))
+        e0 = self.time_projection(e_time).unflatten(1, (6, self.cfg.dim))
+        return e_time, e0
+
+    def apply_head(self, h: torch.Tensor, e_time: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Hidden [F, T, dim] -> flow [F, C_out, H, W] (unpatchify with channel fastest in the head output)."""
+        shift, scale = (self.head.modulation + e_time[:, None]).unbind(1)  # [F, dim] each
+        out = self.head.head(ops.norm_modulate(h, shift, scale, self.cfg.eps, self.cfg.kernel_backend))
+        f = h.shape[0]
+        _, ph, pw = self.cfg.patch_size
+        out = out.view(f, grid[0], grid[1], ph, pw, self.cfg.out_channels)  # [F, h, w, ph, pw, C]
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(f, self.cfg.out_channels, grid[0] * ph, grid[1] * pw)
+
+    # ----------------------------------------------------------------------------------------------
+    # forwards
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                frames_per_block: int | None = None) -> torch.Tensor:
+        """Full-sequence forward. x [B, C, F, H, W], t [B, F], context [B, L, text_dim] -> flow [B, C, F, H, W].
+
+        Bidirectional unless ``frames_per_block`` is set: then block-causal (bidirectional inside a block
+        of that many frames, causal across blocks), positions absolute from 0.
+        """
+        b, c, f, hh, ww = x.shape
+        grid = (hh // self.cfg.patch_size[1], ww // self.cfg.patch_size[2])
+        ctx = self.embed_text(context)
+        segments = [Segment(frames=f, context=ctx[i], block_frames=frames_per_block) for i in range(b)]
+        flow = self.stream_forward(x.transpose(1, 2).reshape(b * f, c, hh, ww), segments, grid, t.reshape(-1))
+        return flow.view(b, f, -1, hh, ww).transpose(1, 2)
+
+    def stream_forward(self, inputs: torch.Tensor | Activation, segments: list[Segment],
+                       grid: tuple[int, int], t: torch.Tensor | None = None) -> torch.Tensor | Activation:
+        """Run this slice over one forward's segments.
+
+        inputs: latents [F, C, H, W] with per-frame timesteps ``t`` [F] (first slice), or the previous
+        slice's Activation. Returns flow [F, C, H, W] if this slice has the head, else an Activation.
+        Caches of segments that commit frames are updated in every block of this slice.
+        """
+        if isinstance(inputs, Activation):
+            act = inputs
+        else:
+            if not self.with_embed:
+                raise ValueError("this slice has no embeddings: pass the previous slice's Activation")
+            e_time, e0 = self.embed_time(t)
+            act = Activation(self.embed_latents(inputs), e_time, e0)
+        if sum(s.frames for s in segments) != act.hidden.shape[0]:
+            raise ValueError(f"segments cover {sum(s.frames for s in segments)} frames, "
+                             f"inputs hold {act.hidden.shape[0]}")
+        h = self.run_blocks(act.hidden, act.e0, segments, grid)
+        if self.with_head:
+            return self.apply_head(h, act.e_time, grid)
+        return Activation(h, act.e_time, act.e0)
+
+    def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, segments: list[Segment],
+                   grid: tuple[int, int]) -> torch.Tensor:
+        """h [F, T, dim], e0 [F, 6, dim] -> h after this slice's blocks."""
+        cos, sin = self._segment_rope(segments, grid, h.device)
+        for block_id, block in zip(self.block_ids, self.blocks.values()):
+            h = self._block(block_id, block, h, e0, segments, cos, sin)
+        return h
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _segment_rope(self, segments: list[Segment], grid: tuple[int, int],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [F, T, head_dim/2]: each segment's frames continue after its committed cache."""
+        positions = []
+        for seg in segments:
+            start = seg.cache.frames if seg.cache is not None else 0
+            positions.append(torch.arange(start, start + seg.frames))
+        positions = torch.cat(positions)
+        if int(positions.max()) >= self.cfg.rope_max_positions:
+            raise ValueError(f"temporal position {int(positions.max())} exceeds rope_max_positions "
+                             f"({self.cfg.rope_max_positions}); use a smaller cache or chunk")
+        return rope_tables(positions, grid, self.cfg.head_dim, device)
+
+    def _block(self, block_id: int, blk: Block, h: torch.Tensor, e0: torch.Tensor,
+               segments: list[Segment], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        eps, backend = self.cfg.eps, self.cfg.kernel_backend
+        shift1, scale1, gate1, shift2, scale2, gate2 = (blk.modulation + e0).unbind(1)  # [F, dim] each
+        y = self._self_attention(block_id, blk, ops.norm_modulate(h, shift1, scale1, eps, backend),
+                                 segments, cos, sin)
+        h = ops.gated_residual(h, y, gate1, backend)
+        h = h + self._cross_attention(block_id, blk, blk.norm3(h.float()).to(h.dtype), segments)
+        y = blk.ffn(ops.norm_modulate(h, shift2, scale2, eps, backend))
+        return ops.gated_residual(h, y, gate2, backend)
+
+    def _self_attention(self, block_id: int, blk: Block, x: torch.Tensor, segments: list[Segment],
+                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn, nh = blk.self_attn, self.cfg.num_heads
+        q, k = ops.qk_norm_rope(attn.q(x), attn.k(x), attn.norm_q.weight, attn.norm_k.weight, cos, sin,
+                                self.cfg.eps, self.cfg.kernel_backend)  # [F, T, dim] each
+        v = attn.v(x)
+        out, f0 = [], 0
+        for seg in segments:
+            f1 = f0 + seg.frames
+            if seg.cache is not None:
+                kv = seg.cache.kv[block_id]
+                n = kv.frames
+                keys, values = kv.stage(k[f0:f1], v[f0:f1])  # [n + Fs, T, dim]
+            else:
+                kv, n = None, 0
+                keys, values = k[f0:f1], v[f0:f1]
+            step = seg.block_frames or seg.frames
+            for qb in range(0, seg.frames, step):  # query block qb sees the cache and own frames < qb+step
+                qe = min(qb + step, seg.frames)
+                out.append(_attend(q[f0 + qb:f0 + qe], keys[:n + qe], values[:n + qe], nh))
+            if kv is not None and seg.commit_frames:
+                kv.commit(seg.commit_frames)
+            f0 = f1
+        return attn.o(torch.cat(out))
+
+    def _cross_attention(self, block_id: int, blk: Block, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        attn, nh = blk.cross_attn, self.cfg.num_heads
+        q = attn.norm_q(attn.q(x))  # [F, T, dim]
+        out, f0 = [], 0
+        for seg in segments:
+            f1 = f0 + seg.frames
+            k, v = self._context_kv(block_id, attn, seg)  # [L, dim]
+            out.append(_attend(q[f0:f1], k[None], v[None], nh))
+            f0 = f1
+        return attn.o(torch.cat(out))
+
+    def _context_kv(self, block_id: int, attn: Attention, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = seg.cache
+        if cache is not None and block_id in cache.xattn:
+            return cache.xattn[block_id]
+        ctx = cache.context if cache is not None else seg.context
+        if ctx is None:
+            raise ValueError("segment has no text context: call StreamCache.set_context first")
+        kv = (attn.norm_k(attn.k(ctx)), attn.v(ctx))
+        if cache is not None:
+            cache.xattn[block_id] = kv
+        return kv
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """q [Fq, T, C], k/v [Fk, Tk, C] (all keys visible) -> [Fq, T, C]."""
+    fq, t, c = q.shape
+    d = c // heads
+    qh = q.reshape(1, fq * t, heads, d).transpose(1, 2)  # [1, H, Lq, D]
+    kh = k.reshape(1, -1, heads, d).transpose(1, 2)  # [1, H, Lk, D]
+    vh = v.reshape(1, -1, heads, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qh, kh, vh)  # [1, H, Lq, D]
+    return o.transpose(1, 2).reshape(fq, t, c)

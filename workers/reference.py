@@ -1,0 +1,99 @@
+"""Single-process reference generator: the oracle every distributed executor is compared against.
+
+(prompt, seed, config, mode, n_chunks) -> uint8 frames [N, H, W, 3], deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import torch
+
+from orchestrator.config import GenerationConfig
+from workers.loader import load_weights
+from workers.model.dit import CausalWanModel, Segment
+from workers.model.text import build_text_encoder
+from workers.model.vae import build_vae, to_uint8
+from workers.stream import StreamProgram, Work
+
+
+class ReferenceGenerator:
+    """Runs the whole model in one process over one stream at a time."""
+
+    def __init__(self, cfg: GenerationConfig, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = CausalWanModel(cfg.model).to(self.device, dtype).eval()
+        if cfg.model_path:
+            load_weights(self.model, cfg.model_path, cfg.use_ema)
+        self.text_encoder = build_text_encoder(cfg.model, cfg.text_encoder_path, self.device)
+        self.vae = build_vae(cfg.model, cfg.vae_path, self.device)
+        lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
+        self.latent_shape = (cfg.model.in_channels, lh, lw)
+        self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])
+
+    def _mode_cfg(self, mode: str | None) -> GenerationConfig:
+        return self.cfg if mode is None else replace(self.cfg, sampler=replace(self.cfg.sampler, mode=mode))
+
+    @torch.no_grad()
+    def stream_latents(self, prompt: str, seed: int, mode: str | None = None,
+                       prompt_schedule: dict[int, str] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (chunk index, clean latents [f, C, h, w]) in chunk order, without end.
+
+        ``prompt_schedule`` maps a chunk index to the prompt that chunks from there on use; the switch
+        re-caches the recent clean latents under the new prompt and restarts unfinished chunks.
+        """
+        cfg = self._mode_cfg(mode)
+        switches = dict(sorted((prompt_schedule or {}).items()))
+        program = StreamProgram(cfg.sampler, cfg.cache, seed, self.latent_shape)
+        cache = self.model.new_stream_cache(cfg.cache)
+        cache.set_context(self.model.embed_text(self.text_encoder(prompt).to(self.device)))
+        done = 0
+        while True:
+            if switches and done >= min(switches):  # every chunk before the switch has finished
+                cache.set_context(self.model.embed_text(self.text_encoder(switches.pop(min(switches))).to(self.device)))
+                program.restart_unfinished()
+            work = program.next_work()
+            for chunk, x0 in program.complete(work, self.run_work(work, cache)):
+                done = chunk + 1  # one chunk finishes per forward, so a switch lands before chunk `done` does
+                yield chunk, x0
+
+    def run_work(self, work: Work, cache) -> torch.Tensor:
+        """One forward of one stream's work on its caches -> flow [F, C, h, w] (float32)."""
+        if work.reset_cache:
+            cache.reset()
+        if work.frames == 0:
+            return torch.zeros((0,) + self.latent_shape)
+        seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
+                      commit_frames=work.commit_frames)
+        flow = self.model.stream_forward(work.latents.to(self.device), [seg], self.grid, work.t.to(self.device))
+        return flow.float().cpu()
+
+    def latents(self, prompt: str, seed: int, n_chunks: int, mode: str | None = None,
+                prompt_schedule: dict[int, str] | None = None) -> torch.Tensor:
+        """Clean latents of the first n_chunks chunks, [n_chunks * f, C, h, w]."""
+        out = []
+        for chunk, x0 in self.stream_latents(prompt, seed, mode, prompt_schedule):
+            out.append(x0)
+            if chunk + 1 >= n_chunks:
+                break
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int, n_chunks: int, mode: str | None = None,
+                 prompt_schedule: dict[int, str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """uint8 frames [N, H, W, 3]; N = 1 + 4 (n_chunks * f - 1) with the 4x temporal VAE."""
+        if n_chunks < 1:
+            raise ValueError(f"n_chunks must be at least 1, got {n_chunks}")
+        state = self.vae.new_state()
+        frames = []
+        for chunk, x0 in self.stream_latents(prompt, seed, mode, prompt_schedule):
+            frames.append(to_uint8(self.vae.decode_chunk(x0.to(self.device), state)).cpu())
+            if progress is not None:
+                progress(chunk + 1, n_chunks)
+            if chunk + 1 >= n_chunks:
+                break
+        return torch.cat(frames)
