@@ -130,7 +130,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
                         text_len=16, default_height=64, default_width=96, text_encoder="hash", vae="tiny"),
     # Benchmarks: compute-dominated on CPU (well over 50 ms per chunk per half-model on one thread).
     "small": ModelConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=8, text_dim=128, freq_dim=64,
-                         text_len=32, default_height=256, default_width=256, text_encoder="hash", vae="tiny"),
+                         text_len=32, default_height=128, default_width=256, text_encoder="hash", vae="tiny"),
     "wan2.1-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }

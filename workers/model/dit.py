@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,10 @@ from torch import nn
 
 from kernels import ops
 from orchestrator.config import ModelConfig
-from workers.cache import StreamCache
 from workers.model.rope import rope_tables
+
+if TYPE_CHECKING:  # workers.cache imports workers.model.rope
+    from workers.cache import StreamCache
 
 
 @dataclass
@@ -158,6 +160,8 @@ class CausalWanModel(nn.Module):
 
     def new_stream_cache(self, cache_cfg) -> StreamCache:
         """Empty caches for one stream on this slice's blocks."""
+        from workers.cache import StreamCache
+
         return StreamCache(cache_cfg, self.block_ids, self.cfg.head_dim)
 
     # ----------------------------------------------------------------------------------------------
