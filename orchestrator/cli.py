@@ -20,10 +20,11 @@ def _progress(label: str):
         width = 30
         filled = int(width * done / max(total, 1))
         rate = done / max(time.monotonic() - start, 1e-9)
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks "
-                         f"({rate:.1f} chunks/s)")
-        if done >= total:
-            sys.stderr.write("\n")
+        line = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks ({rate:.1f} chunks/s)"
+        if sys.stderr.isatty():  # redraw in place on a terminal, one line per update in a log
+            sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
     return show

@@ -88,3 +88,27 @@ def test_segments_of_different_streams_batch_without_mixing(model):
     assert (both[:F_CHUNK] - singles[0]).abs().max() <= 1e-5
     assert (both[F_CHUNK:] - singles[1]).abs().max() <= 1e-5
     assert (singles[0] - singles[1]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_slices_chained_equal_the_whole_model(model):
+    """Blocks [0, 1) + [1, 3) + [3, 4) with activations handed on equal the whole model (caches per slice)."""
+    slices = [CausalWanModel(CFG, (0, 1), with_embed=True, with_head=False),
+              CausalWanModel(CFG, (1, 3), with_embed=False, with_head=False),
+              CausalWanModel(CFG, (3, 4), with_embed=False, with_head=True)]
+    ctx = torch.randn(5, CFG.text_dim)
+    whole_cache = model.new_stream_cache(BIG_CACHE)
+    whole_cache.set_context(model.embed_text(ctx))
+    caches = [s.new_stream_cache(BIG_CACHE) for s in slices]
+    for c in caches:
+        c.set_context(slices[0].embed_text(ctx))
+    for chunk in range(3):
+        for t_step, commit in ((1000.0, 0), (0.0, F_CHUNK)):
+            x = torch.randn(F_CHUNK, CFG.in_channels, H, W)
+            t = torch.full((F_CHUNK,), t_step)
+            want = model.stream_forward(x, [Segment(F_CHUNK, whole_cache, commit_frames=commit)], GRID, t)
+            act = x
+            for s, c in zip(slices, caches):
+                act = s.stream_forward(act, [Segment(F_CHUNK, c, commit_frames=commit)], GRID, t)
+            assert (act - want).abs().max() <= 1e-5
+    assert sum(c.nbytes() for c in caches) == whole_cache.nbytes()
