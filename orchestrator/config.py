@@ -162,6 +162,10 @@ class SamplerConfig:
     ``stream_batch``: one forward per tick carries every in-flight chunk at its own step (docs/stream_batch)."""
     context_timestep: float = 0.0
     """Timestep of the context pass that writes a finished chunk's clean K/V."""
+    lanes: int = 1
+    """``stream_batch`` only: forwards one stream keeps in flight. Forward k consumes the output of
+    forward k - lanes, so with lanes = P a single stream keeps all P pipeline stages busy (as
+    StreamDiffusionV2's ring does). Part of the sampling semantics: the reference uses it too."""
 
     def __post_init__(self) -> None:
         steps = tuple(float(s) for s in self.denoising_steps)
@@ -177,6 +181,10 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.chunk_frames must be a positive int, got {self.chunk_frames!r}")
         if self.mode not in SAMPLER_MODES:
             raise ValueError(f"SamplerConfig.mode must be one of {SAMPLER_MODES}, got {self.mode!r}")
+        if not isinstance(self.lanes, int) or self.lanes < 1:
+            raise ValueError(f"SamplerConfig.lanes must be a positive int, got {self.lanes!r}")
+        if self.lanes > 1 and self.mode != "stream_batch":
+            raise ValueError("SamplerConfig.lanes > 1 needs mode 'stream_batch'")
         if not (0 <= self.context_timestep < 1000):
             raise ValueError(f"SamplerConfig.context_timestep must be in [0, 1000), got {self.context_timestep}")
 

@@ -64,8 +64,6 @@ class ReferenceGenerator:
         """One forward of one stream's work on its caches -> flow [F, C, h, w] (float32)."""
         if work.reset_cache:
             cache.reset()
-        if work.frames == 0:
-            return torch.zeros((0,) + self.latent_shape)
         seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
                       commit_frames=work.commit_frames)
         flow = self.model.stream_forward(work.latents.to(self.device), [seg], self.grid, work.t.to(self.device))

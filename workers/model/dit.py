@@ -150,6 +150,26 @@ class CausalWanModel(nn.Module):
     def block_ids(self) -> list[int]:
         return list(range(*self.block_range))
 
+    def release_blocks(self, ids: list[int]) -> dict[int, Block]:
+        """Remove blocks from either end of this slice and return them (weights move with them)."""
+        keep = [i for i in self.block_ids if i not in set(ids)]
+        out = {i: self.blocks[str(i)] for i in ids}
+        self._set_blocks({i: self.blocks[str(i)] for i in keep})
+        return out
+
+    def adopt_blocks(self, blocks: dict[int, Block]) -> None:
+        """Add blocks adjacent to this slice (the slice must stay contiguous)."""
+        merged = {i: self.blocks[str(i)] for i in self.block_ids}
+        merged.update(blocks)
+        self._set_blocks(merged)
+
+    def _set_blocks(self, blocks: dict[int, Block]) -> None:
+        ids = sorted(blocks)
+        if ids and ids != list(range(ids[0], ids[-1] + 1)):
+            raise ValueError(f"a slice must hold contiguous blocks, got {ids}")
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in ids})
+        self.block_range = (ids[0], ids[-1] + 1) if ids else (self.block_range[0], self.block_range[0])
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

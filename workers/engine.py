@@ -1,0 +1,240 @@
+"""PipelineEngine: one per pipeline replica. Its loop reads like the architecture diagram:
+
+    step():  apply controls -> schedule (EDF micro-batches) -> dispatch (<= P in flight) -> collect -> update
+
+Executors (``workers.executor``) share one contract: in-process (all stages in this process) and Ray
+(one actor per stage, torch.distributed between them). The engine owns the per-stream sampling
+programs, text and decode; stages own weights and caches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from orchestrator.config import GenerationConfig, SamplerConfig
+from workers.batch import MicroBatch, SegmentSpec, StageStats
+from workers.executor import Executor
+from workers.model.text import TextEncoder
+from workers.model.vae import StreamingDecoder, to_uint8
+from workers.plan import LatencyModel
+from workers.stream import StreamProgram, Work
+
+
+@dataclass
+class ChunkOutput:
+    """A finished chunk of one stream."""
+
+    stream_id: str
+    chunk: int
+    latents: torch.Tensor
+    """Clean latents [f, C, h, w]."""
+    frames: torch.Tensor | None
+    """Decoded uint8 frames [N, H, W, 3] (None when the engine runs without a decoder)."""
+    prompt_revision: int
+
+
+@dataclass
+class _Stream:
+    stream_id: str
+    program: StreamProgram
+    prompt: str
+    fps: float
+    started: float
+    decoder_state: object
+    revision: int = 0
+    send_text: bool = True  # the next micro-batch carries this stream's text to every stage
+    pending: list = field(default_factory=list)  # controls waiting for the stream to drain
+    outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
+
+    def due(self) -> float:
+        """When the stream's next unfinished chunk is due (earliest deadline first)."""
+        frames_per_chunk = 4 * self.program.f
+        return self.started + self.program.next_chunk * frames_per_chunk / self.fps
+
+
+@dataclass
+class EngineStats:
+    forwards: int = 0
+    micro_batches: int = 0
+    chunks: int = 0
+    last_stage_stats: list[StageStats] = field(default_factory=list)
+    compute_s: list[float] = field(default_factory=list)
+    idle_s: list[float] = field(default_factory=list)
+    bytes_sent: list[int] = field(default_factory=list)
+
+
+class PipelineEngine:
+    def __init__(self, cfg: GenerationConfig, executor: Executor, text_encoder: TextEncoder,
+                 decoder: StreamingDecoder | None = None, max_batch_streams: int = 4,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.executor = executor
+        self.text_encoder = text_encoder
+        self.decoder = decoder
+        self.max_batch_streams = max_batch_streams
+        self.clock = clock
+        lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
+        self.latent_shape = (cfg.model.in_channels, lh, lw)
+        self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])
+        self.streams: dict[str, _Stream] = {}
+        self.controls: deque[tuple[str, str, object]] = deque()
+        self.latency = LatencyModel(executor.num_stages)
+        self.stats = EngineStats(compute_s=[0.0] * executor.num_stages, idle_s=[0.0] * executor.num_stages,
+                                 bytes_sent=[0] * executor.num_stages)
+        self._seq = 0
+        self._inflight: dict[int, MicroBatch] = {}
+
+    # control plane ---------------------------------------------------------------------------------
+
+    def add_stream(self, stream_id: str, prompt: str, seed: int, fps: float = 16.0,
+                   sampler: SamplerConfig | None = None) -> None:
+        if stream_id in self.streams:
+            raise ValueError(f"stream {stream_id!r} already exists")
+        program = StreamProgram(sampler or self.cfg.sampler, self.cfg.cache, seed, self.latent_shape)
+        self.executor.open_stream(stream_id, self.cfg.cache)
+        self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(),
+                                          self.decoder.new_state() if self.decoder else None)
+
+    def remove_stream(self, stream_id: str) -> None:
+        """Control: end the stream now; its in-flight results are discarded, caches freed on every stage."""
+        self.controls.append((stream_id, "remove", None))
+
+    def set_prompt(self, stream_id: str, prompt: str) -> None:
+        """Control: switch prompt. Unfinished chunks restart under it after a re-cache of recent latents."""
+        self.controls.append((stream_id, "prompt", prompt))
+
+    def set_steps(self, stream_id: str, steps: tuple[float, ...]) -> None:
+        """Control: change the denoising step list from the next unfinished chunk on."""
+        self.controls.append((stream_id, "steps", tuple(steps)))
+
+    # the loop ---------------------------------------------------------------------------------------
+
+    def step(self, wait: bool = True) -> list[ChunkOutput]:
+        """One iteration: controls, then fill the pipeline, then collect what finished."""
+        self._apply_controls()
+        while len(self._inflight) < self.executor.num_stages:
+            mb = self._schedule()
+            if mb is None:
+                break
+            self._dispatch(mb)
+        outputs = []
+        for seq, flow, stats in self.executor.collect(wait=wait and bool(self._inflight)):
+            outputs += self._update(seq, flow, stats)
+        return outputs
+
+    def run_chunks(self, n_chunks: dict[str, int], on_output: Callable[[ChunkOutput], None] | None = None,
+                   max_steps: int = 100_000) -> dict[str, list[ChunkOutput]]:
+        """Drive the loop until each listed stream has produced n chunks (tests, benchmarks)."""
+        got: dict[str, list[ChunkOutput]] = {sid: [] for sid in n_chunks}
+        for _ in range(max_steps):
+            if all(len(got[s]) >= n for s, n in n_chunks.items()):
+                return got
+            for out in self.step():
+                if out.stream_id in got and len(got[out.stream_id]) < n_chunks[out.stream_id]:
+                    got[out.stream_id].append(out)
+                    if on_output:
+                        on_output(out)
+        raise RuntimeError(f"run_chunks did not finish in {max_steps} steps")
+
+    def drain(self) -> list[ChunkOutput]:
+        """Collect every in-flight micro-batch without dispatching more."""
+        outputs = []
+        while self._inflight:
+            for seq, flow, stats in self.executor.collect(wait=True):
+                outputs += self._update(seq, flow, stats)
+        return outputs
+
+    # helpers ----------------------------------------------------------------------------------------
+
+    def _apply_controls(self) -> None:
+        for _ in range(len(self.controls)):
+            sid, kind, value = self.controls.popleft()
+            stream = self.streams.get(sid)
+            if stream is None:
+                continue
+            if kind == "remove":
+                del self.streams[sid]
+                self.executor.close_stream(sid)
+            else:
+                stream.pending.append((kind, value))
+        for stream in self.streams.values():
+            if stream.pending and stream.program.outstanding == 0:
+                self._apply_pending(stream)
+
+    def _apply_pending(self, stream: _Stream) -> None:
+        prog = stream.program
+        for kind, value in stream.pending:
+            if kind == "prompt":
+                stream.prompt = value
+                stream.revision += 1
+                stream.send_text = True
+                prog.restart_unfinished()
+            elif kind == "steps":  # unfinished chunks restart with the new list; cache rebuilt as on a prompt change
+                sampler = replace(prog.sampler, denoising_steps=value)
+                stream.program = prog = StreamProgram(sampler, self.cfg.cache, prog.seed, self.latent_shape,
+                                                      start_chunk=_first_unfinished(prog), history=list(prog.history))
+        stream.pending.clear()
+
+    def _schedule(self) -> MicroBatch | None:
+        """Earliest-deadline-first among ready streams; sized so P micro-batches can be in flight."""
+        ready = [s for s in self.streams.values() if not s.pending and s.program.ready()]
+        if not ready:
+            return None
+        ready.sort(key=lambda s: (s.due(), s.stream_id))
+        size = max(1, min(self.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
+        segments, latents, ts, texts = [], [], [], {}
+        for stream in ready[:size]:
+            work = stream.program.next_work()
+            stream.outstanding[self._seq] = work
+            segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
+                                        work.reset_cache))
+            latents.append(work.latents)
+            ts.append(work.t)
+            if stream.send_text:
+                texts[stream.stream_id] = self.text_encoder(stream.prompt)
+                stream.send_text = False
+        mb = MicroBatch(self._seq, segments, self.grid, torch.cat(latents), torch.cat(ts), texts)
+        self._seq += 1
+        return mb
+
+    def _dispatch(self, mb: MicroBatch) -> None:
+        self._inflight[mb.seq] = mb
+        self.executor.submit(mb)
+        self.stats.micro_batches += 1
+        self.stats.forwards += len(mb.segments)
+
+    def _update(self, seq: int, flow: torch.Tensor, stats: list[StageStats]) -> list[ChunkOutput]:
+        mb = self._inflight.pop(seq)
+        for s in stats:
+            self.latency.observe(s.stage, s.tokens, s.compute_s)
+            self.stats.compute_s[s.stage] += s.compute_s
+            self.stats.idle_s[s.stage] += s.idle_s
+            self.stats.bytes_sent[s.stage] += s.bytes_sent
+        self.stats.last_stage_stats = stats
+        outputs, f0 = [], 0
+        for spec in mb.segments:
+            f1 = f0 + spec.frames
+            stream = self.streams.get(spec.stream_id)
+            if stream is None:  # removed while in flight
+                f0 = f1
+                continue
+            work = stream.outstanding.pop(seq)
+            for chunk, x0 in stream.program.complete(work, flow[f0:f1]):
+                frames = None
+                if self.decoder is not None:
+                    frames = to_uint8(self.decoder.decode_chunk(x0, stream.decoder_state)).cpu()
+                outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision))
+                self.stats.chunks += 1
+            f0 = f1
+        return outputs
+
+
+def _first_unfinished(program: StreamProgram) -> int:
+    chunks = [e.chunk for lane in program.lanes for e in lane.inflight]
+    return min(chunks) if chunks else program.next_chunk

@@ -1,0 +1,116 @@
+"""StageWorker: one pipeline stage, a plain class (the Ray actor wraps it; tests use it directly).
+
+It owns blocks [a, b) of one model (and loads only those weights), the embeddings when it is the first
+stage and the head when it is the last, plus every stream's caches for its blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from orchestrator.config import CacheConfig, ModelConfig
+from workers.batch import MicroBatch, StageStats
+from workers.cache import BlockKVCache, StreamCache
+from workers.loader import load_weights
+from workers.model.dit import Activation, Block, CausalWanModel, Segment
+
+
+class StageWorker:
+    """Runs its slice over micro-batches, one at a time, against per-stream caches."""
+
+    def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, weights_path: str = "",
+                 use_ema: bool = False):
+        self.stage = stage
+        self.num_stages = num_stages
+        self.device = torch.device(device)
+        self.model = CausalWanModel(model_cfg, block_range, with_embed=stage == 0,
+                                    with_head=stage == num_stages - 1).to(self.device, dtype).eval()
+        if weights_path:
+            load_weights(self.model, weights_path, use_ema)
+        self.streams: dict[str, StreamCache] = {}
+        self._last_end: float | None = None
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        return self.model.block_range
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def owned_parameter_names(self) -> list[str]:
+        return list(self.model.state_dict())
+
+    # streams ---------------------------------------------------------------------------------------
+
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+        if stream_id in self.streams:
+            raise ValueError(f"stream {stream_id!r} is already open on stage {self.stage}")
+        self.streams[stream_id] = self.model.new_stream_cache(cache_cfg)
+
+    def close_stream(self, stream_id: str) -> int:
+        """Drop the stream's caches; returns the bytes released."""
+        cache = self.streams.pop(stream_id, None)
+        return 0 if cache is None else cache.nbytes()
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.streams.values())
+
+    # the forward ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, mb: MicroBatch, inputs: Activation | None,
+                contexts: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor | Activation, dict, StageStats]:
+        """Run this slice over ``mb``.
+
+        inputs: None on the first stage (it embeds ``mb.latents``), else the previous stage's Activation.
+        contexts: embedded text per stream whose prompt changes (the first stage makes it from ``mb.texts``).
+        Returns (flow [F, C, h, w] on the last stage or the Activation for the next, contexts, stats).
+        """
+        start = time.perf_counter()
+        idle = 0.0 if self._last_end is None else start - self._last_end
+        if self.stage == 0:
+            contexts = {sid: self.model.embed_text(text.to(self.device)) for sid, text in mb.texts.items()}
+        for sid, ctx in (contexts or {}).items():
+            self.streams[sid].set_context(ctx)
+        segments = []
+        for spec in mb.segments:
+            cache = self.streams[spec.stream_id]
+            if spec.reset_cache:
+                cache.reset()
+            segments.append(Segment(spec.frames, cache, block_frames=spec.block_frames,
+                                    commit_frames=spec.commit_frames))
+        if inputs is None:
+            out = self.model.stream_forward(mb.latents.to(self.device), segments, mb.grid, mb.t.to(self.device))
+        else:
+            out = self.model.stream_forward(inputs, segments, mb.grid)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        end = time.perf_counter()
+        self._last_end = end
+        sent = 0 if isinstance(out, torch.Tensor) else sum(t.nbytes for t in out) + \
+            sum(c.nbytes for c in (contexts or {}).values())
+        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens)
+        return out, contexts or {}, stats
+
+    # rebalance --------------------------------------------------------------------------------------
+
+    def release_blocks(self, ids: list[int]) -> tuple[dict[int, Block], dict[str, dict[int, BlockKVCache]]]:
+        """Hand over blocks at either end of this slice, with every stream's KV cache of those blocks."""
+        blocks = self.model.release_blocks(ids)
+        caches = {}
+        for sid, cache in self.streams.items():
+            caches[sid] = {i: cache.kv.pop(i) for i in ids}
+            for i in ids:
+                cache.xattn.pop(i, None)  # cross-attention K/V are recomputed from the context
+        return blocks, caches
+
+    def adopt_blocks(self, blocks: dict[int, Block], caches: dict[str, dict[int, BlockKVCache]]) -> None:
+        self.model.adopt_blocks({i: b.to(self.device) for i, b in blocks.items()})
+        for sid, per_block in caches.items():
+            for i, kv in per_block.items():
+                if kv.k is not None:
+                    kv.k, kv.v = kv.k.to(self.device), kv.v.to(self.device)
+                self.streams[sid].kv[i] = kv
