@@ -67,6 +67,11 @@ class EngineStats:
     compute_s: list[float] = field(default_factory=list)
     idle_s: list[float] = field(default_factory=list)
     bytes_sent: list[int] = field(default_factory=list)
+    inflight: int = 0
+    """Micro-batches in flight after the last dispatch."""
+    max_inflight: int = 0
+    ready_streams: int = 0
+    """Streams that were ready but not scheduled at the last dispatch (the engine's queue depth)."""
 
 
 class PipelineEngine:
@@ -188,6 +193,7 @@ class PipelineEngine:
             return None
         ready.sort(key=lambda s: (s.due(), s.stream_id))
         size = max(1, min(self.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
+        self.stats.ready_streams = max(0, len(ready) - size)
         segments, latents, ts, texts = [], [], [], {}
         for stream in ready[:size]:
             work = stream.program.next_work()
@@ -208,6 +214,8 @@ class PipelineEngine:
         self.executor.submit(mb)
         self.stats.micro_batches += 1
         self.stats.forwards += len(mb.segments)
+        self.stats.inflight = len(self._inflight)
+        self.stats.max_inflight = max(self.stats.max_inflight, self.stats.inflight)
 
     def _update(self, seq: int, flow: torch.Tensor, stats: list[StageStats]) -> list[ChunkOutput]:
         mb = self._inflight.pop(seq)

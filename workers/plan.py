@@ -67,8 +67,14 @@ def balanced_split(block_costs: list[float], stages: int, first_extra: float = 0
 
 
 def even_split(num_blocks: int, stages: int) -> list[tuple[int, int]]:
-    """Equal block counts (the split used before any cost is measured)."""
-    return balanced_split([1.0] * num_blocks, stages)
+    """Block counts differing by at most one, larger first (the split used before any cost is measured)."""
+    if stages < 1 or stages > num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks over {stages} stages (each stage needs a block)")
+    base, extra = divmod(num_blocks, stages)
+    bounds = [0]
+    for s in range(stages):
+        bounds.append(bounds[-1] + base + (s < extra))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""PipelineEngine with the in-process executor: equality with the reference, controls, rebalance, cleanup."""
+
+import pytest
+import torch
+
+from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine
+from workers.executor import InProcessExecutor
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("mode,lanes", [("sequential", 1), ("stream_batch", 1), ("stream_batch", 2)])
+@pytest.mark.parametrize("n_streams", [1, 3])
+def test_engine_equals_reference(stages, mode, lanes, n_streams):
+    cfg = gen_config(mode, lanes)
+    streams = dict(list(STREAMS.items())[:n_streams])
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, stages))
+    for sid, (prompt, seed) in streams.items():
+        engine.add_stream(sid, prompt, seed)
+    got = collect(engine, {sid: 5 for sid in streams})
+    assert_matches_reference(cfg, got, streams, 5)
+
+
+def test_one_stream_with_lanes_fills_the_pipeline():
+    cfg = gen_config("stream_batch", lanes=3)
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 3))
+    engine.add_stream("a", "x", 0)
+    collect(engine, {"a": 3})
+    assert engine.stats.max_inflight == 3
+    cfg1 = gen_config("stream_batch", lanes=1)
+    engine1 = make_engine(cfg1, InProcessExecutor(cfg1.model, 3))
+    engine1.add_stream("a", "x", 0)
+    collect(engine1, {"a": 3})
+    assert engine1.stats.max_inflight == 1  # each forward waits for the previous one
+
+
+@pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
+def test_rebalance_mid_stream_keeps_reference_frames(mode):
+    cfg = gen_config(mode)
+    executor = InProcessExecutor(cfg.model, 2)
+    engine = make_engine(cfg, executor)
+    for sid, (prompt, seed) in STREAMS.items():
+        engine.add_stream(sid, prompt, seed)
+    first = collect(engine, {sid: 3 for sid in STREAMS})
+    before = executor.cache_bytes()
+    executor.rebalance([(0, 1), (1, 4)])
+    assert executor.split() == [(0, 1), (1, 4)]
+    after = executor.cache_bytes()
+    assert after[0] < before[0] and after[1] > before[1]  # block 1's KV caches moved with it
+    second = collect(engine, {sid: 6 for sid in STREAMS})
+    got = {sid: {**first[sid], **second[sid]} for sid in STREAMS}
+    assert_matches_reference(cfg, got, STREAMS, 6)
+
+
+def test_removing_streams_returns_cache_bytes_to_baseline():
+    cfg = gen_config("sequential")
+    executor = InProcessExecutor(cfg.model, 2)
+    engine = make_engine(cfg, executor)
+    baseline = executor.cache_bytes()
+    for sid, (prompt, seed) in STREAMS.items():
+        engine.add_stream(sid, prompt, seed)
+    collect(engine, {sid: 2 for sid in STREAMS})
+    assert all(b > a for a, b in zip(baseline, executor.cache_bytes()))
+    for sid in STREAMS:
+        engine.remove_stream(sid)
+    engine.step(wait=False)
+    assert executor.cache_bytes() == baseline
+    assert not engine.streams
+
+
+@pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
+def test_prompt_change_control_matches_reference_switch(mode):
+    cfg = gen_config(mode)
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine.add_stream("a", "a cat on a sofa", 1)
+    got = collect(engine, {"a": 2})
+    engine.set_prompt("a", "a castle at night")
+    switch_at = None
+    for _ in range(1000):
+        for o in engine.step():
+            got["a"][o.chunk] = o.latents
+            if o.prompt_revision == 1 and switch_at is None:
+                switch_at = o.chunk
+        if len(got["a"]) >= 6:
+            break
+    for o in engine.drain():
+        got["a"][o.chunk] = o.latents
+    assert switch_at is not None
+    # chunks in flight when the control arrived finish first (<= pipeline depth + 1 chunks), then the switch
+    assert 2 <= switch_at <= 2 + 2 + 1
+    assert_matches_reference(cfg, got, {"a": ("a cat on a sofa", 1)}, 6,
+                             prompt_schedules={"a": {switch_at: "a castle at night"}})
+
+
+def test_steps_change_continues_with_increasing_chunks():
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine.add_stream("a", "p", 4)
+    got = collect(engine, {"a": 2})
+    engine.set_steps("a", (1000, 500))
+    more = collect(engine, {"a": 5})
+    chunks = sorted({**got["a"], **more["a"]})
+    assert chunks == list(range(len(chunks))) and len(chunks) >= 5
+    ref = collect(_fresh(cfg), {"a": 5})
+    assert (more["a"][4] - ref["a"][4]).abs().max() > 1e-3  # the two-step chunks differ
+
+
+def _fresh(cfg):
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine.add_stream("a", "p", 4)
+    return engine
+
+
+def test_stage_stats_and_latency_model_are_fed():
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine.add_stream("a", "p", 0)
+    collect(engine, {"a": 2})
+    stats = engine.stats
+    assert all(c > 0 for c in stats.compute_s)
+    assert stats.bytes_sent[0] > 0 and stats.bytes_sent[1] == 0  # the last stage sends nothing on
+    assert [s.stage for s in stats.last_stage_stats] == [0, 1]
+    assert engine.latency.calibrated and engine.latency.tick(48) > 0

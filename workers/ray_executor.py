@@ -1,0 +1,203 @@
+"""RayExecutor: one Ray actor per stage; activations hop stage to stage over torch.distributed
+(gloo on CPU, NCCL on CUDA), never through Ray's object store.
+
+The driver submits every micro-batch to every stage actor at once. Ray runs an actor's tasks from one
+caller in submission order, and each stage blocks in ``recv`` until its predecessor sends, so stage s
+works on micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. Only the last
+stage's flow (small latents) and per-stage stats come back through Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.config import CacheConfig, ModelConfig
+from workers.batch import MicroBatch, StageStats
+from workers.executor import Executor, moves
+from workers.model.dit import Activation
+from workers.plan import even_split
+from workers.stage import StageWorker
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, resources: dict | None = None):
+    """Start a Ray instance on this machine, bound to loopback (tests, the embedded default).
+
+    Never use this to join a real cluster: the loopback switch must not be set there.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # must precede `import ray`: GCS/raylet on 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=False,
+                    configure_logging=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Shapes of what stage s sends to s+1: hidden [F, T, C], e_time [F, C], e0 [F, 6, C], contexts [L, C]."""
+    f, t, c = mb.frames, mb.grid[0] * mb.grid[1], cfg.dim
+    return [(f, t, c), (f, c), (f, 6, c)] + [(cfg.text_len, c)] * len(mb.texts)
+
+
+class StageActorBody:
+    """The actor: a StageWorker plus its torch.distributed endpoints."""
+
+    def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
+                 master_port: int, threads: int = 1, device: str = "cpu", weights_path: str = ""):
+        torch.set_num_threads(threads)
+        self.cfg = model_cfg
+        self.stage, self.num_stages = stage, num_stages
+        self.worker = StageWorker(model_cfg, block_range, stage, num_stages, device, weights_path=weights_path)
+        self.dtype = self.worker.model.dtype
+        self.device = torch.device(device)
+        self._send_work = None  # outstanding isend, waited on before the next send reuses the wire
+        if num_stages > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's stages share one node
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{master_port}", rank=stage,
+                                    world_size=num_stages)
+
+    def ready(self) -> tuple[int, int]:
+        return self.worker.block_range
+
+    def run(self, mb: MicroBatch) -> tuple[int, torch.Tensor | None, StageStats]:
+        act, contexts = None, None
+        if self.stage > 0:
+            act, contexts = self._recv(mb)
+        out, contexts, stats = self.worker.forward(mb, act, contexts)
+        if self.stage < self.num_stages - 1:
+            self._send(mb, out, contexts)
+            return mb.seq, None, stats
+        return mb.seq, out.float().cpu(), stats
+
+    def _recv(self, mb: MicroBatch) -> tuple[Activation, dict]:
+        shapes = payload_shapes(mb, self.cfg)
+        buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=self.dtype, device=self.device)
+        dist.recv(buf, src=self.stage - 1)
+        parts, off = [], 0
+        for s in shapes:
+            n = torch.Size(s).numel()
+            parts.append(buf[off:off + n].view(s))
+            off += n
+        return Activation(*parts[:3]), dict(zip(mb.texts, parts[3:]))
+
+    def _send(self, mb: MicroBatch, act: Activation, contexts: dict) -> None:
+        tensors = list(act) + [contexts[sid] for sid in mb.texts]
+        buf = torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+        if self._send_work is not None:
+            self._send_work.wait()
+        self._send_work = dist.isend(buf, dst=self.stage + 1)
+        self._send_buf = buf  # keep alive until the send completes
+
+    # streams and rebalance: thin forwards to the worker
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+        self.worker.open_stream(stream_id, cache_cfg)
+
+    def close_stream(self, stream_id: str) -> int:
+        return self.worker.close_stream(stream_id)
+
+    def cache_bytes(self) -> int:
+        return self.worker.cache_bytes()
+
+    def num_parameters(self) -> int:
+        return self.worker.num_parameters()
+
+    def owned_parameter_names(self) -> list[str]:
+        return self.worker.owned_parameter_names()
+
+    def release_blocks(self, ids: list[int]):
+        return self.worker.release_blocks(ids)
+
+    def adopt_blocks(self, released) -> tuple[int, int]:
+        self.worker.adopt_blocks(*released)  # (blocks, caches) as returned by release_blocks
+        return self.worker.block_range
+
+    def shutdown(self) -> None:
+        if self._send_work is not None:
+            self._send_work.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RayExecutor(Executor):
+    """P stage actors in Ray; submission-ordered, at most P micro-batches in flight (the engine's bound)."""
+
+    def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
+                 threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
+                 device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None):
+        import ray
+
+        split = split or even_split(model_cfg.num_layers, num_stages)
+        if len(split) != num_stages:
+            raise ValueError(f"split has {len(split)} ranges for {num_stages} stages")
+        self._ray = ray
+        self.num_stages = num_stages
+        port = _free_port()
+        actor_cls = ray.remote(StageActorBody)
+        self.actors = [actor_cls.options(num_cpus=num_cpus_per_stage, num_gpus=num_gpus_per_stage,
+                                         resources=resources_per_stage or {}).remote(
+            model_cfg, rng, i, num_stages, port, threads_per_stage, device, weights_path)
+            for i, rng in enumerate(split)]
+        self._split = list(ray.get([a.ready.remote() for a in self.actors]))
+        self._inflight: deque = deque()  # (seq, [stats refs per stage], flow ref)
+
+    def submit(self, mb: MicroBatch) -> None:
+        light = replace(mb, latents=mb.latents[:0], texts={sid: torch.empty(0) for sid in mb.texts})
+        refs = [actor.run.remote(mb if i == 0 else light) for i, actor in enumerate(self.actors)]
+        self._inflight.append((mb.seq, refs))
+
+    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
+        out = []
+        while self._inflight:
+            seq, refs = self._inflight[0]
+            ready, _ = self._ray.wait([refs[-1]], timeout=None if (wait and not out) else 0)
+            if not ready:
+                break
+            self._inflight.popleft()
+            results = self._ray.get(refs)
+            out.append((seq, results[-1][1], [r[2] for r in results]))
+        return out
+
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+        self._ray.get([a.open_stream.remote(stream_id, cache_cfg) for a in self.actors])
+
+    def close_stream(self, stream_id: str) -> list[int]:
+        return self._ray.get([a.close_stream.remote(stream_id) for a in self.actors])
+
+    def cache_bytes(self) -> list[int]:
+        return self._ray.get([a.cache_bytes.remote() for a in self.actors])
+
+    def num_parameters(self) -> list[int]:
+        return self._ray.get([a.num_parameters.remote() for a in self.actors])
+
+    def owned_parameter_names(self) -> list[list[str]]:
+        return self._ray.get([a.owned_parameter_names.remote() for a in self.actors])
+
+    def split(self) -> list[tuple[int, int]]:
+        return list(self._split)
+
+    def rebalance(self, split: list[tuple[int, int]]) -> None:
+        if self._inflight:
+            raise RuntimeError("rebalance with micro-batches in flight")
+        for src, dst, blocks in moves(self._split, split):
+            released = self.actors[src].release_blocks.remote(blocks)
+            self._ray.get(self.actors[dst].adopt_blocks.remote(released))
+        self._split = list(self._ray.get([a.ready.remote() for a in self.actors]))
+
+    def shutdown(self) -> None:
+        try:
+            self._ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+        finally:
+            for a in self.actors:
+                self._ray.kill(a)
