@@ -16,6 +16,8 @@ class SegmentSpec:
     block_frames: int
     commit_frames: int = 0
     reset_cache: bool = False
+    steps: tuple[int, ...] = ()
+    """Denoising step index of each chunk-sized entry, -1 for context entries (routes step-split plans)."""
 
 
 @dataclass

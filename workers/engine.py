@@ -199,7 +199,7 @@ class PipelineEngine:
             work = stream.program.next_work()
             stream.outstanding[self._seq] = work
             segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
-                                        work.reset_cache))
+                                        work.reset_cache, tuple(step for _, step in work.entries)))
             latents.append(work.latents)
             ts.append(work.t)
             if stream.send_text:

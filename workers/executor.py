@@ -129,3 +129,130 @@ class InProcessExecutor(Executor):
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for src, dst, blocks in moves(self.split(), split):
             self.stages[dst].adopt_blocks(*self.stages[src].release_blocks(blocks))
+
+
+class StepSplitExecutor(Executor):
+    """A grid plan: step groups x layer ranges. Group g is a layer-split pipeline (any Executor) holding
+    the whole model and running only the denoising steps ``step_groups[g]``; context passes (and re-cache
+    forwards) go to every group, so each group's KV caches hold the same clean context as the reference.
+
+    Needs ``sequential`` mode: a stream_batch forward mixes steps whose entries attend to one another,
+    so splitting it by step would change what each entry sees (or recompute every older entry).
+    """
+
+    def __init__(self, groups: list[Executor], step_groups: list[list[int]]):
+        steps = sorted(s for g in step_groups for s in g)
+        if len(groups) != len(step_groups) or steps != list(range(len(steps))):
+            raise ValueError(f"step groups {step_groups} must partition the step indices over {len(groups)} groups")
+        self.groups = groups
+        self.owner = {s: g for g, group in enumerate(step_groups) for s in group}
+        self.num_stages = sum(g.num_stages for g in groups)
+        self._offsets = [sum(g.num_stages for g in groups[:i]) for i in range(len(groups))]
+        self._texts: dict[str, torch.Tensor] = {}  # latest text per stream
+        self._delivered: list[set[str]] = [set() for _ in groups]  # streams whose latest text each group has
+        self._pending: dict[int, dict] = {}  # parent seq -> {"mb", "parts": {group: sub seq}, "done": {}}
+        self._order: deque[int] = deque()
+        self._sub_seq = 0
+        self._sub_owner: dict[tuple[int, int], int] = {}  # (group, sub seq) -> parent seq
+
+    def _targets(self, spec) -> list[int]:
+        steps = set(spec.steps)
+        if steps <= {-1}:
+            return list(range(len(self.groups)))
+        if len(steps) == 1:
+            return [self.owner[steps.pop()]]
+        raise ValueError("a step-split plan needs sequential mode: this forward mixes steps "
+                         f"{sorted(spec.steps)} of stream {spec.stream_id!r}")
+
+    def submit(self, mb: MicroBatch) -> None:
+        for sid, text in mb.texts.items():
+            self._texts[sid] = text
+            for delivered in self._delivered:
+                delivered.discard(sid)
+        per_group: dict[int, list[int]] = {}
+        offsets, f0 = [], 0
+        for i, spec in enumerate(mb.segments):
+            offsets.append((f0, f0 + spec.frames))
+            f0 += spec.frames
+            for g in self._targets(spec):
+                per_group.setdefault(g, []).append(i)
+        parts = {}
+        for g, idx in per_group.items():
+            segs = [mb.segments[i] for i in idx]
+            texts = {}
+            for spec in segs:
+                if spec.stream_id not in self._delivered[g] and spec.stream_id in self._texts:
+                    texts[spec.stream_id] = self._texts[spec.stream_id]
+                    self._delivered[g].add(spec.stream_id)
+            sub = MicroBatch(self._sub_seq, segs, mb.grid,
+                             torch.cat([mb.latents[offsets[i][0]:offsets[i][1]] for i in idx]),
+                             torch.cat([mb.t[offsets[i][0]:offsets[i][1]] for i in idx]), texts)
+            self._sub_owner[(g, self._sub_seq)] = mb.seq
+            parts[g] = (self._sub_seq, idx)
+            self._sub_seq += 1
+            self.groups[g].submit(sub)
+        self._pending[mb.seq] = {"mb": mb, "parts": parts, "offsets": offsets, "done": {}}
+        self._order.append(mb.seq)
+
+    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
+        self._poll()
+        if wait and self._order:  # block until the oldest micro-batch has every part back
+            head = self._pending[self._order[0]]
+            while len(head["done"]) < len(head["parts"]):
+                self._poll(block_on=next(g for g in head["parts"] if g not in head["done"]))
+        out = []
+        while self._order:
+            head = self._pending[self._order[0]]
+            if len(head["done"]) < len(head["parts"]):
+                break
+            self._order.popleft()
+            del self._pending[head["mb"].seq]
+            out.append(self._assemble(head))
+        return out
+
+    def _poll(self, block_on: int | None = None) -> None:
+        for g, group in enumerate(self.groups):
+            for sub_seq, flow, stats in group.collect(wait=g == block_on):
+                parent = self._pending[self._sub_owner.pop((g, sub_seq))]
+                parent["done"][g] = (flow, [replace_stage(s, self._offsets[g] + s.stage) for s in stats])
+
+    def _assemble(self, entry: dict) -> tuple[int, torch.Tensor, list[StageStats]]:
+        mb, pieces = entry["mb"], {}
+        for g, (sub_seq, idx) in entry["parts"].items():
+            flow, _ = entry["done"][g]
+            f0 = 0
+            for i in idx:
+                n = mb.segments[i].frames
+                pieces.setdefault(i, flow[f0:f0 + n])  # broadcast segments: the first group's copy
+                f0 += n
+        flow = torch.cat([pieces[i] for i in range(len(mb.segments))])
+        stats = [s for g in sorted(entry["done"]) for s in entry["done"][g][1]]
+        return mb.seq, flow, stats
+
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+        for g in self.groups:
+            g.open_stream(stream_id, cache_cfg)
+
+    def close_stream(self, stream_id: str) -> list[int]:
+        self._texts.pop(stream_id, None)
+        for delivered in self._delivered:
+            delivered.discard(stream_id)
+        return [b for g in self.groups for b in g.close_stream(stream_id)]
+
+    def cache_bytes(self) -> list[int]:
+        return [b for g in self.groups for b in g.cache_bytes()]
+
+    def split(self) -> list[tuple[int, int]]:
+        return [r for g in self.groups for r in g.split()]
+
+    def rebalance(self, split: list[tuple[int, int]]) -> None:
+        for g, off in zip(self.groups, self._offsets):
+            g.rebalance(split[off:off + g.num_stages])
+
+    def shutdown(self) -> None:
+        for g in self.groups:
+            g.shutdown()
+
+
+def replace_stage(stats: StageStats, stage: int) -> StageStats:
+    return StageStats(stage, stats.compute_s, stats.idle_s, stats.bytes_sent, stats.cache_bytes, stats.tokens)

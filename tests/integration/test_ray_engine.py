@@ -16,7 +16,7 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="module")
 def local_ray():
-    start_local_ray(num_cpus=2)
+    start_local_ray(num_cpus=2, num_gpus=4)  # logical GPUs: placement is tested, compute stays on CPU
     try:
         yield
     finally:
@@ -103,3 +103,21 @@ def test_rebalance_mid_stream_on_ray(local_ray, mode):
         assert_matches_reference(cfg, got, STREAMS, 5)
     finally:
         ex.shutdown()
+
+
+@pytest.mark.parametrize("layers_per_group", [1, 2])
+def test_ray_step_split_and_grid_equal_reference(local_ray, layers_per_group):
+    """Step split (2 groups) and a 2x2 grid on 4 logical GPUs, one per stage actor."""
+    from workers.executor import StepSplitExecutor
+
+    cfg = gen_config("sequential")
+    groups = [RayExecutor(TINY, layers_per_group, num_gpus_per_stage=1) for _ in range(2)]
+    try:
+        used = ray.available_resources().get("GPU", 0)
+        assert used == 4 - 2 * layers_per_group  # each stage actor holds one logical GPU
+        executor = StepSplitExecutor(groups, [[0, 1], [2, 3]])
+        renamed, got = _run(cfg, executor, STREAMS, 4)
+        assert_matches_reference(cfg, got, renamed, 4)
+    finally:
+        for g in groups:
+            g.shutdown()

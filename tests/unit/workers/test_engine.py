@@ -120,3 +120,32 @@ def test_stage_stats_and_latency_model_are_fed():
     assert stats.bytes_sent[0] > 0 and stats.bytes_sent[1] == 0  # the last stage sends nothing on
     assert [s.stage for s in stats.last_stage_stats] == [0, 1]
     assert engine.latency.calibrated and engine.latency.tick(48) > 0
+
+
+@pytest.mark.parametrize("layers_per_group", [1, 2])
+def test_step_split_and_grid_equal_reference(layers_per_group):
+    """2 step groups (steps {0, 1} and {2, 3}), each a 1- or 2-stage layer split: 2 or 2x2 devices."""
+    from workers.executor import StepSplitExecutor
+
+    cfg = gen_config("sequential")
+    groups = [InProcessExecutor(cfg.model, layers_per_group) for _ in range(2)]
+    executor = StepSplitExecutor(groups, [[0, 1], [2, 3]])
+    assert executor.num_stages == 2 * layers_per_group
+    engine = make_engine(cfg, executor)
+    for sid, (prompt, seed) in STREAMS.items():
+        engine.add_stream(sid, prompt, seed)
+    got = collect(engine, {sid: 5 for sid in STREAMS})
+    assert_matches_reference(cfg, got, STREAMS, 5)
+    # every group computed only its own steps: group caches hold the same committed context
+    assert executor.cache_bytes()[:layers_per_group] == executor.cache_bytes()[layers_per_group:]
+
+
+def test_step_split_rejects_stream_batch():
+    from workers.executor import StepSplitExecutor
+
+    cfg = gen_config("stream_batch")
+    executor = StepSplitExecutor([InProcessExecutor(cfg.model, 1) for _ in range(2)], [[0, 1], [2, 3]])
+    engine = make_engine(cfg, executor)
+    engine.add_stream("a", "p", 0)
+    with pytest.raises(ValueError, match="sequential mode"):
+        collect(engine, {"a": 3})
