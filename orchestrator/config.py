@@ -15,6 +15,7 @@ __all__ = [
     "SamplerConfig",
     "CacheConfig",
     "GenerationConfig",
+    "EngineConfig",
     "get_config",
     "MODEL_CONFIGS",
     "SAMPLER_MODES",
@@ -234,6 +235,36 @@ class CacheConfig:
     @property
     def capacity_frames(self) -> int:
         return self.pinned_frames + self.window_frames
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a pipeline replica's engine schedules and re-plans."""
+
+    max_batch_streams: int = 4
+    """Streams batched into one micro-batch at most."""
+    profile_every: int = 8
+    """Every n-th micro-batch times each block (feeds the block scheduler); 0 = never."""
+    rebalance_every: int = 32
+    """Check the block split every n micro-batches; 0 = never re-plan."""
+    rebalance_threshold: float = 0.15
+    """Re-plan when the slowest stage is this much slower than the best split's slowest stage."""
+    cost_decay: float = 0.8
+    """EWMA decay of the measured per-block costs."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_streams, int) or self.max_batch_streams < 1:
+            raise ValueError(f"EngineConfig.max_batch_streams must be a positive int, got {self.max_batch_streams!r}")
+        for name in ("profile_every", "rebalance_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"EngineConfig.{name} must be a non-negative int, got {value!r}")
+        if self.rebalance_every and not self.profile_every:
+            raise ValueError("EngineConfig.rebalance_every needs profile_every > 0 (costs come from profiling)")
+        if not (0 < self.rebalance_threshold < 10):
+            raise ValueError(f"EngineConfig.rebalance_threshold must be in (0, 10), got {self.rebalance_threshold!r}")
+        if not (0 <= self.cost_decay < 1):
+            raise ValueError(f"EngineConfig.cost_decay must be in [0, 1), got {self.cost_decay!r}")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class MicroBatch:
     """[F] per-frame timesteps."""
     texts: dict[str, torch.Tensor] = field(default_factory=dict)
     """Text-encoder output [L, text_dim] of streams whose prompt changes with this micro-batch."""
+    profile: bool = False
+    """Stages time each block (feeds the block scheduler)."""
 
     @property
     def frames(self) -> int:
@@ -56,3 +58,5 @@ class StageStats:
     cache_bytes: int
     """KV + cross-attention cache bytes this stage holds, all streams."""
     tokens: int
+    block_s: dict[int, float] = field(default_factory=dict)
+    """Per-block seconds, on profiled micro-batches only."""

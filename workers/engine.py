@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from orchestrator.config import GenerationConfig, SamplerConfig
+from orchestrator.config import EngineConfig, GenerationConfig, SamplerConfig
 from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.executor import Executor
 from workers.model.text import TextEncoder
 from workers.model.vae import StreamingDecoder, to_uint8
-from workers.plan import LatencyModel
+from workers.plan import LatencyModel, balanced_split, stage_costs
 from workers.stream import StreamProgram, Work
 
 
@@ -37,6 +37,8 @@ class ChunkOutput:
     frames: torch.Tensor | None
     """Decoded uint8 frames [N, H, W, 3] (None when the engine runs without a decoder)."""
     prompt_revision: int
+    latency_s: float = 0.0
+    """From the dispatch of the chunk's first denoising step to its clean latents."""
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _Stream:
     send_text: bool = True  # the next micro-batch carries this stream's text to every stage
     pending: list = field(default_factory=list)  # controls waiting for the stream to drain
     outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
+    chunk_started: dict[int, float] = field(default_factory=dict)  # chunk -> dispatch time of its step 0
 
     def due(self) -> float:
         """When the stream's next unfinished chunk is due (earliest deadline first)."""
@@ -76,13 +79,13 @@ class EngineStats:
 
 class PipelineEngine:
     def __init__(self, cfg: GenerationConfig, executor: Executor, text_encoder: TextEncoder,
-                 decoder: StreamingDecoder | None = None, max_batch_streams: int = 4,
+                 decoder: StreamingDecoder | None = None, engine_cfg: EngineConfig | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
+        self.engine_cfg = engine_cfg or EngineConfig()
         self.executor = executor
         self.text_encoder = text_encoder
         self.decoder = decoder
-        self.max_batch_streams = max_batch_streams
         self.clock = clock
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
         self.latent_shape = (cfg.model.in_channels, lh, lw)
@@ -94,6 +97,11 @@ class PipelineEngine:
                                  bytes_sent=[0] * executor.num_stages)
         self._seq = 0
         self._inflight: dict[int, MicroBatch] = {}
+        self.block_cost: dict[int, float] = {}  # EWMA seconds per token, per block
+        self.stage_overhead: dict[int, float] = {}  # EWMA non-block seconds per token, per stage
+        self.rebalances = 0
+        self._target_split: list[tuple[int, int]] | None = None
+        self._last_check = -1  # micro-batch count at the last split check
 
     # control plane ---------------------------------------------------------------------------------
 
@@ -123,7 +131,8 @@ class PipelineEngine:
     def step(self, wait: bool = True) -> list[ChunkOutput]:
         """One iteration: controls, then fill the pipeline, then collect what finished."""
         self._apply_controls()
-        while len(self._inflight) < self.executor.num_stages:
+        self._maybe_rebalance()
+        while self._target_split is None and len(self._inflight) < self.executor.num_stages:
             mb = self._schedule()
             if mb is None:
                 break
@@ -192,12 +201,16 @@ class PipelineEngine:
         if not ready:
             return None
         ready.sort(key=lambda s: (s.due(), s.stream_id))
-        size = max(1, min(self.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
+        size = max(1, min(self.engine_cfg.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
         self.stats.ready_streams = max(0, len(ready) - size)
         segments, latents, ts, texts = [], [], [], {}
         for stream in ready[:size]:
             work = stream.program.next_work()
             stream.outstanding[self._seq] = work
+            now = self.clock()
+            for chunk, step in work.entries:
+                if step == 0:
+                    stream.chunk_started.setdefault(chunk, now)
             segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
                                         work.reset_cache, tuple(step for _, step in work.entries)))
             latents.append(work.latents)
@@ -205,7 +218,9 @@ class PipelineEngine:
             if stream.send_text:
                 texts[stream.stream_id] = self.text_encoder(stream.prompt)
                 stream.send_text = False
-        mb = MicroBatch(self._seq, segments, self.grid, torch.cat(latents), torch.cat(ts), texts)
+        every = self.engine_cfg.profile_every
+        mb = MicroBatch(self._seq, segments, self.grid, torch.cat(latents), torch.cat(ts), texts,
+                        profile=bool(every) and self._seq % every == 0)
         self._seq += 1
         return mb
 
@@ -225,6 +240,7 @@ class PipelineEngine:
             self.stats.idle_s[s.stage] += s.idle_s
             self.stats.bytes_sent[s.stage] += s.bytes_sent
         self.stats.last_stage_stats = stats
+        self._observe_costs(stats)
         outputs, f0 = [], 0
         for spec in mb.segments:
             f1 = f0 + spec.frames
@@ -237,10 +253,61 @@ class PipelineEngine:
                 frames = None
                 if self.decoder is not None:
                     frames = to_uint8(self.decoder.decode_chunk(x0, stream.decoder_state)).cpu()
-                outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision))
+                started = stream.chunk_started.pop(chunk, None)
+                latency = 0.0 if started is None else self.clock() - started
+                outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision, latency))
                 self.stats.chunks += 1
             f0 = f1
         return outputs
+
+
+    # block scheduler ---------------------------------------------------------------------------------
+
+    def _observe_costs(self, stats: list[StageStats]) -> None:
+        d = self.engine_cfg.cost_decay
+        for s in stats:
+            if not s.block_s or s.tokens == 0:
+                continue
+            for b, sec in s.block_s.items():
+                prev = self.block_cost.get(b)
+                value = sec / s.tokens
+                self.block_cost[b] = value if prev is None else d * prev + (1 - d) * value
+            extra = max(0.0, s.compute_s - sum(s.block_s.values())) / s.tokens
+            prev = self.stage_overhead.get(s.stage)
+            self.stage_overhead[s.stage] = extra if prev is None else d * prev + (1 - d) * extra
+
+    def planned_split(self) -> tuple[list[tuple[int, int]], float, float] | None:
+        """(best split, its slowest stage, the current split's slowest stage) from measured costs, or None."""
+        n = self.cfg.model.num_layers
+        if len(self.block_cost) < n:
+            return None
+        costs = [self.block_cost[b] for b in range(n)]
+        current = self.executor.split()
+        best_split, best, now = [], 0.0, 0.0
+        for group in self.executor.stage_groups():
+            first = self.stage_overhead.get(group[0], 0.0)
+            last = self.stage_overhead.get(group[-1], 0.0)
+            split = balanced_split(costs, len(group), first, last)
+            best_split += split
+            best = max(best, max(stage_costs(split, costs, first, last)))
+            now = max(now, max(stage_costs([current[i] for i in group], costs, first, last)))
+        return best_split, best, now
+
+    def _maybe_rebalance(self) -> None:
+        """Re-plan the block split when measured stage times drift; apply it once the pipeline drains."""
+        every = self.engine_cfg.rebalance_every
+        count = self.stats.micro_batches
+        if self._target_split is None and every and count and count % every == 0 and count != self._last_check:
+            self._last_check = count
+            plan = self.planned_split()
+            if plan is not None:
+                split, best, now = plan
+                if split != self.executor.split() and now > (1 + self.engine_cfg.rebalance_threshold) * best:
+                    self._target_split = split
+        if self._target_split is not None and not self._inflight:
+            self.executor.rebalance(self._target_split)
+            self._target_split = None
+            self.rebalances += 1
 
 
 def _first_unfinished(program: StreamProgram) -> int:

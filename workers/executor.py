@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections import deque
 
@@ -50,6 +51,10 @@ class Executor(ABC):
     @abstractmethod
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         """Move blocks (weights and every stream's KV caches) to match ``split``. Call with nothing in flight."""
+
+    def stage_groups(self) -> list[list[int]]:
+        """Stage indices of each layer-split pipeline inside this executor (one group unless step-split)."""
+        return [list(range(self.num_stages))]
 
     def shutdown(self) -> None:
         """Release processes and resources."""
@@ -245,6 +250,9 @@ class StepSplitExecutor(Executor):
     def split(self) -> list[tuple[int, int]]:
         return [r for g in self.groups for r in g.split()]
 
+    def stage_groups(self) -> list[list[int]]:
+        return [list(range(off, off + g.num_stages)) for g, off in zip(self.groups, self._offsets)]
+
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for g, off in zip(self.groups, self._offsets):
             g.rebalance(split[off:off + g.num_stages])
@@ -255,4 +263,4 @@ class StepSplitExecutor(Executor):
 
 
 def replace_stage(stats: StageStats, stage: int) -> StageStats:
-    return StageStats(stage, stats.compute_s, stats.idle_s, stats.bytes_sent, stats.cache_bytes, stats.tokens)
+    return dataclasses.replace(stats, stage=stage)

@@ -82,17 +82,19 @@ class StageWorker:
                 cache.reset()
             segments.append(Segment(spec.frames, cache, block_frames=spec.block_frames,
                                     commit_frames=spec.commit_frames))
+        block_s = {} if mb.profile else None
         if inputs is None:
-            out = self.model.stream_forward(mb.latents.to(self.device), segments, mb.grid, mb.t.to(self.device))
+            out = self.model.stream_forward(mb.latents.to(self.device), segments, mb.grid, mb.t.to(self.device),
+                                            block_times=block_s)
         else:
-            out = self.model.stream_forward(inputs, segments, mb.grid)
+            out = self.model.stream_forward(inputs, segments, mb.grid, block_times=block_s)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         self._last_end = end
         sent = 0 if isinstance(out, torch.Tensor) else sum(t.nbytes for t in out) + \
             sum(c.nbytes for c in (contexts or {}).values())
-        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens)
+        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {})
         return out, contexts or {}, stats
 
     # rebalance --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ GEMMs and norms run over all frames at once, attention runs per segment against 
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -229,12 +230,14 @@ class CausalWanModel(nn.Module):
         return flow.view(b, f, -1, hh, ww).transpose(1, 2)
 
     def stream_forward(self, inputs: torch.Tensor | Activation, segments: list[Segment],
-                       grid: tuple[int, int], t: torch.Tensor | None = None) -> torch.Tensor | Activation:
+                       grid: tuple[int, int], t: torch.Tensor | None = None,
+                       block_times: dict[int, float] | None = None) -> torch.Tensor | Activation:
         """Run this slice over one forward's segments.
 
         inputs: latents [F, C, H, W] with per-frame timesteps ``t`` [F] (first slice), or the previous
         slice's Activation. Returns flow [F, C, H, W] if this slice has the head, else an Activation.
         Caches of segments that commit frames are updated in every block of this slice.
+        ``block_times``, when given, receives each block's wall time in seconds (synchronised on CUDA).
         """
         if isinstance(inputs, Activation):
             act = inputs
@@ -246,17 +249,20 @@ class CausalWanModel(nn.Module):
         if sum(s.frames for s in segments) != act.hidden.shape[0]:
             raise ValueError(f"segments cover {sum(s.frames for s in segments)} frames, "
                              f"inputs hold {act.hidden.shape[0]}")
-        h = self.run_blocks(act.hidden, act.e0, segments, grid)
+        h = self.run_blocks(act.hidden, act.e0, segments, grid, block_times)
         if self.with_head:
             return self.apply_head(h, act.e_time, grid)
         return Activation(h, act.e_time, act.e0)
 
     def run_blocks(self, h: torch.Tensor, e0: torch.Tensor, segments: list[Segment],
-                   grid: tuple[int, int]) -> torch.Tensor:
+                   grid: tuple[int, int], block_times: dict[int, float] | None = None) -> torch.Tensor:
         """h [F, T, dim], e0 [F, 6, dim] -> h after this slice's blocks."""
         cos, sin = self._segment_rope(segments, grid, h.device)
         for block_id, block in zip(self.block_ids, self.blocks.values()):
+            start = _now(h.device) if block_times is not None else 0.0
             h = self._block(block_id, block, h, e0, segments, cos, sin)
+            if block_times is not None:
+                block_times[block_id] = _now(h.device) - start
         return h
 
     # ----------------------------------------------------------------------------------------------
@@ -332,6 +338,12 @@ class CausalWanModel(nn.Module):
         if cache is not None:
             cache.xattn[block_id] = kv
         return kv
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

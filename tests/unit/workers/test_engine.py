@@ -149,3 +149,20 @@ def test_step_split_rejects_stream_batch():
     engine.add_stream("a", "p", 0)
     with pytest.raises(ValueError, match="sequential mode"):
         collect(engine, {"a": 3})
+
+
+def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
+    from orchestrator.config import EngineConfig
+
+    cfg = gen_config("sequential")
+    executor = InProcessExecutor(cfg.model, 2, split=[(0, 1), (1, 4)])  # stage 1 does 3x the blocks
+    engine = make_engine(cfg, executor)
+    engine.engine_cfg = EngineConfig(profile_every=1, rebalance_every=8, rebalance_threshold=0.2)
+    for sid, (prompt, seed) in STREAMS.items():
+        engine.add_stream(sid, prompt, seed)
+    got = collect(engine, {sid: 6 for sid in STREAMS})
+    assert engine.rebalances >= 1
+    assert executor.split() != [(0, 1), (1, 4)]
+    split, best, now = engine.planned_split()
+    assert now <= (1 + 0.2) * best or split == executor.split()
+    assert_matches_reference(cfg, got, STREAMS, 6)

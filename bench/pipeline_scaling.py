@@ -1,0 +1,126 @@
+"""Pipeline scaling on CPU: the engine on Ray stage actors (gloo between them), `small` model, one torch
+thread per stage, P=1 and P=2 measured in one run.
+
+Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; DiT only, no decode):
+* one stream, stream_batch (lanes=2 for both P, so the sampling semantics are identical), P=2 vs P=1;
+* four streams, sequential, P=2 vs P=1;
+* stream_batch vs sequential, one stream, P=1, 4 steps.
+Each case also reports p50/p99 per-chunk latency (dispatch of step 0 -> clean latents).
+
+Writes JSON (``--out``); the last line reads ``scaling stream_batch=<x>x sequential=<y>x``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
+from workers.engine import PipelineEngine  # noqa: E402
+from workers.model.text import build_text_encoder  # noqa: E402
+from workers.ray_executor import RayExecutor, start_local_ray  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
+
+
+def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunks: int, warmup: int,
+             steps: tuple[float, ...]) -> dict:
+    cfg = GenerationConfig(model=get_config(model),
+                           sampler=SamplerConfig(denoising_steps=steps, chunk_frames=1, mode=mode, lanes=lanes),
+                           cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=3))
+    executor = RayExecutor(cfg.model, stages, threads_per_stage=1, num_cpus_per_stage=1)
+    try:
+        engine = PipelineEngine(cfg, executor, build_text_encoder(cfg.model),
+                                engine_cfg=EngineConfig(profile_every=4, rebalance_every=8))
+        for i in range(streams):
+            engine.add_stream(f"s{i}", f"prompt {i}", i)
+        stamps, latencies = [], []
+        need = {f"s{i}": warmup + chunks for i in range(streams)}
+
+        def on_output(out):
+            stamps.append(time.perf_counter())
+            if out.chunk >= warmup:
+                latencies.append(out.latency_s)
+
+        engine.run_chunks(need, on_output=on_output)
+        engine.drain()
+        executor_split = executor.split()
+    finally:
+        executor.shutdown()
+    # Window: from the last warm-up output to the last output; counts the outputs inside it (outputs
+    # come in bursts of one micro-batch, so the window starts at a burst's end, not inside one).
+    start = stamps[warmup * streams - 1]
+    steady = stamps[warmup * streams:]
+    chunks_per_s = len(steady) / (steady[-1] - start)
+    return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
+            "split": executor_split, "rebalances": engine.rebalances,
+            "steps": len(steps), "chunks_measured": len(steady), "chunks_per_s": chunks_per_s,
+            "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
+            "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
+
+
+def show(row: dict) -> None:
+    print(f"P={row['stages']} {row['mode']:>12} lanes={row['lanes']} streams={row['streams']} steps={row['steps']}: "
+          f"{row['frames_per_s']:6.2f} frames/s  latency p50 {row['latency_p50_s']:.2f} s  "
+          f"p99 {row['latency_p99_s']:.2f} s  split {row['split']}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/out/pipeline_scaling.json")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--chunks", type=int, default=12, help="measured chunks per stream (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=4, help="chunks per stream ignored at the start")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    steps4 = (1000.0, 750.0, 500.0, 250.0)
+    start_local_ray(num_cpus=2)
+    import ray
+
+    rows = {}
+    try:
+        for stages in (1, 2):
+            rows[f"stream_batch_P{stages}"] = run_case(args.model, stages, "stream_batch", 2, 1, args.chunks,
+                                                       args.warmup, steps4)
+            show(rows[f"stream_batch_P{stages}"])
+            rows[f"sequential4_P{stages}"] = run_case(args.model, stages, "sequential", 1, 4,
+                                                      max(4, args.chunks // 2), 1, steps4)
+            show(rows[f"sequential4_P{stages}"])
+        rows["stream_batch_lanes1_P1"] = run_case(args.model, 1, "stream_batch", 1, 1, args.chunks, args.warmup,
+                                                  steps4)
+        show(rows["stream_batch_lanes1_P1"])
+        rows["sequential1_P1"] = run_case(args.model, 1, "sequential", 1, 1, max(4, args.chunks // 2), 1, steps4)
+        show(rows["sequential1_P1"])
+    finally:
+        ray.shutdown()
+    ratios = {
+        "stream_batch_P2_over_P1": rows["stream_batch_P2"]["frames_per_s"] / rows["stream_batch_P1"]["frames_per_s"],
+        "sequential_P2_over_P1": rows["sequential4_P2"]["frames_per_s"] / rows["sequential4_P1"]["frames_per_s"],
+        "stream_batch_over_sequential_P1": rows["stream_batch_lanes1_P1"]["frames_per_s"]
+        / rows["sequential1_P1"]["frames_per_s"],
+    }
+    result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "cpu_count": os.cpu_count(), "threads_per_stage": 1},
+              "cases": rows, "ratios": ratios}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")
+    print(f"wrote {args.out}")
+    print(f"scaling stream_batch={ratios['stream_batch_P2_over_P1']:.2f}x "
+          f"sequential={ratios['sequential_P2_over_P1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
