@@ -261,7 +261,45 @@ class PipelineEngine:
         return outputs
 
 
-    # block scheduler ---------------------------------------------------------------------------------
+    # block scheduler and latency model ----------------------------------------------------------------
+
+    def calibrate(self) -> list[tuple[int, int]]:
+        """Time every block on one chunk, feed the latency model, and apply the best split now.
+        Call before streams are added (start-up); returns the split in use."""
+        if self._inflight:
+            raise RuntimeError("calibrate with micro-batches in flight")
+        stats = self.executor.profile(self.grid, self.cfg.sampler.chunk_frames, self.cfg.cache)
+        self._observe_costs(stats)
+        for s in stats:
+            self.latency.observe(s.stage, s.tokens, s.compute_s)
+        plan = self.planned_split()
+        if plan is not None and plan[0] != self.executor.split():
+            self.executor.rebalance(plan[0])
+            self.rebalances += 1
+        return self.executor.split()
+
+    def _forwards_and_tokens(self, num_steps: int) -> tuple[float, int]:
+        """Forwards per finished chunk and tokens per forward, for this engine's mode and resolution."""
+        f = self.cfg.sampler.chunk_frames
+        tokens = f * self.grid[0] * self.grid[1]
+        if self.cfg.sampler.mode == "sequential":
+            return num_steps + 1.0, tokens
+        return 1.0, (num_steps + 1) * tokens  # one forward per tick: context + one entry per step
+
+    def predicted_chunk_latency(self, num_steps: int | None = None) -> float:
+        """Seconds from a chunk's first forward to its clean latents, from the latency model."""
+        steps = num_steps or self.cfg.sampler.num_steps
+        forwards, tokens = self._forwards_and_tokens(steps)
+        if self.cfg.sampler.mode == "stream_batch":  # a chunk waits `steps` ticks of its lane
+            return steps * self.latency.forward_latency(tokens)
+        return self.latency.chunk_latency(forwards, tokens)
+
+    def max_streams(self, fps: float, num_steps: int | None = None) -> int:
+        """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model."""
+        steps = num_steps or self.cfg.sampler.num_steps
+        forwards, tokens = self._forwards_and_tokens(steps)
+        return self.latency.max_streams(fps, 4 * self.cfg.sampler.chunk_frames, forwards, tokens)
+
 
     def _observe_costs(self, stats: list[StageStats]) -> None:
         d = self.engine_cfg.cost_decay

@@ -56,6 +56,10 @@ class Executor(ABC):
         """Stage indices of each layer-split pipeline inside this executor (one group unless step-split)."""
         return [list(range(self.num_stages))]
 
+    @abstractmethod
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
+        """Per-stage block timings on random inputs of one chunk (the block scheduler's start-up costs)."""
+
     def shutdown(self) -> None:
         """Release processes and resources."""
 
@@ -130,6 +134,9 @@ class InProcessExecutor(Executor):
 
     def split(self) -> list[tuple[int, int]]:
         return [stage.block_range for stage in self.stages]
+
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
+        return [stage.profile(grid, frames, cache_cfg) for stage in self.stages]
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for src, dst, blocks in moves(self.split(), split):
@@ -252,6 +259,10 @@ class StepSplitExecutor(Executor):
 
     def stage_groups(self) -> list[list[int]]:
         return [list(range(off, off + g.num_stages)) for g, off in zip(self.groups, self._offsets)]
+
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
+        return [replace_stage(s, off + s.stage) for g, off in zip(self.groups, self._offsets)
+                for s in g.profile(grid, frames, cache_cfg)]
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for g, off in zip(self.groups, self._offsets):

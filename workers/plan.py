@@ -149,3 +149,83 @@ class LatencyModel:
             return 0
         chunks_per_s = 1.0 / (forwards_per_chunk * tick)
         return int(chunks_per_s * video_frames_per_chunk / fps)
+
+
+@dataclass(frozen=True)
+class PlanCosts:
+    """Measured (or estimated) costs of one chunk's forward, for the planner."""
+
+    block_s: tuple[float, ...]
+    """Seconds per block."""
+    embed_s: float = 0.0
+    """Patch/time embedding on the first stage of each group."""
+    head_s: float = 0.0
+    """Head on the last stage of each group (plus decode when it runs there)."""
+    hop_s: float = 0.0
+    """Activation hand-off between two stages, per forward."""
+    block_bytes: int = 0
+    """Weights per block; every step group holds a full copy of the model."""
+    extra_bytes: int = 0
+    """Embeddings + head weights."""
+    kv_bytes_per_block: int = 0
+    """KV + cross-attention cache per stream per block."""
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """A grid: step groups x layer ranges. ``layer_splits[g]`` are group g's stages' block ranges."""
+
+    step_groups: tuple[tuple[int, ...], ...]
+    layer_splits: tuple[tuple[tuple[int, int], ...], ...]
+    chunks_per_s: float
+    """Predicted throughput at saturation (many streams)."""
+    bytes_per_device: int
+
+    @property
+    def devices(self) -> int:
+        return sum(len(s) for s in self.layer_splits)
+
+
+def _step_partition(num_steps: int, groups: int) -> tuple[tuple[int, ...], ...]:
+    base, extra = divmod(num_steps, groups)
+    out, start = [], 0
+    for g in range(groups):
+        n = base + (g < extra)
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return tuple(out)
+
+
+def choose_plan(costs: PlanCosts, devices: int, num_steps: int, mode: str, streams: int = 1,
+                device_bytes: int | None = None) -> PipelinePlan:
+    """Pick the grid (step groups G x layer stages L, G * L = devices) with the highest predicted
+    throughput whose per-device memory fits. ``stream_batch`` only allows G = 1 (a stream-batch forward
+    mixes steps that attend to one another, so it cannot be split by step exactly).
+
+    Per finished chunk, group g runs |steps_g| + 1 forwards (its steps and a context pass); its tick is
+    its slowest stage plus a hand-off when L > 1. Throughput = 1 / max_g((|steps_g| + 1) * tick_g).
+    """
+    n = len(costs.block_s)
+    best: PipelinePlan | None = None
+    for groups in range(1, devices + 1):
+        if devices % groups or groups > num_steps or (mode == "stream_batch" and groups > 1):
+            continue
+        stages = devices // groups
+        if stages > n:
+            continue
+        split = balanced_split(list(costs.block_s), stages, costs.embed_s, costs.head_s)
+        tick = max(stage_costs(split, list(costs.block_s), costs.embed_s, costs.head_s)) + \
+            (costs.hop_s if stages > 1 else 0.0)
+        step_groups = _step_partition(num_steps, groups)
+        forwards = max(len(g) for g in step_groups) + 1 if mode == "sequential" else 1
+        chunks_per_s = 1.0 / (forwards * tick) if tick > 0 else float("inf")
+        most_blocks = max(b - a for a, b in split)
+        memory = most_blocks * (costs.block_bytes + streams * costs.kv_bytes_per_block) + costs.extra_bytes
+        if device_bytes is not None and memory > device_bytes:
+            continue
+        plan = PipelinePlan(step_groups, tuple(tuple(split) for _ in range(groups)), chunks_per_s, memory)
+        if best is None or plan.chunks_per_s > best.chunks_per_s * (1 + 1e-9):
+            best = plan
+    if best is None:
+        raise ValueError(f"no plan over {devices} devices fits {device_bytes} bytes per device")
+    return best

@@ -116,6 +116,9 @@ class StageActorBody:
     def owned_parameter_names(self) -> list[str]:
         return self.worker.owned_parameter_names()
 
+    def profile(self, grid, frames, cache_cfg) -> StageStats:
+        return self.worker.profile(grid, frames, cache_cfg)
+
     def release_blocks(self, ids: list[int]):
         return self.worker.release_blocks(ids)
 
@@ -186,6 +189,9 @@ class RayExecutor(Executor):
 
     def split(self) -> list[tuple[int, int]]:
         return list(self._split)
+
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
+        return self._ray.get([a.profile.remote(grid, frames, cache_cfg) for a in self.actors])
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         if self._inflight:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from orchestrator.config import CacheConfig, ModelConfig
-from workers.batch import MicroBatch, StageStats
+from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.cache import BlockKVCache, StreamCache
 from workers.loader import load_weights
 from workers.model.dit import Activation, Block, CausalWanModel, Segment
@@ -96,6 +96,33 @@ class StageWorker:
             sum(c.nbytes for c in (contexts or {}).values())
         stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {})
         return out, contexts or {}, stats
+
+    @torch.no_grad()
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> StageStats:
+        """Time this slice's blocks on a throwaway stream with random inputs of a chunk's shape."""
+        cfg = self.model.cfg
+        sid = "__profile__"
+        self.open_stream(sid, cache_cfg)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            text = torch.randn(cfg.text_len, cfg.text_dim, generator=gen)
+            tokens = grid[0] * grid[1]
+            ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
+            latents = torch.randn(frames, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
+                                  generator=gen)
+            spec = SegmentSpec(sid, frames, frames)
+            mb = MicroBatch(-1, [spec], grid, latents, torch.full((frames,), 500.0),
+                            {sid: text} if self.stage == 0 else {}, profile=True)
+            act = None
+            if self.stage > 0:
+                act = Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
+                                   for s in ((frames, tokens, cfg.dim), (frames, cfg.dim), (frames, 6, cfg.dim))))
+            self.forward(mb, act, None if self.stage == 0 else {sid: ctx})  # warm-up
+            _, _, stats = self.forward(mb, act, None if self.stage == 0 else {sid: ctx})
+            return stats
+        finally:
+            self.close_stream(sid)
+            self._last_end = None
 
     # rebalance --------------------------------------------------------------------------------------
 

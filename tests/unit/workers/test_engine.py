@@ -166,3 +166,21 @@ def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
     split, best, now = engine.planned_split()
     assert now <= (1 + 0.2) * best or split == executor.split()
     assert_matches_reference(cfg, got, STREAMS, 6)
+
+
+def test_calibrate_at_start_fixes_a_skewed_split_and_predicts_capacity():
+    cfg = gen_config("sequential")
+    executor = InProcessExecutor(cfg.model, 2, split=[(0, 3), (3, 4)])
+    engine = make_engine(cfg, executor)
+    assert not engine.latency.calibrated
+    split = engine.calibrate()
+    assert split != [(0, 3), (3, 4)] and engine.rebalances == 1
+    assert engine.latency.calibrated
+    one = engine.predicted_chunk_latency(1)
+    four = engine.predicted_chunk_latency(4)
+    assert 0 < one < four
+    assert engine.max_streams(16.0, 1) >= engine.max_streams(16.0, 4) >= 0
+    assert executor.cache_bytes() == [0, 0]  # the profiling stream is gone
+    engine.add_stream("a", "a cat on a sofa", 1)
+    got = collect(engine, {"a": 3})
+    assert_matches_reference(cfg, got, {"a": ("a cat on a sofa", 1)}, 3)
