@@ -163,6 +163,12 @@ class SamplerConfig:
     ``stream_batch``: one forward per tick carries every in-flight chunk at its own step (docs/stream_batch)."""
     context_timestep: float = 0.0
     """Timestep of the context pass that writes a finished chunk's clean K/V."""
+    batch_attention: str = "inflight"
+    """``stream_batch`` only: what an in-flight entry attends to besides the clean cache. ``inflight``:
+    also the older in-flight chunks of its forward (block-causal, like Rolling Forcing). ``clean``: only
+    the forward's clean context chunk and itself (no noisy context, as Self-Forcing checkpoints were
+    trained); entries are then independent, which lets a step-split plan run them on different step
+    groups exactly."""
     lanes: int = 1
     """``stream_batch`` only: forwards one stream keeps in flight. Forward k consumes the output of
     forward k - lanes, so with lanes = P a single stream keeps all P pipeline stages busy (as
@@ -182,6 +188,9 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.chunk_frames must be a positive int, got {self.chunk_frames!r}")
         if self.mode not in SAMPLER_MODES:
             raise ValueError(f"SamplerConfig.mode must be one of {SAMPLER_MODES}, got {self.mode!r}")
+        if self.batch_attention not in ("inflight", "clean"):
+            raise ValueError(f"SamplerConfig.batch_attention must be 'inflight' or 'clean', "
+                             f"got {self.batch_attention!r}")
         if not isinstance(self.lanes, int) or self.lanes < 1:
             raise ValueError(f"SamplerConfig.lanes must be a positive int, got {self.lanes!r}")
         if self.lanes > 1 and self.mode != "stream_batch":

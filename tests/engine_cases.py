@@ -10,9 +10,10 @@ from workers.reference import ReferenceGenerator
 STREAMS = {"a": ("a cat on a sofa", 1), "b": ("a dog in the rain", 2), "c": ("an owl at night", 3)}
 
 
-def gen_config(mode: str, lanes: int = 1, steps=(1000, 750, 500, 250)) -> GenerationConfig:
+def gen_config(mode: str, lanes: int = 1, steps=(1000, 750, 500, 250), attention: str = "inflight") -> GenerationConfig:
     return GenerationConfig(model=get_config("tiny"),
-                            sampler=SamplerConfig(denoising_steps=steps, chunk_frames=2, mode=mode, lanes=lanes),
+                            sampler=SamplerConfig(denoising_steps=steps, chunk_frames=2, mode=mode, lanes=lanes,
+                                                  batch_attention=attention),
                             cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=4),
                             height=32, width=48)
 

@@ -17,6 +17,10 @@ class SegmentSpec:
     commit_frames: int = 0
     reset_cache: bool = False
     steps: tuple[int, ...] = ()
+    independent: bool = False
+    """Entries attend to the cache and themselves only (see Segment.independent)."""
+    offsets: tuple[int, ...] | None = None
+    """Independent segments: each entry's first position in frames after the cache (see Segment.offsets)."""
     """Denoising step index of each chunk-sized entry, -1 for context entries (routes step-split plans)."""
 
 

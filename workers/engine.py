@@ -212,7 +212,8 @@ class PipelineEngine:
                 if step == 0:
                     stream.chunk_started.setdefault(chunk, now)
             segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
-                                        work.reset_cache, tuple(step for _, step in work.entries)))
+                                        work.reset_cache, tuple(step for _, step in work.entries),
+                                        work.independent, work.offsets if work.independent else None))
             latents.append(work.latents)
             ts.append(work.t)
             if stream.send_text:

@@ -13,7 +13,7 @@ from collections import deque
 import torch
 
 from orchestrator.config import CacheConfig, ModelConfig
-from workers.batch import MicroBatch, StageStats
+from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.plan import even_split
 from workers.stage import StageWorker
 
@@ -148,7 +148,8 @@ class StepSplitExecutor(Executor):
     the whole model and running only the denoising steps ``step_groups[g]``; context passes (and re-cache
     forwards) go to every group, so each group's KV caches hold the same clean context as the reference.
 
-    Needs ``sequential`` mode: a stream_batch forward mixes steps whose entries attend to one another,
+    Needs ``sequential`` mode or ``stream_batch`` with ``batch_attention='clean'`` (independent entries,
+    split by step across groups). With 'inflight' attention a forward's entries attend to one another,
     so splitting it by step would change what each entry sees (or recompute every older entry).
     """
 
@@ -167,43 +168,58 @@ class StepSplitExecutor(Executor):
         self._sub_seq = 0
         self._sub_owner: dict[tuple[int, int], int] = {}  # (group, sub seq) -> parent seq
 
-    def _targets(self, spec) -> list[int]:
-        steps = set(spec.steps)
-        if steps <= {-1}:
-            return list(range(len(self.groups)))
-        if len(steps) == 1:
-            return [self.owner[steps.pop()]]
-        raise ValueError("a step-split plan needs sequential mode: this forward mixes steps "
-                         f"{sorted(spec.steps)} of stream {spec.stream_id!r}")
+    def _route(self, spec: SegmentSpec) -> dict[int, list[int]]:
+        """Group -> indices of the segment's entries it runs. Context entries go to every group."""
+        steps = list(spec.steps)
+        if all(s == -1 for s in steps):
+            return {g: list(range(len(steps))) for g in range(len(self.groups))}
+        real = {s for s in steps if s != -1}
+        if len(real) > 1 and not spec.independent:
+            raise ValueError("a step-split plan needs sequential mode or stream_batch with batch_attention "
+                             f"'clean': this forward of stream {spec.stream_id!r} mixes steps {sorted(real)} "
+                             "whose entries attend to one another")
+        ctx = [j for j, s in enumerate(steps) if s == -1]
+        route = {g: list(ctx) for g in range(len(self.groups))} if ctx else {}
+        for j, s in enumerate(steps):
+            if s != -1:
+                route.setdefault(self.owner[s], []).append(j)
+        return route
 
     def submit(self, mb: MicroBatch) -> None:
         for sid, text in mb.texts.items():
             self._texts[sid] = text
             for delivered in self._delivered:
                 delivered.discard(sid)
-        per_group: dict[int, list[int]] = {}
-        offsets, f0 = [], 0
+        per_group: dict[int, list[tuple[int, list[int]]]] = {}  # group -> [(segment, entry indices)]
+        starts, f0 = [], 0
         for i, spec in enumerate(mb.segments):
-            offsets.append((f0, f0 + spec.frames))
+            starts.append(f0)
             f0 += spec.frames
-            for g in self._targets(spec):
-                per_group.setdefault(g, []).append(i)
+            for g, entries in self._route(spec).items():
+                per_group.setdefault(g, []).append((i, entries))
         parts = {}
-        for g, idx in per_group.items():
-            segs = [mb.segments[i] for i in idx]
-            texts = {}
-            for spec in segs:
+        for g, items in per_group.items():
+            segs, lat, ts, texts = [], [], [], {}
+            for i, entries in items:
+                spec = mb.segments[i]
+                bf = spec.frames // max(1, len(spec.steps)) if spec.steps else spec.frames
+                rows = [r for j in entries for r in range(starts[i] + j * bf, starts[i] + (j + 1) * bf)]
+                has_ctx = spec.commit_frames > 0 and entries and entries[0] == 0 and spec.steps[0] == -1
+                segs.append(dataclasses.replace(
+                    spec, frames=len(rows), steps=tuple(spec.steps[j] for j in entries),
+                    commit_frames=spec.commit_frames if has_ctx else 0,
+                    offsets=tuple(spec.offsets[j] for j in entries) if spec.offsets is not None else None))
+                lat.append(mb.latents[rows])
+                ts.append(mb.t[rows])
                 if spec.stream_id not in self._delivered[g] and spec.stream_id in self._texts:
                     texts[spec.stream_id] = self._texts[spec.stream_id]
                     self._delivered[g].add(spec.stream_id)
-            sub = MicroBatch(self._sub_seq, segs, mb.grid,
-                             torch.cat([mb.latents[offsets[i][0]:offsets[i][1]] for i in idx]),
-                             torch.cat([mb.t[offsets[i][0]:offsets[i][1]] for i in idx]), texts)
+            sub = MicroBatch(self._sub_seq, segs, mb.grid, torch.cat(lat), torch.cat(ts), texts, mb.profile)
             self._sub_owner[(g, self._sub_seq)] = mb.seq
-            parts[g] = (self._sub_seq, idx)
+            parts[g] = items
             self._sub_seq += 1
             self.groups[g].submit(sub)
-        self._pending[mb.seq] = {"mb": mb, "parts": parts, "offsets": offsets, "done": {}}
+        self._pending[mb.seq] = {"mb": mb, "parts": parts, "done": {}}
         self._order.append(mb.seq)
 
     def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
@@ -230,14 +246,17 @@ class StepSplitExecutor(Executor):
 
     def _assemble(self, entry: dict) -> tuple[int, torch.Tensor, list[StageStats]]:
         mb, pieces = entry["mb"], {}
-        for g, (sub_seq, idx) in entry["parts"].items():
+        for g, items in entry["parts"].items():
             flow, _ = entry["done"][g]
             f0 = 0
-            for i in idx:
-                n = mb.segments[i].frames
-                pieces.setdefault(i, flow[f0:f0 + n])  # broadcast segments: the first group's copy
-                f0 += n
-        flow = torch.cat([pieces[i] for i in range(len(mb.segments))])
+            for i, entries in items:
+                spec = mb.segments[i]
+                bf = spec.frames // max(1, len(spec.steps)) if spec.steps else spec.frames
+                for j in entries:
+                    pieces.setdefault((i, j), flow[f0:f0 + bf])  # context entries: the first group's copy
+                    f0 += bf
+        order = [(i, j) for i, spec in enumerate(mb.segments) for j in range(max(1, len(spec.steps)))]
+        flow = torch.cat([pieces[k] for k in order])
         stats = [s for g in sorted(entry["done"]) for s in entry["done"][g][1]]
         return mb.seq, flow, stats
 

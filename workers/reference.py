@@ -65,7 +65,8 @@ class ReferenceGenerator:
         if work.reset_cache:
             cache.reset()
         seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
-                      commit_frames=work.commit_frames)
+                      commit_frames=work.commit_frames, independent=work.independent,
+                      offsets=work.offsets if work.independent else None)
         flow = self.model.stream_forward(work.latents.to(self.device), [seg], self.grid, work.t.to(self.device))
         return flow.float().cpu()
 

@@ -81,7 +81,8 @@ class StageWorker:
             if spec.reset_cache:
                 cache.reset()
             segments.append(Segment(spec.frames, cache, block_frames=spec.block_frames,
-                                    commit_frames=spec.commit_frames))
+                                    commit_frames=spec.commit_frames, independent=spec.independent,
+                                    offsets=spec.offsets))
         block_s = {} if mb.profile else None
         if inputs is None:
             out = self.model.stream_forward(mb.latents.to(self.device), segments, mb.grid, mb.t.to(self.device),

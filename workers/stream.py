@@ -50,6 +50,13 @@ class Work:
     """Clear the stream's KV cache before this forward (re-cache)."""
     lane: int = 0
     """Which lane issued it (``SamplerConfig.lanes``)."""
+    independent: bool = False
+    """Entries attend to the clean cache and themselves only (stream_batch, batch_attention 'clean')."""
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Each entry's first temporal position, in frames after the cache."""
+        return tuple(i * self.chunk_frames for i in range(len(self.entries)))
 
     @property
     def frames(self) -> int:
@@ -129,6 +136,7 @@ class StreamProgram:
             self._admit(lane)
             work = self._build(lane, lane.inflight, with_context=lane.pending_context is not None)
         work.lane = lane_id
+        work.independent = self.sampler.mode == "stream_batch" and self.sampler.batch_attention == "clean"
         lane.busy = True
         self.turn = (self.turn + 1) % len(self.lanes)
         return work

@@ -52,10 +52,11 @@ def _run(cfg, executor, streams, n):
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("mode,lanes", [("sequential", 1), ("stream_batch", 1), ("stream_batch", 3)])
+@pytest.mark.parametrize("mode,lanes,attention", [("sequential", 1, "inflight"), ("stream_batch", 1, "inflight"),
+                                                  ("stream_batch", 3, "inflight"), ("stream_batch", 3, "clean")])
 @pytest.mark.parametrize("n_streams", [1, 3])
-def test_ray_engine_equals_reference(executors, stages, mode, lanes, n_streams):
-    cfg = gen_config(mode, lanes)
+def test_ray_engine_equals_reference(executors, stages, mode, lanes, attention, n_streams):
+    cfg = gen_config(mode, lanes, attention=attention)
     streams = dict(list(STREAMS.items())[:n_streams])
     renamed, got = _run(cfg, executors(stages), streams, 4)
     assert_matches_reference(cfg, got, renamed, 4)
@@ -106,11 +107,12 @@ def test_rebalance_mid_stream_on_ray(local_ray, mode):
 
 
 @pytest.mark.parametrize("layers_per_group", [1, 2])
-def test_ray_step_split_and_grid_equal_reference(local_ray, layers_per_group):
+@pytest.mark.parametrize("mode,attention", [("sequential", "inflight"), ("stream_batch", "clean")])
+def test_ray_step_split_and_grid_equal_reference(local_ray, layers_per_group, mode, attention):
     """Step split (2 groups) and a 2x2 grid on 4 logical GPUs, one per stage actor."""
     from workers.executor import StepSplitExecutor
 
-    cfg = gen_config("sequential")
+    cfg = gen_config(mode, attention=attention)
     groups = [RayExecutor(TINY, layers_per_group, num_gpus_per_stage=1) for _ in range(2)]
     try:
         used = ray.available_resources().get("GPU", 0)

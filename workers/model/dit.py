@@ -42,6 +42,12 @@ class Segment:
     """Frames per causal block inside the segment; None = bidirectional over the whole segment."""
     commit_frames: int = 0
     """Leading frames whose K/V join the cache after this forward (the context pass)."""
+    independent: bool = False
+    """Each causal block attends to the cache, the segment's committing (clean context) block and
+    itself only, not to other blocks of the segment."""
+    offsets: tuple[int, ...] | None = None
+    """Independent segments: each block's first temporal position, in frames after the cache (default
+    0, f, 2f, ...). Lets a segment carry a subset of a forward's blocks at their original positions."""
 
 
 class Activation(NamedTuple):
@@ -273,7 +279,13 @@ class CausalWanModel(nn.Module):
         positions = []
         for seg in segments:
             start = seg.cache.frames if seg.cache is not None else 0
-            positions.append(torch.arange(start, start + seg.frames))
+            if seg.offsets is None:
+                positions.append(torch.arange(start, start + seg.frames))
+                continue
+            bf = seg.block_frames or seg.frames
+            if not seg.independent or len(seg.offsets) * bf != seg.frames:
+                raise ValueError("block offsets need an independent segment with one offset per block")
+            positions += [torch.arange(start + o, start + o + bf) for o in seg.offsets]
         positions = torch.cat(positions)
         if int(positions.max()) >= self.cfg.rope_max_positions:
             raise ValueError(f"temporal position {int(positions.max())} exceeds rope_max_positions "
@@ -310,7 +322,13 @@ class CausalWanModel(nn.Module):
             step = seg.block_frames or seg.frames
             for qb in range(0, seg.frames, step):  # query block qb sees the cache and own frames < qb+step
                 qe = min(qb + step, seg.frames)
-                out.append(_attend(q[f0 + qb:f0 + qe], keys[:n + qe], values[:n + qe], nh))
+                if seg.independent and qb > seg.commit_frames:  # the cache, the context block, this block
+                    seen = n + seg.commit_frames
+                    k_blk = torch.cat((keys[:seen], keys[n + qb:n + qe]))
+                    v_blk = torch.cat((values[:seen], values[n + qb:n + qe]))
+                else:
+                    k_blk, v_blk = keys[:n + qe], values[:n + qe]
+                out.append(_attend(q[f0 + qb:f0 + qe], k_blk, v_blk, nh))
             if kv is not None and seg.commit_frames:
                 kv.commit(seg.commit_frames)
             f0 = f1

@@ -8,10 +8,11 @@ from workers.executor import InProcessExecutor
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
-@pytest.mark.parametrize("mode,lanes", [("sequential", 1), ("stream_batch", 1), ("stream_batch", 2)])
+@pytest.mark.parametrize("mode,lanes,attention", [("sequential", 1, "inflight"), ("stream_batch", 1, "inflight"),
+                                                  ("stream_batch", 2, "inflight"), ("stream_batch", 1, "clean")])
 @pytest.mark.parametrize("n_streams", [1, 3])
-def test_engine_equals_reference(stages, mode, lanes, n_streams):
-    cfg = gen_config(mode, lanes)
+def test_engine_equals_reference(stages, mode, lanes, attention, n_streams):
+    cfg = gen_config(mode, lanes, attention=attention)
     streams = dict(list(STREAMS.items())[:n_streams])
     engine = make_engine(cfg, InProcessExecutor(cfg.model, stages))
     for sid, (prompt, seed) in streams.items():
@@ -123,11 +124,12 @@ def test_stage_stats_and_latency_model_are_fed():
 
 
 @pytest.mark.parametrize("layers_per_group", [1, 2])
-def test_step_split_and_grid_equal_reference(layers_per_group):
+@pytest.mark.parametrize("mode,attention", [("sequential", "inflight"), ("stream_batch", "clean")])
+def test_step_split_and_grid_equal_reference(layers_per_group, mode, attention):
     """2 step groups (steps {0, 1} and {2, 3}), each a 1- or 2-stage layer split: 2 or 2x2 devices."""
     from workers.executor import StepSplitExecutor
 
-    cfg = gen_config("sequential")
+    cfg = gen_config(mode, attention=attention)
     groups = [InProcessExecutor(cfg.model, layers_per_group) for _ in range(2)]
     executor = StepSplitExecutor(groups, [[0, 1], [2, 3]])
     assert executor.num_stages == 2 * layers_per_group
@@ -147,7 +149,7 @@ def test_step_split_rejects_stream_batch():
     executor = StepSplitExecutor([InProcessExecutor(cfg.model, 1) for _ in range(2)], [[0, 1], [2, 3]])
     engine = make_engine(cfg, executor)
     engine.add_stream("a", "p", 0)
-    with pytest.raises(ValueError, match="sequential mode"):
+    with pytest.raises(ValueError, match="batch_attention"):
         collect(engine, {"a": 3})
 
 

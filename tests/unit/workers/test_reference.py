@@ -41,10 +41,22 @@ def test_same_seed_same_frames_different_prompt_or_seed_differs(gen):
     assert not torch.equal(a, gen.generate("a cat on a sofa", seed=2, n_chunks=3))
 
 
-def test_one_step_stream_batch_equals_sequential():
+@pytest.mark.parametrize("attention", ["inflight", "clean"])
+def test_one_step_stream_batch_equals_sequential(attention):
     seq = make("sequential", steps=(1000,)).latents("p", 4, n_chunks=5)
-    sb = make("stream_batch", steps=(1000,)).latents("p", 4, n_chunks=5)
+    gen = make("stream_batch", steps=(1000,))
+    gen.cfg = replace(gen.cfg, sampler=replace(gen.cfg.sampler, batch_attention=attention))
+    sb = gen.latents("p", 4, n_chunks=5)
     assert (seq - sb).abs().max() <= 1e-4
+
+
+def test_clean_and_inflight_batch_attention_differ():
+    gen = make("stream_batch")
+    inflight = gen.latents("p", 4, n_chunks=4)
+    gen.cfg = replace(gen.cfg, sampler=replace(gen.cfg.sampler, batch_attention="clean"))
+    clean = gen.latents("p", 4, n_chunks=4)
+    assert (inflight[:2] - clean[:2]).abs().max() <= 1e-4  # chunk 0: nothing before it in either
+    assert (inflight[2:] - clean[2:]).abs().max() > 1e-3
 
 
 def test_stream_batch_differs_from_sequential_but_first_chunk_agrees(gen):

@@ -112,3 +112,33 @@ def test_slices_chained_equal_the_whole_model(model):
                 act = s.stream_forward(act, [Segment(F_CHUNK, c, commit_frames=commit)], GRID, t)
             assert (act - want).abs().max() <= 1e-5
     assert sum(c.nbytes() for c in caches) == whole_cache.nbytes()
+
+
+@torch.no_grad()
+def test_independent_segment_blocks_see_only_the_cache_and_themselves(model):
+    ctx = torch.randn(5, CFG.text_dim)
+    cache_a, cache_b = model.new_stream_cache(BIG_CACHE), model.new_stream_cache(BIG_CACHE)
+    for c in (cache_a, cache_b):
+        c.set_context(model.embed_text(ctx))
+        warm = torch.randn(F_CHUNK, CFG.in_channels, H, W, generator=torch.Generator().manual_seed(1))
+        model.stream_forward(warm, [Segment(F_CHUNK, c, commit_frames=F_CHUNK)], GRID, torch.zeros(F_CHUNK))
+    seq = torch.randn(3 * F_CHUNK, CFG.in_channels, H, W)
+    t = torch.cat((torch.zeros(F_CHUNK), torch.full((F_CHUNK,), 625.0), torch.full((F_CHUNK,), 1000.0)))
+    whole = model.stream_forward(seq, [Segment(3 * F_CHUNK, cache_a, block_frames=F_CHUNK, commit_frames=F_CHUNK,
+                                               independent=True)], GRID, t)
+    # the context block and the last block, at their original offsets, give the same flow: the middle
+    # block is invisible to the last one
+    keep = torch.cat((torch.arange(F_CHUNK), torch.arange(2 * F_CHUNK, 3 * F_CHUNK)))
+    pair = model.stream_forward(seq[keep], [Segment(2 * F_CHUNK, cache_b, block_frames=F_CHUNK,
+                                                    commit_frames=F_CHUNK, independent=True,
+                                                    offsets=(0, 2 * F_CHUNK))], GRID, t[keep])
+    assert (whole[2 * F_CHUNK:] - pair[F_CHUNK:]).abs().max() <= 1e-5
+    assert (whole[:F_CHUNK] - pair[:F_CHUNK]).abs().max() <= 1e-5
+    # and it differs from the in-flight variant, where it also sees the middle block
+    cache_c = model.new_stream_cache(BIG_CACHE)
+    cache_c.set_context(model.embed_text(ctx))
+    warm = torch.randn(F_CHUNK, CFG.in_channels, H, W, generator=torch.Generator().manual_seed(1))
+    model.stream_forward(warm, [Segment(F_CHUNK, cache_c, commit_frames=F_CHUNK)], GRID, torch.zeros(F_CHUNK))
+    inflight = model.stream_forward(seq, [Segment(3 * F_CHUNK, cache_c, block_frames=F_CHUNK, commit_frames=F_CHUNK)],
+                                    GRID, t)
+    assert (inflight[2 * F_CHUNK:] - whole[2 * F_CHUNK:]).abs().max() > 1e-3
