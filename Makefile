@@ -27,6 +27,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json
+	$(PY) bench/pipeline_scaling.py --out bench/out/pipeline_scaling.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out demo.mp4
