@@ -16,6 +16,8 @@ __all__ = [
     "CacheConfig",
     "GenerationConfig",
     "EngineConfig",
+    "ServerConfig",
+    "ServiceConfig",
     "get_config",
     "MODEL_CONFIGS",
     "SAMPLER_MODES",
@@ -311,3 +313,97 @@ class GenerationConfig:
             raise ValueError(
                 f"CacheConfig.recache_frames ({self.cache.recache_frames}) must not exceed the cache capacity "
                 f"({self.cache.capacity_frames} frames)")
+
+
+def _host_port(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise ValueError(f"{name} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC front end: addresses, request limits, pacing and admission."""
+
+    listen: str = "127.0.0.1:50051"
+    """gRPC HOST:PORT (port 0 picks a free one)."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """Prometheus /metrics HOST:PORT; empty disables the endpoint."""
+    allow_plaintext_non_loopback: bool = False
+    """Plaintext is loopback-only unless this is set (there is no TLS yet)."""
+    reflection: bool = False
+    """Serve gRPC reflection (off by default)."""
+    default_fps: float = 16.0
+    max_fps: float = 60.0
+    default_latency_budget_ms: int = 10_000
+    """Per-frame budget when a request gives 0: the longest a chunk may take from dispatch to frames."""
+    max_prompt_bytes: int = 4096
+    max_frames: int = 1_000_000
+    max_width: int = 1920
+    max_height: int = 1920
+    max_streams_per_replica: int = 8
+    """Hard cap per pipeline replica; the latency model may admit fewer."""
+    admission_headroom: float = 0.9
+    """Admit while the modelled utilisation stays at or below this fraction."""
+    retry_after_ms: int = 1000
+    """Hint sent with RESOURCE_EXHAUSTED / UNAVAILABLE."""
+    output_chunks_ahead: int = 2
+    """Chunks a stream may have generated but not yet sent (bounded output queue)."""
+    no_output_timeout_s: float = 30.0
+    """A running stream with no frame for this long ends UNAVAILABLE (no silent stalls)."""
+    drain_timeout_s: float = 10.0
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    stall_frames: float = 1.0
+    """A frame later than this many intervals past its due time re-anchors the pacing clock."""
+
+    def __post_init__(self) -> None:
+        host, _ = _host_port(self.listen, "ServerConfig.listen")
+        if host not in LOOPBACK_HOSTS and not self.allow_plaintext_non_loopback:
+            raise ValueError(f"ServerConfig.listen {self.listen!r} is not loopback and TLS is not available: "
+                             "bind 127.0.0.1 or set allow_plaintext_non_loopback")
+        if self.metrics_listen:
+            _host_port(self.metrics_listen, "ServerConfig.metrics_listen")
+        for name in ("default_fps", "max_fps", "admission_headroom", "no_output_timeout_s", "drain_timeout_s",
+                     "stall_frames"):
+            _positive(f"ServerConfig.{name}", getattr(self, name))
+        if self.default_fps > self.max_fps:
+            raise ValueError("ServerConfig.default_fps must not exceed max_fps")
+        for name in ("default_latency_budget_ms", "max_prompt_bytes", "max_frames", "max_width", "max_height",
+                     "max_streams_per_replica", "retry_after_ms", "output_chunks_ahead",
+                     "max_receive_message_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ServerConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The root: everything `streamgen serve` runs with."""
+
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    stages: int = 2
+    """Pipeline stages per replica."""
+    replicas: int = 1
+    """Pipeline replicas."""
+    executor: str = "ray"
+    """``ray`` (one actor per stage) or ``inprocess`` (all stages in the server process)."""
+    ray_address: str = ""
+    """Empty: start a local Ray bound to loopback. ``auto`` or an address: join that cluster."""
+    threads_per_stage: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, int) or not (1 <= self.stages <= self.generation.model.num_layers):
+            raise ValueError(f"ServiceConfig.stages must be in [1, {self.generation.model.num_layers}], "
+                             f"got {self.stages!r}")
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"ServiceConfig.replicas must be a positive int, got {self.replicas!r}")
+        if self.executor not in ("ray", "inprocess"):
+            raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
+        if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:
+            raise ValueError("ServiceConfig.threads_per_stage must be a positive int")

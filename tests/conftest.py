@@ -1,10 +1,16 @@
-import os
-
 import pytest
 import torch
 
 # One CPU thread keeps the 2-core CI box responsive and timings comparable.
 torch.set_num_threads(1)
+
+# The gRPC modules are generated (make setup does it); build them here too if pytest runs directly.
+try:
+    from protos.build import build as _build_protos
+
+    _build_protos()
+except ImportError:  # grpcio-tools missing: the gRPC tests will fail to import, loudly
+    pass
 
 
 @pytest.fixture(autouse=True)

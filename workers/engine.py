@@ -52,6 +52,9 @@ class _Stream:
     revision: int = 0
     send_text: bool = True  # the next micro-batch carries this stream's text to every stage
     pending: list = field(default_factory=list)  # controls waiting for the stream to drain
+    max_ahead: int | None = None  # chunks produced and not yet consumed before the stream waits
+    produced: int = 0
+    consumed: int = 0
     outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
     chunk_started: dict[int, float] = field(default_factory=dict)  # chunk -> dispatch time of its step 0
 
@@ -106,13 +109,26 @@ class PipelineEngine:
     # control plane ---------------------------------------------------------------------------------
 
     def add_stream(self, stream_id: str, prompt: str, seed: int, fps: float = 16.0,
-                   sampler: SamplerConfig | None = None) -> None:
+                   sampler: SamplerConfig | None = None, max_ahead: int | None = None) -> None:
+        """Open a stream. With ``max_ahead`` it stops being scheduled while that many finished chunks
+        are waiting for ``consumed`` (the consumer's pace bounds the work done ahead of it)."""
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} already exists")
         program = StreamProgram(sampler or self.cfg.sampler, self.cfg.cache, seed, self.latent_shape)
         self.executor.open_stream(stream_id, self.cfg.cache)
         self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(),
-                                          self.decoder.new_state() if self.decoder else None)
+                                          self.decoder.new_state() if self.decoder else None, max_ahead=max_ahead)
+
+    def consumed(self, stream_id: str, chunks: int = 1) -> None:
+        """The consumer took ``chunks`` finished chunks of the stream (frees its look-ahead)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.consumed += chunks
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight."""
+        return not self._inflight
 
     def remove_stream(self, stream_id: str) -> None:
         """Control: end the stream now; its in-flight results are discarded, caches freed on every stage."""
@@ -197,7 +213,8 @@ class PipelineEngine:
 
     def _schedule(self) -> MicroBatch | None:
         """Earliest-deadline-first among ready streams; sized so P micro-batches can be in flight."""
-        ready = [s for s in self.streams.values() if not s.pending and s.program.ready()]
+        ready = [s for s in self.streams.values() if not s.pending and s.program.ready()
+                 and (s.max_ahead is None or s.produced - s.consumed < s.max_ahead)]
         if not ready:
             return None
         ready.sort(key=lambda s: (s.due(), s.stream_id))
@@ -257,6 +274,7 @@ class PipelineEngine:
                 started = stream.chunk_started.pop(chunk, None)
                 latency = 0.0 if started is None else self.clock() - started
                 outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision, latency))
+                stream.produced += 1
                 self.stats.chunks += 1
             f0 = f1
         return outputs

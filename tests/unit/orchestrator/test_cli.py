@@ -1,19 +1,24 @@
-"""`streamgen demo` writes a real, decodable video."""
+"""CLI argument handling (the demo itself runs in tests/integration/test_demo.py)."""
 
-from orchestrator.cli import main
-from orchestrator.video import read_video
+import pytest
 
-
-def test_demo_writes_a_video(tmp_path, capsys):
-    out = tmp_path / "demo.mp4"
-    assert main(["demo", "--out", str(out), "--chunks", "2", "--chunk-frames", "1"]) == 0
-    frames = read_video(str(out))
-    assert frames.shape == (1 + 4 * (2 - 1), 64, 96, 3)
-    assert frames.std() > 0.5  # not a blank video
-    text = capsys.readouterr()
-    assert "wrote" in text.out and "2/2 chunks" in text.err
+from orchestrator.cli import build_parser, main, service_config
 
 
-def test_demo_bad_config_is_a_clear_error(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "x.mp4"), "--model", "nope"]) == 2
+def test_serve_flags_build_a_valid_config():
+    args = build_parser().parse_args(["serve", "--listen", "127.0.0.1:6000", "--metrics-listen", "127.0.0.1:6001",
+                                      "--model", "tiny", "--stages", "3", "--replicas", "2"])
+    cfg = service_config(args)
+    assert (cfg.stages, cfg.replicas, cfg.server.listen, cfg.server.metrics_listen) == \
+        (3, 2, "127.0.0.1:6000", "127.0.0.1:6001")
+
+
+def test_bad_flags_are_clear_errors(capsys):
+    assert main(["serve", "--model", "nope"]) == 2
     assert "unknown model config" in capsys.readouterr().err
+    assert main(["serve", "--listen", "0.0.0.0:50051"]) == 2
+    assert "not loopback" in capsys.readouterr().err
+    assert main(["serve", "--stages", "9"]) == 2
+    assert "stages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--executor", "threads"])

@@ -186,3 +186,17 @@ def test_calibrate_at_start_fixes_a_skewed_split_and_predicts_capacity():
     engine.add_stream("a", "a cat on a sofa", 1)
     got = collect(engine, {"a": 3})
     assert_matches_reference(cfg, got, {"a": ("a cat on a sofa", 1)}, 3)
+
+
+def test_max_ahead_bounds_work_done_ahead_of_the_consumer():
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, InProcessExecutor(cfg.model, 1))
+    engine.add_stream("a", "p", 0, max_ahead=2)
+    produced = []
+    for _ in range(200):
+        produced += engine.step()
+    assert len(produced) == 2  # waits for the consumer
+    engine.consumed("a")
+    for _ in range(200):
+        produced += engine.step()
+    assert len(produced) == 3

@@ -1,0 +1,121 @@
+"""Async Python client for streamgen's gRPC API, plus the per-stream summary the CLI prints."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+
+from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+
+
+class StreamgenClient:
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024):
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.stub = stream_pb2_grpc.StreamServiceStub(self.channel)
+
+    async def __aenter__(self) -> "StreamgenClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def generate(self, prompt: str, seed: int = 0, fps: float = 16.0, steps: int = 0, max_frames: int = 0,
+                 latency_budget_ms: int = 0, late_policy: str = "drop", encoding: str = "jpeg",
+                 width: int = 0, height: int = 0, jpeg_quality: int = 0, timeout: float | None = None):
+        """Start a text-to-video stream; iterate the returned call for Frames (``call.cancel()`` ends it)."""
+        request = stream_pb2.GenerateRequest(
+            prompt=prompt, seed=seed, fps=fps, steps=steps, max_frames=max_frames,
+            latency_budget_ms=latency_budget_ms, width=width, height=height, jpeg_quality=jpeg_quality,
+            late_policy=stream_pb2.DELIVER_FLAGGED if late_policy == "deliver_flagged" else stream_pb2.DROP,
+            encoding=stream_pb2.RAW_RGB if encoding == "raw_rgb" else stream_pb2.JPEG)
+        return self.stub.Generate(request, timeout=timeout)
+
+    async def control(self, stream_id: str, prompt: str | None = None, steps: int | None = None,
+                      paused: bool | None = None, cancel: bool = False) -> stream_pb2.ControlReply:
+        req = stream_pb2.ControlRequest(stream_id=stream_id, cancel=cancel)
+        if prompt is not None:
+            req.prompt = prompt
+        if steps is not None:
+            req.steps = steps
+        if paused is not None:
+            req.paused = paused
+        return await self.stub.Control(req)
+
+    async def capacity(self, fps: float = 0.0, steps: int = 0) -> stream_pb2.CapacityReply:
+        return await self.stub.GetCapacity(stream_pb2.CapacityRequest(fps=fps, steps=steps))
+
+    async def drain(self, timeout_ms: int = 0) -> stream_pb2.DrainReply:
+        return await self.stub.Drain(stream_pb2.DrainRequest(timeout_ms=timeout_ms))
+
+
+def decode_frame(frame: stream_pb2.Frame) -> np.ndarray:
+    """A Frame's pixels as uint8 [H, W, 3]."""
+    if frame.encoding == stream_pb2.RAW_RGB:
+        return np.frombuffer(frame.data, dtype=np.uint8).reshape(frame.height, frame.width, 3)
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(frame.data)).convert("RGB"))
+
+
+@dataclass
+class StreamSummary:
+    """What a client saw of one stream."""
+
+    started: float = field(default_factory=time.monotonic)
+    received: list[float] = field(default_factory=list)  # monotonic receive times
+    lateness_s: list[float] = field(default_factory=list)  # receive (wall) - due (wall)
+    indices: list[int] = field(default_factory=list)
+    missed: int = 0  # frames sent flagged late
+    revisions: list[int] = field(default_factory=list)
+
+    def add(self, frame: stream_pb2.Frame) -> None:
+        self.received.append(time.monotonic())
+        self.lateness_s.append((time.time_ns() - frame.due_unix_ns) / 1e9)
+        self.indices.append(frame.index)
+        self.revisions.append(frame.prompt_revision)
+        if not frame.deadline_met:
+            self.missed += 1
+
+    @property
+    def frames(self) -> int:
+        return len(self.received)
+
+    @property
+    def ttff_s(self) -> float:
+        return self.received[0] - self.started if self.received else float("nan")
+
+    @property
+    def achieved_fps(self) -> float:
+        if len(self.received) < 2:
+            return float("nan")
+        return (len(self.received) - 1) / (self.received[-1] - self.received[0])
+
+    def latency_percentile(self, q: float) -> float:
+        if not self.lateness_s:
+            return float("nan")
+        v = sorted(self.lateness_s)
+        return v[min(len(v) - 1, round(q / 100 * (len(v) - 1)))]
+
+    def report(self) -> str:
+        return (f"frames {self.frames}, achieved {self.achieved_fps:.2f} fps, TTFF {self.ttff_s * 1e3:.0f} ms, "
+                f"latency vs due p50 {self.latency_percentile(50) * 1e3:.1f} ms / "
+                f"p99 {self.latency_percentile(99) * 1e3:.1f} ms, deadline misses {self.missed}")
+
+
+async def collect_frames(call, summary: StreamSummary, limit: int | None = None) -> AsyncIterator:
+    """Iterate a Generate call, recording each frame in ``summary``."""
+    async for frame in call:
+        summary.add(frame)
+        yield frame
+        if limit is not None and summary.frames >= limit:
+            return

@@ -1,0 +1,216 @@
+"""EngineHost: one pipeline replica driven by its own thread, so GPU / CPU work never blocks the gRPC
+event loop. The server talks to it through a bounded inbox; finished chunks come back through a
+per-stream sink (called on the engine thread; the server hops them onto its loop).
+
+Frames are decoded (in the engine) and encoded (JPEG / raw RGB) on this thread too.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from orchestrator.config import ServiceConfig
+from orchestrator.metrics import Metrics
+from orchestrator.types import Encoding, StreamSpec
+from workers.engine import PipelineEngine
+from workers.executor import InProcessExecutor
+from workers.model.text import build_text_encoder
+from workers.model.vae import build_vae
+
+log = logging.getLogger("streamgen.replica")
+
+
+@dataclass
+class FrameBatch:
+    """One finished chunk of one stream, encoded."""
+
+    chunk: int
+    prompt_revision: int
+    frames: list[bytes]
+    width: int
+    height: int
+    latency_s: float
+    ready_at: float
+
+
+class EngineFailure(Exception):
+    """The engine loop failed while the stream was in it."""
+
+
+Sink = Callable[[FrameBatch | EngineFailure], None]
+
+
+class EngineHost:
+    def __init__(self, cfg: ServiceConfig, metrics: Metrics, index: int = 0):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.index = index
+        gen = cfg.generation
+        if cfg.executor == "ray":
+            from workers.ray_executor import RayExecutor
+
+            self.executor = RayExecutor(gen.model, cfg.stages, threads_per_stage=cfg.threads_per_stage,
+                                        weights_path=gen.model_path)
+        else:
+            self.executor = InProcessExecutor(gen.model, cfg.stages, weights_path=gen.model_path)
+        self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
+                                     build_vae(gen.model, gen.vae_path), cfg.engine)
+        self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
+        self._inbox: queue.Queue = queue.Queue(maxsize=10_000)
+        self._sinks: dict[str, tuple[Sink, StreamSpec]] = {}
+        self._loads: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
+        self._thread.start()
+
+    # called from the server (any thread) ------------------------------------------------------------
+
+    def open(self, stream_id: str, spec: StreamSpec, utilisation: float, sink: Sink) -> None:
+        with self._lock:
+            self._loads[stream_id] = utilisation
+            self._sinks[stream_id] = (sink, spec)
+            self.opened += 1
+        self._inbox.put(("open", stream_id, spec))
+
+    def close(self, stream_id: str) -> None:
+        with self._lock:
+            self._loads.pop(stream_id, None)
+            self._sinks.pop(stream_id, None)
+        self._inbox.put(("close", stream_id, None))
+
+    def set_prompt(self, stream_id: str, prompt: str) -> None:
+        self._inbox.put(("prompt", stream_id, prompt))
+
+    def set_steps(self, stream_id: str, steps: int) -> None:
+        self._inbox.put(("steps", stream_id, steps))
+
+    def consumed(self, stream_id: str) -> None:
+        self._inbox.put(("consumed", stream_id, None))
+
+    def load(self) -> float:
+        with self._lock:
+            return sum(self._loads.values())
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
+    def max_streams(self, fps: float, steps: int) -> int:
+        return self.engine.max_streams(fps, steps)
+
+    def predicted_chunk_latency(self, steps: int) -> float:
+        return self.engine.predicted_chunk_latency(steps)
+
+    def cache_bytes(self) -> list[int]:
+        """Cache bytes per stage (asks the stages; for tests and the leak check)."""
+        done = threading.Event()
+        out: list = []
+        self._inbox.put(("call", lambda: out.append(self.executor.cache_bytes()), done))
+        if not done.wait(10):
+            raise TimeoutError("engine thread did not answer")
+        return out[0]
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.executor.shutdown()
+
+    # the engine thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=self.engine.idle)
+            try:
+                outputs = self.engine.step(wait=True)
+            except Exception:  # noqa: BLE001 - fail the streams, keep serving
+                log.exception("engine step failed")
+                self.metrics.engine_errors.labels("exception").inc()
+                self._fail_all()
+                continue
+            stats = self.engine.stats
+            if stats.last_stage_stats:
+                self.metrics.observe_stage_stats(stats.last_stage_stats)
+                stats.last_stage_stats = []
+            self.metrics.stage_queue_depth.labels(str(self.index)).set(stats.inflight)
+            for out in outputs:
+                self._deliver(out)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.02) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, stream_id, value) -> None:
+        engine = self.engine
+        if kind == "open":
+            sampler = engine.cfg.sampler
+            if value.steps != sampler.num_steps:
+                sampler = replace(sampler, denoising_steps=_step_list(value.steps))
+            engine.add_stream(stream_id, value.prompt, value.seed, value.fps, sampler,
+                              max_ahead=self.cfg.server.output_chunks_ahead)
+        elif kind == "close":
+            if stream_id in engine.streams:
+                engine.remove_stream(stream_id)
+        elif kind == "prompt":
+            engine.set_prompt(stream_id, value)
+        elif kind == "steps":
+            engine.set_steps(stream_id, _step_list(value))
+        elif kind == "consumed":
+            engine.consumed(stream_id)
+        elif kind == "call":
+            try:
+                stream_id()
+            finally:
+                value.set()
+
+    def _deliver(self, out) -> None:
+        with self._lock:
+            entry = self._sinks.get(out.stream_id)
+        if entry is None:
+            return
+        sink, spec = entry
+        frames = out.frames.numpy()  # [N, H, W, 3] uint8
+        data = [_encode(f, spec) for f in frames]
+        self.metrics.chunk_latency.observe(out.latency_s)
+        sink(FrameBatch(out.chunk, out.prompt_revision, data, frames.shape[2], frames.shape[1], out.latency_s,
+                        time.monotonic()))
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            sinks = list(self._sinks.items())
+        for sid, (sink, _) in sinks:
+            sink(EngineFailure("engine failure"))
+            if sid in self.engine.streams:
+                self.engine.remove_stream(sid)
+        self.engine.drain()
+
+
+def _step_list(steps: int) -> tuple[float, ...]:
+    """Evenly spaced step list of ``steps`` entries from 1000 (warped by the sampler's shift)."""
+    return tuple(1000.0 * (steps - i) / steps for i in range(steps))
+
+
+def _encode(frame: np.ndarray, spec: StreamSpec) -> bytes:
+    if spec.encoding is Encoding.RAW_RGB:
+        return frame.tobytes()
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=spec.jpeg_quality)
+    return buf.getvalue()

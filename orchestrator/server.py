@@ -1,0 +1,308 @@
+"""The gRPC front end (grpc.aio): the one module that imports grpc.
+
+Generate: validate -> admit -> open on a replica -> pace frames out at the stream's fps -> close in
+``finally``. Errors are status codes with plain messages (never tracebacks or addresses), following
+RELIABILITY.md's contract; refusals carry a ``retry-after-ms`` trailer where a retry can help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from orchestrator.admission import Admission, validate
+from orchestrator.clock import Clock
+from orchestrator.config import ServiceConfig
+from orchestrator.deadline import Pacer
+from orchestrator.metrics import Metrics
+from orchestrator.replica import EngineFailure, FrameBatch
+from orchestrator.session import Session, State
+from orchestrator.types import EndReason, FrameOutcome, Rejection, RequestError
+from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+
+log = logging.getLogger("streamgen.server")
+SERVICE_NAME = "streamgen.v1.StreamService"
+
+STATUS = {
+    Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Rejection.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Rejection.CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Rejection.BUDGET: grpc.StatusCode.FAILED_PRECONDITION,
+    Rejection.DRAINING: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class StreamService(stream_pb2_grpc.StreamServiceServicer):
+    def __init__(self, cfg: ServiceConfig, replicas: list, metrics: Metrics, health_servicer, clock: Clock | None = None):
+        self.cfg = cfg
+        self.replicas = replicas
+        self.metrics = metrics
+        self.health = health_servicer
+        self.clock = clock or Clock()
+        self.admission = Admission(cfg.server)
+        self.sessions: dict[str, Session] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self.draining = False
+        self._drained = asyncio.Event()
+
+    # -- Generate ------------------------------------------------------------------------------------
+
+    async def Generate(self, request, context):
+        if request is MALFORMED:
+            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+        start = self.clock.now()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0.001:
+            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired", None, None)
+        try:
+            spec = validate(request, self.cfg.server, self.cfg.generation.model,
+                            self.cfg.generation.sampler.num_steps)
+            decision = self.admission.decide(spec, self.replicas, self.draining)
+        except RequestError as err:
+            self.metrics.stream_starts.labels("rejected").inc()
+            self.metrics.stream_rejections.labels(err.reason.value).inc()
+            await self._refuse(context, STATUS[err.reason], err.message, err.retry_after_ms, err.reason)
+        self.metrics.stream_starts.labels("admitted").inc()
+        stream_id = uuid.uuid4().hex
+        session = Session(stream_id, spec, decision.replica, decision.utilisation, start)
+        replica = self.replicas[decision.replica]
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8)
+
+        def sink(item):  # engine thread -> this loop
+            loop.call_soon_threadsafe(_offer, out, item)
+
+        self.sessions[stream_id] = session
+        self._queues[stream_id] = out
+        self.metrics.streams_active.inc()
+        replica.open(stream_id, spec, decision.utilisation, sink)
+        reason = EndReason.INTERNAL
+        try:
+            async for frame in self._frames(session, replica, out):
+                yield frame
+            reason = session.end_reason or EndReason.CLIENT_DONE
+        except asyncio.CancelledError:
+            reason = session.end_reason or EndReason.CLIENT_CANCEL
+            raise
+        finally:
+            replica.close(stream_id)
+            session.end(reason)
+            self.sessions.pop(stream_id, None)
+            self._queues.pop(stream_id, None)
+            self.metrics.streams_active.dec()
+            self.metrics.streams_ended.labels(session.end_reason.value).inc()
+            self.metrics.stream_duration.observe(self.clock.now() - start)
+            if self.draining and not self.sessions:
+                self._drained.set()
+        if session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
+            context.set_trailing_metadata((("retry-after-ms", str(self.cfg.server.retry_after_ms)),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[session.end_reason])
+
+    async def _frames(self, session: Session, replica, out: asyncio.Queue):
+        """Pace the stream's frames out; ends by returning (max_frames, drain) or by cancellation."""
+        spec, server = session.spec, self.cfg.server
+        pacer = Pacer(spec.fps, spec.late_policy, server.stall_frames)
+        slot = 0  # generated frames (sent or dropped): the pacer's frame number; wire indices have no gaps
+        last_sent: float | None = None
+        while not session.done:
+            try:
+                item = await asyncio.wait_for(out.get(), timeout=server.no_output_timeout_s)
+            except asyncio.TimeoutError:
+                session.end(EndReason.NO_OUTPUT)
+                return
+            if item is None:  # drain or cancel
+                return
+            if isinstance(item, EngineFailure):
+                session.end(EndReason.WORKER_LOST)
+                return
+            replica.consumed(session.stream_id)
+            if item.prompt_revision < session.prompt_revision:  # made stale by a prompt change
+                session.count(FrameOutcome.DROPPED_STALE, len(item.frames))
+                self.metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc(len(item.frames))
+                continue
+            for data in item.frames:
+                if session.done:
+                    break
+                if session.state is State.PAUSED:  # output stops; the engine waits on its look-ahead bound
+                    while session.state is State.PAUSED:
+                        await asyncio.sleep(0.01)
+                    pacer.resume(slot, self.clock.now())
+                placement = pacer.place(slot, max(item.ready_at, self.clock.now()))
+                slot += 1
+                if placement.send_at is None:
+                    session.count(placement.outcome)
+                    self.metrics.frames.labels(placement.outcome.value).inc()
+                    continue
+                delay = placement.send_at - self.clock.now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                now = self.clock.now()
+                frame = stream_pb2.Frame(
+                    stream_id=session.stream_id, index=session.next_index, data=data,
+                    encoding=stream_pb2.RAW_RGB if spec.encoding.value == "raw_rgb" else stream_pb2.JPEG,
+                    width=item.width, height=item.height, due_unix_ns=self.clock.wall_ns(placement.due),
+                    sent_unix_ns=self.clock.wall_ns(now), deadline_met=placement.deadline_met,
+                    prompt_revision=item.prompt_revision, chunk=item.chunk)
+                if session.first_frame_at is None:
+                    self.metrics.ttff.observe(now - session.started)
+                if last_sent is not None:
+                    gap = now - last_sent
+                    self.metrics.output_interval.observe(gap)
+                    if gap >= max(3 / spec.fps, 1 / spec.fps + 0.15):
+                        self.metrics.output_freezes.inc()
+                last_sent = now
+                session.on_frame(now)
+                session.count(placement.outcome)
+                self.metrics.frames.labels(placement.outcome.value).inc()
+                self.metrics.frame_latency.observe(item.latency_s + max(0.0, now - item.ready_at))
+                yield frame
+        if session.done:
+            session.end(EndReason.CLIENT_DONE)
+
+    # -- Control, capacity, drain ----------------------------------------------------------------------
+
+    async def Control(self, request, context):
+        if request is MALFORMED:
+            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+        session = self.sessions.get(request.stream_id)
+        if session is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "stream_id: no such running stream")
+        replica = self.replicas[session.replica]
+        if request.cancel:
+            session.end(EndReason.CLIENT_CANCEL)
+            _offer(self._queues[request.stream_id], None)
+            return stream_pb2.ControlReply(stream_id=request.stream_id, prompt_revision=session.prompt_revision)
+        if request.HasField("prompt"):
+            prompt = request.prompt
+            if not prompt.strip() or len(prompt.encode()) > self.cfg.server.max_prompt_bytes:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must be non-empty and within the limit")
+        if request.HasField("steps") and not (1 <= request.steps <= 8):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "steps: must be in [1, 8]")
+        if request.HasField("prompt"):
+            session.prompt_revision += 1
+            replica.set_prompt(request.stream_id, request.prompt)
+        if request.HasField("steps"):
+            replica.set_steps(request.stream_id, request.steps)
+        if request.HasField("paused"):
+            session.pause() if request.paused else session.resume()
+        return stream_pb2.ControlReply(stream_id=request.stream_id, prompt_revision=session.prompt_revision)
+
+    async def GetCapacity(self, request, context):
+        if request is MALFORMED:
+            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+        fps = request.fps or self.cfg.server.default_fps
+        steps = request.steps or self.cfg.generation.sampler.num_steps
+        if fps <= 0 or fps != fps or not (1 <= steps <= 8):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
+        total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in self.replicas)
+        latency = min((r.predicted_chunk_latency(steps) for r in self.replicas), default=0.0)
+        return stream_pb2.CapacityReply(streams_active=len(self.sessions), streams_max=total,
+                                        predicted_chunk_latency_s=latency, replicas=len(self.replicas),
+                                        draining=self.draining)
+
+    async def Drain(self, request, context):
+        if request is MALFORMED:
+            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else self.cfg.server.drain_timeout_s
+        await self.drain(timeout)
+        return stream_pb2.DrainReply(streams_active=len(self.sessions))
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting (readiness NOT_SERVING), let streams run until ``timeout``, then end them UNAVAILABLE."""
+        if not self.draining:
+            self.draining = True
+            self.metrics.draining.set(1)
+            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.metrics.health_status.labels(SERVICE_NAME).set(0)
+        if not self.sessions:
+            return
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            for sid, session in list(self.sessions.items()):
+                session.end(EndReason.DRAIN)
+                _offer(self._queues[sid], None)
+
+    async def _refuse(self, context, code, message, retry_after_ms, reason) -> None:
+        if retry_after_ms is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
+        await context.abort(code, message)
+
+
+_END_MESSAGES = {
+    EndReason.DRAIN: "server is draining; reconnect elsewhere",
+    EndReason.WORKER_LOST: "the pipeline serving this stream failed",
+    EndReason.NO_OUTPUT: "no output within the no-output timeout",
+}
+
+
+MALFORMED = object()  # what a request that does not parse deserialises to
+
+
+def _parser(message_cls):
+    """Deserialiser that never raises: grpc.aio would answer UNKNOWN naming the exception class."""
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception:  # noqa: BLE001 - DecodeError, invalid UTF-8, ...
+            return MALFORMED
+    return parse
+
+
+def _handlers(service: StreamService) -> grpc.GenericRpcHandler:
+    pb = stream_pb2
+    methods = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, _parser(pb.GenerateRequest), pb.Frame.SerializeToString),
+        "Control": grpc.unary_unary_rpc_method_handler(
+            service.Control, _parser(pb.ControlRequest), pb.ControlReply.SerializeToString),
+        "GetCapacity": grpc.unary_unary_rpc_method_handler(
+            service.GetCapacity, _parser(pb.CapacityRequest), pb.CapacityReply.SerializeToString),
+        "Drain": grpc.unary_unary_rpc_method_handler(
+            service.Drain, _parser(pb.DrainRequest), pb.DrainReply.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+def _offer(queue: asyncio.Queue, item) -> None:
+    """Put without blocking; the engine's look-ahead bound keeps this from overflowing."""
+    try:
+        queue.put_nowait(item)
+    except asyncio.QueueFull:
+        try:
+            queue.get_nowait()  # latest wins
+        except asyncio.QueueEmpty:
+            pass
+        queue.put_nowait(item)
+
+
+async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics) -> tuple[grpc.aio.Server, StreamService, int]:
+    """Build and start the grpc.aio server; returns (server, servicer, bound port)."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+    ])
+    health_servicer = health.aio.HealthServicer()
+    service = StreamService(cfg, replicas, metrics, health_servicer)
+    server.add_generic_rpc_handlers((_handlers(service),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if cfg.server.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        names = (stream_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name, reflection.SERVICE_NAME,
+                 health.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(cfg.server.listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {cfg.server.listen}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    metrics.health_status.labels(SERVICE_NAME).set(1)
+    log.info("streamgen listening on %s", cfg.server.listen.rsplit(":", 1)[0] + f":{port}")
+    return server, service, port

@@ -1,0 +1,77 @@
+"""Plain structs the control plane passes around (no torch, ray or grpc). The wire format is the proto."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class LatePolicy(str, Enum):
+    DROP = "drop"
+    DELIVER_FLAGGED = "deliver_flagged"
+
+
+class Encoding(str, Enum):
+    JPEG = "jpeg"
+    RAW_RGB = "raw_rgb"
+
+
+class EndReason(str, Enum):
+    """Why a stream ended (the `reason` label of streamgen_streams_ended_total)."""
+
+    CLIENT_DONE = "client_done"  # max_frames reached
+    CLIENT_CANCEL = "client_cancel"
+    DEADLINE = "deadline"
+    IDLE = "idle"
+    SLOW_CONSUMER = "slow_consumer"
+    WORKER_LOST = "worker_lost"
+    NO_OUTPUT = "no_output"
+    DRAIN = "drain"
+    INTERNAL = "internal"
+
+
+class FrameOutcome(str, Enum):
+    """What happened to a generated frame (the `outcome` label of streamgen_frames_total)."""
+
+    DELIVERED = "delivered"
+    LATE = "late"  # delivered flagged, after its deadline
+    DROPPED_DEADLINE = "dropped_deadline"
+    DROPPED_STALE = "dropped_stale"  # generated under a prompt that was replaced before it was sent
+    FAILED = "failed"
+
+
+class Rejection(str, Enum):
+    """Why a stream was not admitted (the `reason` label of streamgen_stream_rejections_total)."""
+
+    INVALID = "invalid"
+    NOT_FOUND = "not_found"
+    CAPACITY = "capacity"
+    BUDGET = "budget"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A validated text-to-video request."""
+
+    prompt: str
+    seed: int
+    width: int
+    height: int
+    fps: float
+    steps: int
+    latency_budget_s: float
+    late_policy: LatePolicy
+    max_frames: int  # 0 = unbounded
+    encoding: Encoding
+    jpeg_quality: int
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``reason`` maps to a status code in the server module."""
+
+    def __init__(self, reason: Rejection, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after_ms = retry_after_ms
