@@ -108,7 +108,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         pacer = Pacer(spec.fps, spec.late_policy, server.stall_frames)
         slot = 0  # generated frames (sent or dropped): the pacer's frame number; wire indices have no gaps
         last_sent: float | None = None
-        while not session.done:
+        while not session.done and session.state is not State.ENDED:
             try:
                 item = await asyncio.wait_for(out.get(), timeout=server.no_output_timeout_s)
             except asyncio.TimeoutError:
@@ -125,7 +125,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 self.metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc(len(item.frames))
                 continue
             for data in item.frames:
-                if session.done:
+                if session.done or session.state is State.ENDED:  # max_frames, or ended by drain / cancel
                     break
                 if session.state is State.PAUSED:  # output stops; the engine waits on its look-ahead bound
                     while session.state is State.PAUSED:
@@ -226,6 +226,10 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             for sid, session in list(self.sessions.items()):
                 session.end(EndReason.DRAIN)
                 _offer(self._queues[sid], None)
+            try:  # each stream's handler notices within one frame interval and ends UNAVAILABLE
+                await asyncio.wait_for(self._drained.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.warning("%d streams still open after drain", len(self.sessions))
 
     async def _refuse(self, context, code, message, retry_after_ms, reason) -> None:
         if retry_after_ms is not None:

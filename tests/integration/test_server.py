@@ -263,7 +263,9 @@ def test_prompt_change_takes_effect_within_bound_and_never_goes_back(server, stu
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
 def test_cancel_and_disconnect_release_engine_state(server, how):
     replica = server.service.replicas[0]
-    baseline = replica.cache_bytes()
+    # streams of earlier tests may still be closing (their cancels are asynchronous): start from empty
+    assert wait_for(lambda: replica.active() == 0 and replica.cache_bytes() == [0, 0], 5.0)
+    baseline = [0, 0]
     channel = grpc.insecure_channel(server.target)
     call = stream_pb2_grpc.StreamServiceStub(channel).Generate(request(), timeout=60)
     for _, _ in zip(range(15), call):
@@ -330,3 +332,21 @@ def test_leak_check_after_the_suite(server):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     active = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "streamgen_streams_active"]
     assert active and active[0].value == 0
+
+
+def test_drain_ends_streams_unavailable_and_refuses_new_ones(server, stub):
+    """Last in the module: after it the server stays draining."""
+    call = stub.Generate(request(), timeout=60)
+    next(call)
+    reply = stub.Drain(stream_pb2.DrainRequest(timeout_ms=300))
+    assert reply.streams_active == 0
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retry-after-ms" in dict(err.value.trailing_metadata())
+    assert serving(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request(max_frames=2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert stub.GetCapacity(stream_pb2.CapacityRequest(fps=16.0)).draining
