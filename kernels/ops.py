@@ -1,32 +1,42 @@
 """Dispatch for the block's memory-bound ops: the model calls these and nothing else.
 
 ``backend`` is the model config's ``kernel_backend``: ``torch`` always runs the reference; ``auto``
-runs a Triton kernel on CUDA tensors when one is registered for the op; ``triton`` requires one.
+runs the Triton kernel on CUDA tensors when Triton is installed; ``triton`` requires it (on CPU that
+means the Triton interpreter, ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from kernels import reference
 
-# Op name -> Triton implementation with the reference's signature. Filled by kernels.triton_ops when
-# triton imports; empty means every op runs its torch reference.
-TRITON_OPS: dict[str, Callable] = {}
+_TRITON: dict[str, Callable] | None = None  # loaded on first use; {} when Triton is not installed
 
 
-def _pick(op: str, backend: str, x: torch.Tensor) -> Callable:
+def triton_ops() -> dict[str, Callable]:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from kernels.triton_ops import OPS
+        except ImportError:
+            OPS = {}
+        _TRITON = OPS
+    return _TRITON
+
+
+def _pick(op: str, backend: str, x) -> Callable:
     if backend == "torch":
         return getattr(reference, op)
-    fused = TRITON_OPS.get(op)
-    if backend == "triton":
-        if fused is None:
-            raise RuntimeError(f"kernel_backend='triton' but no Triton kernel is available for {op!r}")
-        return fused
     if backend == "auto":
-        return fused if (fused is not None and x.is_cuda) else getattr(reference, op)
+        if not x.is_cuda:
+            return getattr(reference, op)
+        return triton_ops().get(op) or getattr(reference, op)
+    if backend == "triton":
+        fused = triton_ops().get(op)
+        if fused is None:
+            raise RuntimeError(f"kernel_backend='triton' but Triton is not available for {op!r}")
+        return fused
     raise ValueError(f"unknown kernel backend {backend!r}")
 
 
@@ -40,3 +50,7 @@ def qk_norm_rope(q, k, weight_q, weight_k, cos, sin, eps: float, backend: str = 
 
 def gated_residual(x, y, gate, backend: str = "auto"):
     return _pick("gated_residual", backend, x)(x, y, gate)
+
+
+def gated_residual_norm_modulate(x, y, gate, shift, scale, eps: float, backend: str = "auto"):
+    return _pick("gated_residual_norm_modulate", backend, x)(x, y, gate, shift, scale, eps)

@@ -51,3 +51,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weigh
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y with a per-frame gate. x, y [F, T, C]; gate [F, C] -> [F, T, C]."""
     return (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)
+
+
+def gated_residual_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                 scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """res = x + gate * y, out = LN(res) * (1 + scale) + shift; returns (res, out), both [F, T, C]."""
+    res = gated_residual(x, y, gate)
+    return res, norm_modulate(res, shift, scale, eps)

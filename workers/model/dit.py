@@ -298,8 +298,11 @@ class CausalWanModel(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (blk.modulation + e0).unbind(1)  # [F, dim] each
         y = self._self_attention(block_id, blk, ops.norm_modulate(h, shift1, scale1, eps, backend),
                                  segments, cos, sin)
-        h = ops.gated_residual(h, y, gate1, backend)
-        h = h + self._cross_attention(block_id, blk, blk.norm3(h.float()).to(h.dtype), segments)
+        # residual + the affine cross-attention pre-norm in one pass: LN(h) * w + b = LN(h) * (1 + (w - 1)) + b
+        f = h.shape[0]
+        h, x_cross = ops.gated_residual_norm_modulate(h, y, gate1, blk.norm3.bias.expand(f, -1),
+                                                      (blk.norm3.weight - 1).expand(f, -1), eps, backend)
+        h = h + self._cross_attention(block_id, blk, x_cross, segments)
         y = blk.ffn(ops.norm_modulate(h, shift2, scale2, eps, backend))
         return ops.gated_residual(h, y, gate2, backend)
 

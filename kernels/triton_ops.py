@@ -1,0 +1,148 @@
+"""Triton kernels for the DiT block's memory-bound ops, same signatures and semantics as kernels.reference.
+
+Layout: x is [F, T, C] contiguous (latent frames, tokens per frame, channels); per-frame vectors [F, C].
+Every kernel reads its inputs once and writes its output once, computing in float32 and storing in the
+input dtype. One program handles one token row of C channels (C padded to a power of two and masked).
+
+On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set before this module is
+imported); tests compare them with the references that way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, T, C, eps, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)  # token row in [0, F*T)
+    frame = row // T
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    diff = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / C
+    y = diff / tl.sqrt(var + eps)
+    shift = tl.load(shift_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    out = y * (1.0 + scale) + shift
+    tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, T, C, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    frame = row // T
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * C + cols, (x + g * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_norm_modulate_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, res_ptr, out_ptr, T, C, eps,
+                                         BLOCK_C: tl.constexpr):
+    """res = x + gate * y, then out = LN(res) * (1 + scale) + shift: one read of x and y, two writes."""
+    row = tl.program_id(0)
+    frame = row // T
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    res = (x + g * y).to(res_ptr.dtype.element_ty)
+    tl.store(res_ptr + row * C + cols, res, mask=mask)
+    r = res.to(tl.float32)  # normalise what was stored, as the unfused ops would
+    mean = tl.sum(r, axis=0) / C
+    diff = tl.where(mask, r - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / C
+    shift = tl.load(shift_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    out = diff / tl.sqrt(var + eps) * (1.0 + scale) + shift
+    tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_out, k_out, HALF_C, HALF_D, eps,
+                         BLOCK: tl.constexpr):
+    """One token row of q and of k: RMSNorm over all C channels, then rotate adjacent pairs per head.
+
+    Pairs (2j, 2j+1), j in [0, C/2); pair j belongs to head j // (D/2) at rotary slot j % (D/2).
+    cos / sin are [rows, D/2].
+    """
+    row = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    mask = j < HALF_C
+    slot = j % HALF_D
+    c = tl.load(cos_ptr + row * HALF_D + slot, mask=mask, other=1.0)
+    s = tl.load(sin_ptr + row * HALF_D + slot, mask=mask, other=0.0)
+    C = 2 * HALF_C
+    base = row * C
+    for which in tl.static_range(2):  # q, then k: one pass over both
+        src = q_ptr if which == 0 else k_ptr
+        dst = q_out if which == 0 else k_out
+        w_ptr = wq_ptr if which == 0 else wk_ptr
+        xe = tl.load(src + base + 2 * j, mask=mask, other=0.0).to(tl.float32)
+        xo = tl.load(src + base + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(xe * xe, axis=0) + tl.sum(xo * xo, axis=0)) / C + eps)
+        we = tl.load(w_ptr + 2 * j, mask=mask, other=0.0).to(tl.float32)
+        wo = tl.load(w_ptr + 2 * j + 1, mask=mask, other=0.0).to(tl.float32)
+        ne = xe * inv * we
+        no = xo * inv * wo
+        tl.store(dst + base + 2 * j, (ne * c - no * s).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + base + 2 * j + 1, (ne * s + no * c).to(dst.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"expected x of shape [F, T, C], got {tuple(x.shape)}")
+    f, t, c = x.shape
+    return f * t, t, c
+
+
+def norm_modulate(x, shift, scale, eps: float):
+    rows, t, c = _rows(x)
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    out = torch.empty_like(x)
+    _norm_modulate_kernel[(rows,)](x, shift, scale, out, t, c, eps, BLOCK_C=triton.next_power_of_2(c))
+    return out
+
+
+def gated_residual(x, y, gate):
+    rows, t, c = _rows(x)
+    x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
+    out = torch.empty_like(x)
+    _gated_residual_kernel[(rows,)](x, y, gate, out, t, c, BLOCK_C=triton.next_power_of_2(c))
+    return out
+
+
+def gated_residual_norm_modulate(x, y, gate, shift, scale, eps: float):
+    rows, t, c = _rows(x)
+    x, y, gate, shift, scale = (a.contiguous() for a in (x, y, gate, shift, scale))
+    res, out = torch.empty_like(x), torch.empty_like(x)
+    _gated_residual_norm_modulate_kernel[(rows,)](x, y, gate, shift, scale, res, out, t, c, eps,
+                                                  BLOCK_C=triton.next_power_of_2(c))
+    return res, out
+
+
+def qk_norm_rope(q, k, weight_q, weight_k, cos, sin, eps: float):
+    rows, t, c = _rows(q)
+    half_d = cos.shape[-1]
+    if q.shape != k.shape or half_d < 1 or c % (2 * half_d):
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} do not split into heads of {2 * half_d} channels")
+    q, k = q.contiguous(), k.contiguous()
+    cos = cos.expand(q.shape[0], t, half_d).contiguous().float()
+    sin = sin.expand(q.shape[0], t, half_d).contiguous().float()
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _qk_norm_rope_kernel[(rows,)](q, k, weight_q.contiguous(), weight_k.contiguous(), cos, sin, q_out, k_out,
+                                  c // 2, half_d, eps, BLOCK=triton.next_power_of_2(c // 2))
+    return q_out, k_out
+
+
+OPS = {"norm_modulate": norm_modulate, "gated_residual": gated_residual, "qk_norm_rope": qk_norm_rope,
+       "gated_residual_norm_modulate": gated_residual_norm_modulate}
