@@ -43,16 +43,20 @@ class Service:
         return self
 
     def _start_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
         if self.cfg.ray_address:  # join an existing cluster as it is configured
-            ray.init(address=self.cfg.ray_address, include_dashboard=False, log_to_driver=False)
-        else:
-            from workers.ray_executor import start_local_ray
+            import ray
 
-            start_local_ray()
+            if not ray.is_initialized():
+                ray.init(address=self.cfg.ray_address, include_dashboard=False, log_to_driver=False)
+                self._ray_started = True
+            return
+        from workers.ray_executor import start_local_ray  # sets the loopback switch before importing ray
+
+        import sys
+
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            return
+        start_local_ray()
         self._ray_started = True
 
     @property

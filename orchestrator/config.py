@@ -396,6 +396,8 @@ class ServiceConfig:
     ray_address: str = ""
     """Empty: start a local Ray bound to loopback. ``auto`` or an address: join that cluster."""
     threads_per_stage: int = 1
+    stage_call_timeout_s: float = 10.0
+    """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, int) or not (1 <= self.stages <= self.generation.model.num_layers):
@@ -405,5 +407,6 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.replicas must be a positive int, got {self.replicas!r}")
         if self.executor not in ("ray", "inprocess"):
             raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
+        _positive("ServiceConfig.stage_call_timeout_s", self.stage_call_timeout_s)
         if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:
             raise ValueError("ServiceConfig.threads_per_stage must be a positive int")

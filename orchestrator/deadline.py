@@ -21,6 +21,8 @@ class Placement:
     deadline_met: bool
     outcome: FrameOutcome
     reanchored: bool = False
+    lost: int = 0
+    """Frame slots that passed with nothing to show (a stall): counted as lost frames."""
 
 
 class Pacer:
@@ -46,12 +48,14 @@ class Pacer:
         if ready_at <= due:
             return Placement(due, due, True, FrameOutcome.DELIVERED)
         reanchored = ready_at - due > self.stall
+        lost = 0
         if reanchored:  # a stall: later frames are due from now on, one interval apart
+            lost = int((ready_at - due) / self.interval)
             self.anchor, self.anchor_index = ready_at + self.interval, index + 1
             self.reanchors += 1
         if self.policy is LatePolicy.DROP:
-            return Placement(None, due, False, FrameOutcome.DROPPED_DEADLINE, reanchored)
-        return Placement(ready_at, due, False, FrameOutcome.LATE, reanchored)
+            return Placement(None, due, False, FrameOutcome.DROPPED_DEADLINE, reanchored, lost)
+        return Placement(ready_at, due, False, FrameOutcome.LATE, reanchored, lost)
 
     def resume(self, index: int, now: float) -> None:
         """After a pause: frame ``index`` is due one interval from now (no burst)."""

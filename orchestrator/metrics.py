@@ -46,6 +46,9 @@ class Metrics:
         self.cache_bytes = Gauge("streamgen_cache_bytes", "KV + cross-attention cache bytes", ["stage"], registry=r)
         self.chunk_latency = Histogram("streamgen_chunk_latency_seconds", "Chunk first dispatch to clean latents",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_errors = Counter("streamgen_stage_errors", "Stage failures", ["kind"], registry=r)
+        self.stream_migrations = Counter("streamgen_stream_migrations", "Streams moved to rebuilt stages",
+                                         ["result"], registry=r)
         self.engine_errors = Counter("streamgen_engine_errors", "Engine loop failures", ["kind"], registry=r)
         self.health_status = Gauge("streamgen_health_status", "1 when SERVING", ["service"], registry=r)
         self.draining = Gauge("streamgen_draining", "1 while draining", registry=r)
@@ -60,6 +63,10 @@ class Metrics:
         for outcome in FrameOutcome:
             self.frames.labels(outcome.value)
         self.engine_errors.labels("exception")
+        for kind in ("died", "timeout", "error"):
+            self.stage_errors.labels(kind)
+        for result in ("ok", "failed"):
+            self.stream_migrations.labels(result)
 
     def set_build_info(self, version: str) -> None:
         import grpc
@@ -93,5 +100,6 @@ CATALOGUE = (
     "streamgen_output_freezes_total", "streamgen_stage_compute_seconds_total", "streamgen_stage_idle_seconds_total",
     "streamgen_stage_latency_seconds", "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
     "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
+    "streamgen_stage_errors_total", "streamgen_stream_migrations_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
 )

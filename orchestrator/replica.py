@@ -22,11 +22,12 @@ from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
 from orchestrator.types import Encoding, StreamSpec
 from workers.engine import PipelineEngine
-from workers.executor import InProcessExecutor
+from workers.executor import InProcessExecutor, StageFailure
 from workers.model.text import build_text_encoder
 from workers.model.vae import build_vae
 
 log = logging.getLogger("streamgen.replica")
+MAX_RECOVERIES, RECOVERY_WINDOW_S = 3, 60
 
 
 @dataclass
@@ -55,13 +56,7 @@ class EngineHost:
         self.metrics = metrics
         self.index = index
         gen = cfg.generation
-        if cfg.executor == "ray":
-            from workers.ray_executor import RayExecutor
-
-            self.executor = RayExecutor(gen.model, cfg.stages, threads_per_stage=cfg.threads_per_stage,
-                                        weights_path=gen.model_path)
-        else:
-            self.executor = InProcessExecutor(gen.model, cfg.stages, weights_path=gen.model_path)
+        self.executor = self._build_executor(None)
         self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
                                      build_vae(gen.model, gen.vae_path), cfg.engine)
         self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
@@ -70,9 +65,19 @@ class EngineHost:
         self._loads: dict[str, float] = {}
         self._lock = threading.Lock()
         self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
+        self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
         self._thread.start()
+
+    def _build_executor(self, split):
+        gen, cfg = self.cfg.generation, self.cfg
+        if cfg.executor == "ray":
+            from workers.ray_executor import RayExecutor
+
+            return RayExecutor(gen.model, cfg.stages, split, threads_per_stage=cfg.threads_per_stage,
+                               weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s)
+        return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
 
     # called from the server (any thread) ------------------------------------------------------------
 
@@ -133,6 +138,18 @@ class EngineHost:
             self._drain_inbox(block=self.engine.idle)
             try:
                 outputs = self.engine.step(wait=True)
+            except StageFailure as err:
+                log.warning("replica %d: %s; rebuilding its stages", self.index, err)
+                self.metrics.stage_errors.labels(err.kind).inc()
+                now = time.monotonic()
+                self._recoveries = [t for t in self._recoveries if now - t < RECOVERY_WINDOW_S] + [now]
+                if len(self._recoveries) > MAX_RECOVERIES:  # a failure that rebuilding does not cure
+                    log.error("replica %d: %d failures in %d s; ending its streams", self.index,
+                              len(self._recoveries), RECOVERY_WINDOW_S)
+                    self._fail_all()
+                    continue
+                self._recover()
+                continue
             except Exception:  # noqa: BLE001 - fail the streams, keep serving
                 log.exception("engine step failed")
                 self.metrics.engine_errors.labels("exception").inc()
@@ -193,6 +210,20 @@ class EngineHost:
         sink(FrameBatch(out.chunk, out.prompt_revision, data, frames.shape[2], frames.shape[1], out.latency_s,
                         time.monotonic()))
 
+    def _recover(self) -> None:
+        """New stage actors with the same split; streams re-cache their recent clean latents on them and
+        go on from their first unfinished chunk. If the stages cannot be rebuilt, the streams end."""
+        split = self.executor.split()
+        self.executor.kill()  # every stage: survivors may be stuck in recv from the dead one, or stopped
+        try:
+            self.executor = self._build_executor(split)
+            self.engine.replace_executor(self.executor)
+            self.metrics.stream_migrations.labels("ok").inc(len(self.engine.streams))
+        except Exception:  # noqa: BLE001
+            log.exception("replica %d: could not rebuild its stages", self.index)
+            self.metrics.stream_migrations.labels("failed").inc(len(self.engine.streams))
+            self._fail_all()
+
     def _fail_all(self) -> None:
         with self._lock:
             sinks = list(self._sinks.items())
@@ -200,7 +231,10 @@ class EngineHost:
             sink(EngineFailure("engine failure"))
             if sid in self.engine.streams:
                 self.engine.remove_stream(sid)
-        self.engine.drain()
+        try:
+            self.engine.drain()
+        except Exception:  # noqa: BLE001 - the executor is broken; nothing left to collect
+            self.engine.abandon_inflight()
 
 
 def _step_list(steps: int) -> tuple[float, ...]:

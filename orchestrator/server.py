@@ -133,6 +133,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                     pacer.resume(slot, self.clock.now())
                 placement = pacer.place(slot, max(item.ready_at, self.clock.now()))
                 slot += 1
+                if placement.lost:
+                    session.count(FrameOutcome.LOST, placement.lost)
+                    self.metrics.frames.labels(FrameOutcome.LOST.value).inc(placement.lost)
                 if placement.send_at is None:
                     session.count(placement.outcome)
                     self.metrics.frames.labels(placement.outcome.value).inc()

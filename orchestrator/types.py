@@ -37,6 +37,7 @@ class FrameOutcome(str, Enum):
     LATE = "late"  # delivered flagged, after its deadline
     DROPPED_DEADLINE = "dropped_deadline"
     DROPPED_STALE = "dropped_stale"  # generated under a prompt that was replaced before it was sent
+    LOST = "lost"  # frame slots a stall (e.g. a stage rebuilt) left empty
     FAILED = "failed"
 
 

@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Tests start their own local Ray: bind it to loopback. Must precede any `import ray` (ARCHITECTURE / brief).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 # Triton kernels run under the interpreter on CPU-only machines (must be set before they are imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -103,6 +103,7 @@ class PipelineEngine:
         self.block_cost: dict[int, float] = {}  # EWMA seconds per token, per block
         self.stage_overhead: dict[int, float] = {}  # EWMA non-block seconds per token, per stage
         self.rebalances = 0
+        self.recoveries = 0
         self._target_split: list[tuple[int, int]] | None = None
         self._last_check = -1  # micro-batch count at the last split check
 
@@ -171,6 +172,27 @@ class PipelineEngine:
                     if on_output:
                         on_output(out)
         raise RuntimeError(f"run_chunks did not finish in {max_steps} steps")
+
+    def replace_executor(self, executor: Executor) -> None:
+        """Recovery: the old executor's stages are gone with every micro-batch in flight. Open every
+        stream on ``executor`` and rebuild its caches by re-caching its recent clean latents; unfinished
+        chunks start over (same noise), finished ones are not redone."""
+        if executor.num_stages != self.executor.num_stages:
+            raise ValueError("a replacement executor must have the same number of stages")
+        self.executor = executor
+        self.abandon_inflight()
+        self._target_split = None
+        for stream in self.streams.values():
+            stream.outstanding.clear()
+            stream.program.restart_unfinished(lost=True)
+            stream.send_text = True
+            executor.open_stream(stream.stream_id, self.cfg.cache)
+        self.recoveries += 1
+
+    def abandon_inflight(self) -> None:
+        """Forget micro-batches that will never come back (their stages are gone)."""
+        self._inflight.clear()
+        self.stats.inflight = 0
 
     def drain(self) -> list[ChunkOutput]:
         """Collect every in-flight micro-batch without dispatching more."""

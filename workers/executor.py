@@ -18,6 +18,14 @@ from workers.plan import even_split
 from workers.stage import StageWorker
 
 
+class StageFailure(RuntimeError):
+    """A stage died or stopped answering; every micro-batch in flight is lost."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"stage {kind}: {detail}")
+        self.kind = kind  # "died" | "timeout"
+
+
 class Executor(ABC):
     """Runs micro-batches through P stages, in submission order."""
 
@@ -62,6 +70,10 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release processes and resources."""
+
+    def kill(self) -> None:
+        """Release at once, without asking stages to finish (they may be dead or hung)."""
+        self.shutdown()
 
 
 def moves(old: list[tuple[int, int]], new: list[tuple[int, int]]) -> list[tuple[int, int, list[int]]]:

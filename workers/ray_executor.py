@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from orchestrator.config import CacheConfig, ModelConfig
 from workers.batch import MicroBatch, StageStats
-from workers.executor import Executor, moves
+from workers.executor import Executor, StageFailure, moves
 from workers.model.dit import Activation
 from workers.plan import even_split
 from workers.stage import StageWorker
@@ -70,6 +71,9 @@ class StageActorBody:
 
     def ready(self) -> tuple[int, int]:
         return self.worker.block_range
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def run(self, mb: MicroBatch) -> tuple[int, torch.Tensor | None, StageStats]:
         act, contexts = None, None
@@ -138,7 +142,8 @@ class RayExecutor(Executor):
 
     def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
                  threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
-                 device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None):
+                 device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None,
+                 call_timeout_s: float = 30.0):
         import ray
 
         split = split or even_split(model_cfg.num_layers, num_stages)
@@ -146,14 +151,15 @@ class RayExecutor(Executor):
             raise ValueError(f"split has {len(split)} ranges for {num_stages} stages")
         self._ray = ray
         self.num_stages = num_stages
+        self.call_timeout_s = call_timeout_s
         port = _free_port()
         actor_cls = ray.remote(StageActorBody)
         self.actors = [actor_cls.options(num_cpus=num_cpus_per_stage, num_gpus=num_gpus_per_stage,
                                          resources=resources_per_stage or {}).remote(
             model_cfg, rng, i, num_stages, port, threads_per_stage, device, weights_path)
             for i, rng in enumerate(split)]
-        self._split = list(ray.get([a.ready.remote() for a in self.actors]))
-        self._inflight: deque = deque()  # (seq, [stats refs per stage], flow ref)
+        self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
+        self._inflight: deque = deque()  # (seq, [result ref per stage])
 
     def submit(self, mb: MicroBatch) -> None:
         light = replace(mb, latents=mb.latents[:0], texts={sid: torch.empty(0) for sid in mb.texts})
@@ -164,46 +170,85 @@ class RayExecutor(Executor):
         out = []
         while self._inflight:
             seq, refs = self._inflight[0]
-            ready, _ = self._ray.wait([refs[-1]], timeout=None if (wait and not out) else 0)
-            if not ready:
+            if not self._wait_all(refs, block=wait and not out):
                 break
             self._inflight.popleft()
-            results = self._ray.get(refs)
+            results = self._get(refs)
             out.append((seq, results[-1][1], [r[2] for r in results]))
         return out
 
+    def _wait_all(self, refs: list, block: bool) -> bool:
+        """Whether every stage finished this micro-batch. A stage that died fails fast (its peers would
+        wait in recv forever); one that does not answer within the call timeout counts as dead."""
+        deadline = time.monotonic() + self.call_timeout_s
+        while True:
+            ready, pending = self._ray.wait(refs, num_returns=len(refs), timeout=0.05 if block else 0)
+            for ref in ready:  # surface a death now, even while later stages still wait
+                self._get([ref])
+            if not pending:
+                return True
+            if not block:
+                return False
+            if time.monotonic() > deadline:
+                raise StageFailure("timeout", f"no answer from a stage within {self.call_timeout_s:g} s")
+
+    def _get(self, refs: list, timeout: float | None = None):
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return self._ray.get(refs, timeout=timeout if timeout is not None else self.call_timeout_s)
+        except RayActorError as err:
+            raise StageFailure("died", type(err).__name__) from None
+        except RayTaskError as err:  # e.g. a send to a peer that died: the pipeline is broken either way
+            raise StageFailure("error", str(err.cause)[:200] if err.cause else type(err).__name__) from None
+        except GetTimeoutError:
+            raise StageFailure("timeout", f"no answer within {self.call_timeout_s:g} s") from None
+
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
-        self._ray.get([a.open_stream.remote(stream_id, cache_cfg) for a in self.actors])
+        self._get([a.open_stream.remote(stream_id, cache_cfg) for a in self.actors])
 
     def close_stream(self, stream_id: str) -> list[int]:
-        return self._ray.get([a.close_stream.remote(stream_id) for a in self.actors])
+        return self._get([a.close_stream.remote(stream_id) for a in self.actors])
 
     def cache_bytes(self) -> list[int]:
-        return self._ray.get([a.cache_bytes.remote() for a in self.actors])
+        return self._get([a.cache_bytes.remote() for a in self.actors])
+
+    def pids(self) -> list[int]:
+        return self._get([a.pid.remote() for a in self.actors])
 
     def num_parameters(self) -> list[int]:
-        return self._ray.get([a.num_parameters.remote() for a in self.actors])
+        return self._get([a.num_parameters.remote() for a in self.actors])
 
     def owned_parameter_names(self) -> list[list[str]]:
-        return self._ray.get([a.owned_parameter_names.remote() for a in self.actors])
+        return self._get([a.owned_parameter_names.remote() for a in self.actors])
 
     def split(self) -> list[tuple[int, int]]:
         return list(self._split)
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
-        return self._ray.get([a.profile.remote(grid, frames, cache_cfg) for a in self.actors])
+        return self._get([a.profile.remote(grid, frames, cache_cfg) for a in self.actors])
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         if self._inflight:
             raise RuntimeError("rebalance with micro-batches in flight")
         for src, dst, blocks in moves(self._split, split):
             released = self.actors[src].release_blocks.remote(blocks)
-            self._ray.get(self.actors[dst].adopt_blocks.remote(released))
-        self._split = list(self._ray.get([a.ready.remote() for a in self.actors]))
+            self._get([self.actors[dst].adopt_blocks.remote(released)])
+        self._split = list(self._get([a.ready.remote() for a in self.actors]))
 
     def shutdown(self) -> None:
         try:
-            self._ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+            self._ray.get([a.shutdown.remote() for a in self.actors], timeout=5)
+        except Exception:  # noqa: BLE001 - dead or hung stages: kill them regardless
+            pass
         finally:
-            for a in self.actors:
-                self._ray.kill(a)
+            self.kill()
+
+    def kill(self) -> None:
+        """End every stage process now (a failed pipeline: survivors may be stuck in recv, or stopped)."""
+        for a in self.actors:
+            try:
+                self._ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._inflight.clear()

@@ -168,12 +168,15 @@ class StreamProgram:
             self.history.append((chunk, x0))
         return finished
 
-    def restart_unfinished(self) -> None:
+    def restart_unfinished(self, lost: bool = False) -> None:
         """A prompt change: unfinished chunks start over (same noise) and the cache is rebuilt from the
         recent clean latents under the new context (LongLive re-cache, sink re-encoded too). Call with
-        no forward outstanding. With no finished chunk yet nothing is cached, so nothing is re-cached."""
-        if self.outstanding:
+        no forward outstanding, or with ``lost`` when the outstanding forwards died with their stages
+        (recovery: the same re-cache rebuilds the caches on new stages). With no finished chunk yet
+        nothing is cached, so nothing is re-cached."""
+        if self.outstanding and not lost:
             raise RuntimeError("restart_unfinished with forwards outstanding: drain them first")
+        self.recache_out = False
         unfinished = [e.chunk for lane in self.lanes for e in lane.inflight]
         if unfinished:
             self.next_chunk = min(unfinished)

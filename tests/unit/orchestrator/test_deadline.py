@@ -31,6 +31,7 @@ def test_late_frames_follow_the_policy_and_stalls_re_anchor(policy, outcome, sen
     clock.advance(0.5)  # frame 2 was due at +0.2, now +0.65: a stall
     stalled = p.place(2, clock.now())
     assert stalled.reanchored and stalled.outcome is outcome
+    assert stalled.lost == 4  # due at +0.2, ready at +0.65: four whole intervals passed
     # after the stall frames are due one interval apart from now: no burst
     nxt = [p.place(k, clock.now()) for k in (3, 4, 5)]
     assert [n.send_at for n in nxt] == pytest.approx([clock.now() + 0.1 * i for i in (1, 2, 3)])

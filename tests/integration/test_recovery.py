@@ -1,0 +1,102 @@
+"""A dead or hung stage: the replica rebuilds its stages and streams go on (re-cache), or end UNAVAILABLE."""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from tests.integration.test_server import Running, request, service_config, wait_for
+from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def server():
+    cfg = dataclasses.replace(service_config(), stage_call_timeout_s=2.0)
+    running = Running(cfg)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def metric(server, name, **labels) -> float:
+    for fam in server.service.metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def run_with_fault(server, fault, frames_before=20, total=110):
+    """Stream `total` frames; inject `fault(executor)` after `frames_before`; returns (frames, receive times)."""
+    frames, times = [], []
+    with grpc.insecure_channel(server.target) as ch:
+        call = stream_pb2_grpc.StreamServiceStub(ch).Generate(request(max_frames=total), timeout=120)
+        for f in call:
+            frames.append(f)
+            times.append(time.monotonic())
+            if len(frames) == frames_before:
+                fault(server.service.replicas[0].executor)
+    return frames, times
+
+
+def check_resumed(frames, times, fault_index=20, bound_s=2.5):
+    assert [f.index for f in frames] == list(range(len(frames)))  # strictly increasing, no duplicates
+    assert len({f.stream_id for f in frames}) == 1
+    assert all(f.prompt_revision == 0 for f in frames)  # the same prompt goes on
+    chunks = [f.chunk for f in frames]
+    assert chunks == sorted(chunks)  # no chunk from before the fault shows up again
+    gap = max(b - a for a, b in zip(times[fault_index - 1:], times[fault_index:]))
+    assert gap <= bound_s, gap
+    return gap
+
+
+@pytest.mark.parametrize("how", ["ray_kill", "sigkill"])
+def test_dead_stage_stream_resumes(server, how):
+    failures = lambda: sum(metric(server, "streamgen_stage_errors_total", kind=k) for k in ("died", "error"))  # noqa: E731
+    died, migrated, lost = (failures(),
+                            metric(server, "streamgen_stream_migrations_total", result="ok"),
+                            metric(server, "streamgen_frames_total", outcome="lost"))
+
+    def fault(executor):
+        if how == "ray_kill":
+            ray.kill(executor.actors[1], no_restart=True)
+        else:
+            os.kill(executor.pids()[0], signal.SIGKILL)
+
+    frames, times = run_with_fault(server, fault)
+    assert len(frames) == 110
+    check_resumed(frames, times)
+    assert failures() == died + 1
+    assert metric(server, "streamgen_stream_migrations_total", result="ok") == migrated + 1
+    assert metric(server, "streamgen_frames_total", outcome="lost") >= lost  # counted when the gap skipped slots
+
+
+def test_hung_stage_fails_over_without_zombie_frames(server):
+    timeouts = metric(server, "streamgen_stage_errors_total", kind="timeout")
+    stopped = []
+
+    def fault(executor):
+        pid = executor.pids()[1]
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        threading.Timer(8.0, lambda: _cont(pid)).start()
+
+    frames, times = run_with_fault(server, fault, total=200)
+    assert len(frames) == 200
+    check_resumed(frames, times, bound_s=2.0 + 2.5)  # detection (the 2 s call timeout) + rebuild
+    assert metric(server, "streamgen_stage_errors_total", kind="timeout") == timeouts + 1
+    time.sleep(max(0.0, 8.5 - (times[-1] - times[20])))  # past the SIGCONT: nothing else arrives
+    assert wait_for(lambda: server.service.replicas[0].active() == 0, 2.0)
+
+
+def _cont(pid):
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:  # already killed by the failover
+        pass
