@@ -12,7 +12,6 @@ beside StreamDiffusionV2's single-H100 figures (20.47 FPS at 1 step, 13.95 at 4,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from bench.common import write_json  # noqa: E402
 
 from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
@@ -82,10 +83,7 @@ def main() -> None:
             ref = f" (StreamDiffusionV2 1xH100: {row['sdv2_h100_fps']})" if row["sdv2_h100_fps"] else ""
             print(f"{row['device']} {args.model} {row['height']}x{row['width']} {row['dtype']} steps={steps} "
                   f"{'DiT+decode' if decode else 'DiT only'}: {row['fps']:.2f} FPS{ref}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ bytes each op must move, achieved GB/s and the fraction of the card's peak HBM b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from bench.common import write_json  # noqa: E402
 
 from kernels import reference  # noqa: E402
 from orchestrator.config import get_config  # noqa: E402
@@ -139,10 +140,7 @@ def main() -> None:
         results["block"].append({"frames": frames, "kernels_off_s": off, "kernels_on_s": on, "speedup": off / on})
         print(f"{card} DiT block F={frames}: kernels off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, x{off / on:.2f}",
               flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes JSON (``--out``) and prints a table. Usage: ``python bench/model_forward.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from bench.common import write_json  # noqa: E402
 
 from orchestrator.config import CacheConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
 from workers.cache import kv_bytes_per_frame  # noqa: E402
@@ -112,10 +113,7 @@ def main() -> None:
     results["kv_bytes_per_latent_frame"] = {"config": "wan2.1-1.3b", "height": 480, "width": 832, "dtype": "bf16",
                                             "bytes": kv, "MB": kv / 1e6}
     print(f"KV bytes per latent frame, wan2.1-1.3b 480x832 bf16: {kv} ({kv / 1e6:.1f} MB)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes JSON (``--out``); the last line reads ``scaling stream_batch=<x>x sequent
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from bench.common import write_json  # noqa: E402
 
 from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
@@ -113,11 +114,8 @@ def main() -> None:
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu_count": os.cpu_count(), "threads_per_stage": 1},
               "cases": rows, "ratios": ratios}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")
-    print(f"wrote {args.out}")
     print(f"scaling stream_batch={ratios['stream_batch_P2_over_P1']:.2f}x "
           f"sequential={ratios['sequential_P2_over_P1']:.2f}x")
 

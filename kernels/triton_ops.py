@@ -16,32 +16,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _modulated_norm(x, mask, shift_ptr, scale_ptr, frame, cols, C, eps):
+    """LayerNorm (no affine) of a float32 row, then * (1 + scale) + shift of its frame."""
+    mean = tl.sum(x, axis=0) / C
+    diff = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / C
+    shift = tl.load(shift_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    return diff / tl.sqrt(var + eps) * (1.0 + scale) + shift
+
+
+@triton.jit
+def _gated_sum(x_ptr, y_ptr, gate_ptr, row, frame, cols, mask, C):
+    """x + gate * y for one row, in float32."""
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
+    return x + g * y
+
+
+@triton.jit
 def _norm_modulate_kernel(x_ptr, shift_ptr, scale_ptr, out_ptr, T, C, eps, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)  # token row in [0, F*T)
     frame = row // T
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
-    diff = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / C
-    y = diff / tl.sqrt(var + eps)
-    shift = tl.load(shift_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    out = y * (1.0 + scale) + shift
+    out = _modulated_norm(x, mask, shift_ptr, scale_ptr, frame, cols, C, eps)
     tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, T, C, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    frame = row // T
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * C + cols, (x + g * y).to(out_ptr.dtype.element_ty), mask=mask)
+    res = _gated_sum(x_ptr, y_ptr, gate_ptr, row, row // T, cols, mask, C)
+    tl.store(out_ptr + row * C + cols, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,18 +63,10 @@ def _gated_residual_norm_modulate_kernel(x_ptr, y_ptr, gate_ptr, shift_ptr, scal
     frame = row // T
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    res = (x + g * y).to(res_ptr.dtype.element_ty)
+    res = _gated_sum(x_ptr, y_ptr, gate_ptr, row, frame, cols, mask, C).to(res_ptr.dtype.element_ty)
     tl.store(res_ptr + row * C + cols, res, mask=mask)
-    r = res.to(tl.float32)  # normalise what was stored, as the unfused ops would
-    mean = tl.sum(r, axis=0) / C
-    diff = tl.where(mask, r - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / C
-    shift = tl.load(shift_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + frame * C + cols, mask=mask, other=0.0).to(tl.float32)
-    out = diff / tl.sqrt(var + eps) * (1.0 + scale) + shift
+    # normalise what was stored (rounded to the storage dtype), as the unfused ops would
+    out = _modulated_norm(res.to(tl.float32), mask, shift_ptr, scale_ptr, frame, cols, C, eps)
     tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
