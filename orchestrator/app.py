@@ -56,7 +56,7 @@ class Service:
 
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             return
-        start_local_ray()
+        start_local_ray(num_gpus=self.cfg.local_ray_gpus)
         self._ray_started = True
 
     @property

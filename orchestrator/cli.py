@@ -48,8 +48,11 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
                                     vae_path=args.vae or ""),
         engine=EngineConfig(),
         server=ServerConfig(listen=args.listen, metrics_listen=args.metrics_listen,
-                            reflection=args.reflection, max_streams_per_replica=args.max_streams),
-        stages=args.stages, replicas=args.replicas, executor=args.executor, ray_address=args.address or "")
+                            reflection=args.reflection, max_streams_per_replica=args.max_streams,
+                            drain_timeout_s=args.drain_timeout),
+        stages=args.stages, replicas=args.replicas, executor=args.executor, ray_address=args.address or "",
+        gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
+        stage_call_timeout_s=args.stage_timeout)
 
 
 async def _serve(cfg: ServiceConfig) -> int:
@@ -139,6 +142,11 @@ def _service_flags(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--text-encoder", help="local umT5 directory (real models)")
     p.add_argument("--vae", help="local Wan VAE directory (real models)")
     p.add_argument("--reflection", action="store_true", help="serve gRPC reflection")
+    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs each stage reserves (1 on GPUs)")
+    p.add_argument("--cpus-per-stage", type=float, default=0.0, help="CPUs each stage reserves")
+    p.add_argument("--stage-timeout", type=float, default=10.0, help="seconds before a silent stage counts as dead")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="on SIGTERM / Drain: seconds streams may run on before they end UNAVAILABLE")
 
 
 def _stream_flags(p: argparse.ArgumentParser, out: str, frames: int) -> None:

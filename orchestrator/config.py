@@ -398,6 +398,12 @@ class ServiceConfig:
     threads_per_stage: int = 1
     stage_call_timeout_s: float = 10.0
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
+    gpus_per_stage: float = 0.0
+    """GPUs each stage actor reserves (1 on GPU clusters; logical GPUs fake a cluster in tests)."""
+    cpus_per_stage: float = 0.0
+    """CPUs each stage actor reserves (0 lets tests pack many actors on 2 cores)."""
+    local_ray_gpus: float | None = None
+    """Logical GPUs a *local* Ray advertises (tests); None = what the machine has."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, int) or not (1 <= self.stages <= self.generation.model.num_layers):
@@ -408,5 +414,7 @@ class ServiceConfig:
         if self.executor not in ("ray", "inprocess"):
             raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
         _positive("ServiceConfig.stage_call_timeout_s", self.stage_call_timeout_s)
+        if self.gpus_per_stage < 0 or self.cpus_per_stage < 0:
+            raise ValueError("ServiceConfig.gpus_per_stage / cpus_per_stage must not be negative")
         if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:
             raise ValueError("ServiceConfig.threads_per_stage must be a positive int")

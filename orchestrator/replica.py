@@ -76,6 +76,8 @@ class EngineHost:
             from workers.ray_executor import RayExecutor
 
             return RayExecutor(gen.model, cfg.stages, split, threads_per_stage=cfg.threads_per_stage,
+                               num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
+                               device="cuda" if cfg.gpus_per_stage and _cuda() else "cpu",
                                weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s)
         return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
 
@@ -235,6 +237,12 @@ class EngineHost:
             self.engine.drain()
         except Exception:  # noqa: BLE001 - the executor is broken; nothing left to collect
             self.engine.abandon_inflight()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _step_list(steps: int) -> tuple[float, ...]:

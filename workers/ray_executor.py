@@ -154,10 +154,26 @@ class RayExecutor(Executor):
         self.call_timeout_s = call_timeout_s
         port = _free_port()
         actor_cls = ray.remote(StageActorBody)
-        self.actors = [actor_cls.options(num_cpus=num_cpus_per_stage, num_gpus=num_gpus_per_stage,
-                                         resources=resources_per_stage or {}).remote(
-            model_cfg, rng, i, num_stages, port, threads_per_stage, device, weights_path)
-            for i, rng in enumerate(split)]
+        bundle = {k: v for k, v in (("CPU", num_cpus_per_stage), ("GPU", num_gpus_per_stage)) if v}
+        bundle.update(resources_per_stage or {})
+        self.placement_group = None
+        if bundle:  # a replica's stages reserve their slots together on one node (NVLink between them)
+            from ray.util.placement_group import placement_group
+
+            self.placement_group = placement_group([dict(bundle) for _ in range(num_stages)], strategy="STRICT_PACK")
+            if not self.placement_group.wait(timeout_seconds=120):
+                ray.util.remove_placement_group(self.placement_group)
+                raise StageFailure("unplaceable", f"no node has {num_stages} x {bundle} free")
+        self.actors = []
+        for i, rng in enumerate(split):
+            options = dict(num_cpus=num_cpus_per_stage, num_gpus=num_gpus_per_stage,
+                           resources=resources_per_stage or {})
+            if self.placement_group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, i)
+            self.actors.append(actor_cls.options(**options).remote(
+                model_cfg, rng, i, num_stages, port, threads_per_stage, device, weights_path))
         self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
         self._inflight: deque = deque()  # (seq, [result ref per stage])
 
@@ -252,3 +268,6 @@ class RayExecutor(Executor):
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self._inflight.clear()
+        if self.placement_group is not None:
+            self._ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None

@@ -1,0 +1,104 @@
+"""Two pipeline replicas x 2 stages on 4 logical GPUs; a dead stage on one; SIGTERM drain of `streamgen serve`."""
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+
+from tests.integration.test_server import Running, request, service_config, wait_for
+from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server():
+    base = service_config()
+    cfg = dataclasses.replace(base, replicas=2, gpus_per_stage=1.0, local_ray_gpus=4.0, stage_call_timeout_s=2.0,
+                              server=dataclasses.replace(base.server, max_streams_per_replica=2))
+    running = Running(cfg)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_streams_spread_over_replicas_and_a_dead_stage_spares_the_other_replica(server):
+    replicas = server.service.replicas
+    assert ray.available_resources().get("GPU", 0) == 0  # 2 replicas x 2 stages hold the 4 logical GPUs
+    channel = grpc.insecure_channel(server.target)
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    calls = [stub.Generate(request(seed=i, max_frames=160, late_policy=stream_pb2.DELIVER_FLAGGED), timeout=120)
+             for i in range(4)]
+    frames = {i: [] for i in range(4)}
+    times = {i: [] for i in range(4)}
+    firsts = [next(c) for c in calls]
+    for i, f in enumerate(firsts):
+        frames[i].append(f)
+        times[i].append(time.monotonic())
+    assert [r.active() for r in replicas] == [2, 2]
+    owner = {i: next(r.index for r in replicas if f.stream_id in r._sinks) for i, f in enumerate(firsts)}
+
+    def read(i):
+        for f in calls[i]:
+            frames[i].append(f)
+            times[i].append(time.monotonic())
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in readers:
+        t.start()
+    time.sleep(2.0)
+    ray.kill(replicas[0].executor.actors[0], no_restart=True)  # a stage of replica 0 dies
+    for t in readers:
+        t.join(120)
+    channel.close()
+    for i in range(4):
+        got = frames[i]
+        assert [f.index for f in got] == list(range(160)), i  # every stream completes, indices increasing
+        if owner[i] == 1:  # unaffected streams keep their deadlines
+            assert sum(not f.deadline_met for f in got) <= 0.01 * len(got)
+        else:
+            gap = max(b - a for a, b in zip(times[i], times[i][1:]))
+            assert gap <= 2.5, gap  # the affected streams resume within the bound
+    assert wait_for(lambda: all(r.active() == 0 for r in replicas), 2.0)
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--listen", "127.0.0.1:0",
+                             "--metrics-listen", "", "--drain-timeout", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 120
+        lines = []
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "".join(lines)[-2000:]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = stream_pb2_grpc.StreamServiceStub(ch).Generate(request(), timeout=60)
+            next(call)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # never INTERNAL / UNKNOWN
+            assert "retry-after-ms" in dict(err.value.trailing_metadata())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
