@@ -12,9 +12,14 @@ import signal
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
 from orchestrator.replica import EngineHost
+from orchestrator.scheduler import AutoscalePolicy
 from orchestrator.server import start_server
 
 log = logging.getLogger("streamgen.app")
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 VERSION = "0.1.0"
 
 
@@ -28,19 +33,68 @@ class Service:
         self.port: int | None = None
         self._metrics_server = None
         self._ray_started = False
+        self._next_index = 0
+        self._starting = 0
+        self._autoscaler: asyncio.Task | None = None
 
     async def start(self) -> "Service":
         cfg = self.cfg
         if cfg.executor == "ray":
             self._start_ray()
-        loop = asyncio.get_running_loop()
-        for i in range(cfg.replicas):  # builds actors and calibrates: blocking, so off the loop
-            self.replicas.append(await loop.run_in_executor(None, EngineHost, cfg, self.metrics, i))
+        initial = cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.replicas
+        for _ in range(initial):
+            await self._add_replica()
         self.metrics.set_build_info(VERSION)
         if cfg.server.metrics_listen:
             self._metrics_server = self.metrics.serve(cfg.server.metrics_listen)
         self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics)
+        if cfg.autoscaling:
+            self._autoscaler = asyncio.create_task(self._autoscale())
         return self
+
+    async def _add_replica(self) -> None:
+        """Build a replica (actors, calibration: blocking, so off the event loop) and put it in service."""
+        index, self._next_index = self._next_index, self._next_index + 1
+        self._starting += 1
+        self._count_replicas()
+        try:
+            host = await asyncio.get_running_loop().run_in_executor(None, EngineHost, self.cfg, self.metrics, index)
+        finally:
+            self._starting -= 1
+        self.replicas.append(host)
+        self._count_replicas()
+
+    async def _autoscale(self) -> None:
+        cfg = self.cfg.autoscaling
+        policy = AutoscalePolicy(cfg)
+        seen_refusals = 0
+        while True:
+            await asyncio.sleep(cfg.period_s)
+            try:
+                serving = [r for r in self.replicas if not r.draining]
+                refused = self.servicer.capacity_refusals > seen_refusals
+                seen_refusals = self.servicer.capacity_refusals
+                cap = self.cfg.server.max_streams_per_replica  # the hard cap counts as load too
+                loads = [max(r.load(), r.active() / cap) for r in serving]
+                decision = policy.decide(loop_time(), loads, self._starting, refused)
+                if decision.delta > 0:
+                    log.info("autoscaler: adding a replica (%d serving)", len(serving))
+                    asyncio.create_task(self._add_replica())
+                elif decision.delta < 0:
+                    log.info("autoscaler: draining replica %d", serving[decision.drain].index)
+                    serving[decision.drain].draining = True
+                for host in [r for r in self.replicas if r.draining and r.active() == 0]:
+                    self.replicas.remove(host)  # drained: nothing of any stream is left on it
+                    await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
+                self._count_replicas()
+            except Exception:  # noqa: BLE001 - keep scaling decisions going
+                log.exception("autoscaler step failed")
+
+    def _count_replicas(self) -> None:
+        draining = sum(r.draining for r in self.replicas)
+        self.metrics.replicas.labels("serving").set(len(self.replicas) - draining)
+        self.metrics.replicas.labels("draining").set(draining)
+        self.metrics.replicas.labels("starting").set(self._starting)
 
     def _start_ray(self) -> None:
         if self.cfg.ray_address:  # join an existing cluster as it is configured
@@ -65,6 +119,9 @@ class Service:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Drain (readiness NOT_SERVING, streams finish or end UNAVAILABLE), then stop everything."""
+        if self._autoscaler is not None:
+            self._autoscaler.cancel()
+            self._autoscaler = None
         if self.servicer is not None:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.server is not None:

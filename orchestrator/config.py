@@ -16,6 +16,7 @@ __all__ = [
     "CacheConfig",
     "GenerationConfig",
     "EngineConfig",
+    "AutoscalingConfig",
     "ServerConfig",
     "ServiceConfig",
     "get_config",
@@ -381,6 +382,31 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """Pipeline replicas between min and max on admitted-stream utilisation (orchestrator/scheduler.py)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_utilisation: float = 0.7
+    """Per-replica share of the latency model's capacity to aim for."""
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 10.0
+    period_s: float = 0.5
+    """How often the policy runs."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min_replicas, int) and isinstance(self.max_replicas, int)
+                and 1 <= self.min_replicas <= self.max_replicas):
+            raise ValueError(f"AutoscalingConfig needs 1 <= min_replicas <= max_replicas, got "
+                             f"{self.min_replicas}, {self.max_replicas}")
+        if not (0 < self.target_utilisation <= 1):
+            raise ValueError("AutoscalingConfig.target_utilisation must be in (0, 1]")
+        for name in ("upscale_delay_s", "downscale_delay_s", "period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AutoscalingConfig.{name} must not be negative")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """The root: everything `streamgen serve` runs with."""
 
@@ -404,6 +430,8 @@ class ServiceConfig:
     """CPUs each stage actor reserves (0 lets tests pack many actors on 2 cores)."""
     local_ray_gpus: float | None = None
     """Logical GPUs a *local* Ray advertises (tests); None = what the machine has."""
+    autoscaling: AutoscalingConfig | None = None
+    """None: a fixed ``replicas``. Set: start with ``min_replicas`` and scale up to ``max_replicas``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, int) or not (1 <= self.stages <= self.generation.model.num_layers):

@@ -50,6 +50,7 @@ class Metrics:
         self.stream_migrations = Counter("streamgen_stream_migrations", "Streams moved to rebuilt stages",
                                          ["result"], registry=r)
         self.engine_errors = Counter("streamgen_engine_errors", "Engine loop failures", ["kind"], registry=r)
+        self.replicas = Gauge("streamgen_replicas", "Pipeline replicas", ["state"], registry=r)
         self.health_status = Gauge("streamgen_health_status", "1 when SERVING", ["service"], registry=r)
         self.draining = Gauge("streamgen_draining", "1 while draining", registry=r)
         self.build_info = Info("streamgen_build", "Versions", registry=r)
@@ -63,6 +64,8 @@ class Metrics:
         for outcome in FrameOutcome:
             self.frames.labels(outcome.value)
         self.engine_errors.labels("exception")
+        for state in ("serving", "draining", "starting"):
+            self.replicas.labels(state)
         for kind in ("died", "timeout", "error"):
             self.stage_errors.labels(kind)
         for result in ("ok", "failed"):
@@ -100,6 +103,6 @@ CATALOGUE = (
     "streamgen_output_freezes_total", "streamgen_stage_compute_seconds_total", "streamgen_stage_idle_seconds_total",
     "streamgen_stage_latency_seconds", "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
     "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
-    "streamgen_stage_errors_total", "streamgen_stream_migrations_total",
+    "streamgen_stage_errors_total", "streamgen_stream_migrations_total", "streamgen_replicas",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
 )

@@ -65,6 +65,7 @@ class EngineHost:
         self._loads: dict[str, float] = {}
         self._lock = threading.Lock()
         self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
+        self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
         self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)

@@ -48,6 +48,8 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         self._queues: dict[str, asyncio.Queue] = {}
         self.draining = False
         self._drained = asyncio.Event()
+        self._replica_of: dict[str, object] = {}  # stream -> the replica holding its caches
+        self.capacity_refusals = 0  # the autoscaler reads it
 
     # -- Generate ------------------------------------------------------------------------------------
 
@@ -61,15 +63,18 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         try:
             spec = validate(request, self.cfg.server, self.cfg.generation.model,
                             self.cfg.generation.sampler.num_steps)
-            decision = self.admission.decide(spec, self.replicas, self.draining)
+            serving = [r for r in self.replicas if not r.draining]
+            decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
+            if err.reason is Rejection.CAPACITY:
+                self.capacity_refusals += 1
             self.metrics.stream_starts.labels("rejected").inc()
             self.metrics.stream_rejections.labels(err.reason.value).inc()
             await self._refuse(context, STATUS[err.reason], err.message, err.retry_after_ms, err.reason)
         self.metrics.stream_starts.labels("admitted").inc()
         stream_id = uuid.uuid4().hex
-        session = Session(stream_id, spec, decision.replica, decision.utilisation, start)
-        replica = self.replicas[decision.replica]
+        replica = serving[decision.replica]
+        session = Session(stream_id, spec, replica.index, decision.utilisation, start)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8)
 
@@ -78,6 +83,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
 
         self.sessions[stream_id] = session
         self._queues[stream_id] = out
+        self._replica_of[stream_id] = replica
         self.metrics.streams_active.inc()
         replica.open(stream_id, spec, decision.utilisation, sink)
         reason = EndReason.INTERNAL
@@ -93,6 +99,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             session.end(reason)
             self.sessions.pop(stream_id, None)
             self._queues.pop(stream_id, None)
+            self._replica_of.pop(stream_id, None)
             self.metrics.streams_active.dec()
             self.metrics.streams_ended.labels(session.end_reason.value).inc()
             self.metrics.stream_duration.observe(self.clock.now() - start)
@@ -174,7 +181,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         session = self.sessions.get(request.stream_id)
         if session is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "stream_id: no such running stream")
-        replica = self.replicas[session.replica]
+        replica = self._replica_of[request.stream_id]
         if request.cancel:
             session.end(EndReason.CLIENT_CANCEL)
             _offer(self._queues[request.stream_id], None)
@@ -201,8 +208,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         steps = request.steps or self.cfg.generation.sampler.num_steps
         if fps <= 0 or fps != fps or not (1 <= steps <= 8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
-        total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in self.replicas)
-        latency = min((r.predicted_chunk_latency(steps) for r in self.replicas), default=0.0)
+        serving = [r for r in self.replicas if not r.draining]
+        total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
+        latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
         return stream_pb2.CapacityReply(streams_active=len(self.sessions), streams_max=total,
                                         predicted_chunk_latency_s=latency, replicas=len(self.replicas),
                                         draining=self.draining)
