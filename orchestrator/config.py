@@ -424,6 +424,8 @@ class ServiceConfig:
     threads_per_stage: int = 1
     stage_call_timeout_s: float = 10.0
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
+    placement_timeout_s: float = 60.0
+    """How long a replica waits for its stage slots (start-up, rebuild after a failure) before giving up."""
     gpus_per_stage: float = 0.0
     """GPUs each stage actor reserves (1 on GPU clusters; logical GPUs fake a cluster in tests)."""
     cpus_per_stage: float = 0.0
@@ -442,6 +444,7 @@ class ServiceConfig:
         if self.executor not in ("ray", "inprocess"):
             raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
         _positive("ServiceConfig.stage_call_timeout_s", self.stage_call_timeout_s)
+        _positive("ServiceConfig.placement_timeout_s", self.placement_timeout_s)
         if self.gpus_per_stage < 0 or self.cpus_per_stage < 0:
             raise ValueError("ServiceConfig.gpus_per_stage / cpus_per_stage must not be negative")
         if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:

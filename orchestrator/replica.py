@@ -79,7 +79,8 @@ class EngineHost:
             return RayExecutor(gen.model, cfg.stages, split, threads_per_stage=cfg.threads_per_stage,
                                num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
                                device="cuda" if cfg.gpus_per_stage and _cuda() else "cpu",
-                               weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s)
+                               weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s,
+                               placement_timeout_s=cfg.placement_timeout_s)
         return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
 
     # called from the server (any thread) ------------------------------------------------------------

@@ -143,7 +143,7 @@ class RayExecutor(Executor):
     def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
                  threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
                  device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None,
-                 call_timeout_s: float = 30.0):
+                 call_timeout_s: float = 30.0, placement_timeout_s: float = 120.0):
         import ray
 
         split = split or even_split(model_cfg.num_layers, num_stages)
@@ -161,7 +161,7 @@ class RayExecutor(Executor):
             from ray.util.placement_group import placement_group
 
             self.placement_group = placement_group([dict(bundle) for _ in range(num_stages)], strategy="STRICT_PACK")
-            if not self.placement_group.wait(timeout_seconds=120):
+            if not self.placement_group.wait(timeout_seconds=placement_timeout_s):
                 ray.util.remove_placement_group(self.placement_group)
                 raise StageFailure("unplaceable", f"no node has {num_stages} x {bundle} free")
         self.actors = []
