@@ -11,7 +11,7 @@ import signal
 
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
-from orchestrator.replica import EngineHost
+from orchestrator.replica import EngineFailure, EngineHost
 from orchestrator.scheduler import AutoscalePolicy
 from orchestrator.server import start_server
 
@@ -61,8 +61,25 @@ class Service:
             host = await asyncio.get_running_loop().run_in_executor(None, EngineHost, self.cfg, self.metrics, index)
         finally:
             self._starting -= 1
+        host.rehome = self._rehome
         self.replicas.append(host)
         self._count_replicas()
+
+    def _rehome(self, failed: EngineHost, handoffs) -> None:
+        """Streams of a replica that could not be rebuilt: continue each on the replica with the most room
+        (re-cached from its recent clean latents), or end it UNAVAILABLE. Runs on the failed engine thread."""
+        cap = self.cfg.server.max_streams_per_replica
+        for h in handoffs:
+            candidates = [r for r in self.replicas if r is not failed and not r.draining and r.active() < cap]
+            if not candidates:
+                self.metrics.stream_migrations.labels("failed").inc()
+                h.sink(EngineFailure("no replica left"))
+                continue
+            target = min(candidates, key=lambda r: (r.active(), r.load()))
+            target.adopt(h)
+            if self.servicer is not None:
+                self.servicer.rehome(h.stream_id, target)
+            self.metrics.stream_migrations.labels("ok").inc()
 
     async def _autoscale(self) -> None:
         cfg = self.cfg.autoscaling

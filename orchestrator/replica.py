@@ -50,6 +50,17 @@ class EngineFailure(Exception):
 Sink = Callable[[FrameBatch | EngineFailure], None]
 
 
+@dataclass
+class Handoff:
+    """A stream leaving a replica whose stages could not be rebuilt."""
+
+    stream_id: str
+    spec: StreamSpec
+    utilisation: float
+    sink: Sink
+    state: object  # the engine's per-stream state (sampler program, recent latents, decoder state)
+
+
 class EngineHost:
     def __init__(self, cfg: ServiceConfig, metrics: Metrics, index: int = 0):
         self.cfg = cfg
@@ -66,6 +77,8 @@ class EngineHost:
         self._lock = threading.Lock()
         self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
         self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
+        self.broken = False  # its stages could not be rebuilt: out of service
+        self.rehome: Callable[["EngineHost", list[Handoff]], None] | None = None  # set by the service
         self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
@@ -103,6 +116,13 @@ class EngineHost:
 
     def set_steps(self, stream_id: str, steps: int) -> None:
         self._inbox.put(("steps", stream_id, steps))
+
+    def adopt(self, handoff: Handoff) -> None:
+        """Continue a stream from another replica (called from any thread)."""
+        with self._lock:
+            self._loads[handoff.stream_id] = handoff.utilisation
+            self._sinks[handoff.stream_id] = (handoff.sink, handoff.spec)
+        self._inbox.put(("adopt", handoff.stream_id, handoff.state))
 
     def consumed(self, stream_id: str) -> None:
         self._inbox.put(("consumed", stream_id, None))
@@ -196,6 +216,12 @@ class EngineHost:
             engine.set_steps(stream_id, _step_list(value))
         elif kind == "consumed":
             engine.consumed(stream_id)
+        elif kind == "adopt":
+            try:
+                engine.import_stream(value)
+            except Exception:  # noqa: BLE001 - e.g. this replica failed too: the stream ends
+                log.exception("replica %d could not adopt stream", self.index)
+                self._fail(stream_id)
         elif kind == "call":
             try:
                 stream_id()
@@ -224,9 +250,34 @@ class EngineHost:
             self.engine.replace_executor(self.executor)
             self.metrics.stream_migrations.labels("ok").inc(len(self.engine.streams))
         except Exception:  # noqa: BLE001
-            log.exception("replica %d: could not rebuild its stages", self.index)
-            self.metrics.stream_migrations.labels("failed").inc(len(self.engine.streams))
-            self._fail_all()
+            log.exception("replica %d: could not rebuild its stages; moving its streams", self.index)
+            self.broken = self.draining = True
+            self._hand_off_all()
+
+    def _hand_off_all(self) -> None:
+        """Give every stream to the service to continue on another replica (or end it)."""
+        handoffs = []
+        with self._lock:
+            entries = {sid: self._sinks.pop(sid) for sid in list(self._sinks)}
+            loads = {sid: self._loads.pop(sid, 0.0) for sid in entries}
+        for sid, (sink, spec) in entries.items():
+            if sid in self.engine.streams:
+                handoffs.append(Handoff(sid, spec, loads[sid], sink, self.engine.export_stream(sid)))
+        self.engine.abandon_inflight()
+        if self.rehome is None:
+            for h in handoffs:
+                h.sink(EngineFailure("replica lost"))
+            return
+        self.rehome(self, handoffs)
+
+    def _fail(self, stream_id: str) -> None:
+        with self._lock:
+            entry = self._sinks.pop(stream_id, None)
+            self._loads.pop(stream_id, None)
+        if entry is not None:
+            entry[0](EngineFailure("replica lost"))
+        if stream_id in self.engine.streams:
+            self.engine.remove_stream(stream_id)
 
     def _fail_all(self) -> None:
         with self._lock:

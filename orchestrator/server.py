@@ -95,7 +95,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             reason = session.end_reason or EndReason.CLIENT_CANCEL
             raise
         finally:
-            replica.close(stream_id)
+            self._replica_of.get(stream_id, replica).close(stream_id)
             session.end(reason)
             self.sessions.pop(stream_id, None)
             self._queues.pop(stream_id, None)
@@ -126,7 +126,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             if isinstance(item, EngineFailure):
                 session.end(EndReason.WORKER_LOST)
                 return
-            replica.consumed(session.stream_id)
+            self._replica_of.get(session.stream_id, replica).consumed(session.stream_id)
             if item.prompt_revision < session.prompt_revision:  # made stale by a prompt change
                 session.count(FrameOutcome.DROPPED_STALE, len(item.frames))
                 self.metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc(len(item.frames))
@@ -172,6 +172,11 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 yield frame
         if session.done:
             session.end(EndReason.CLIENT_DONE)
+
+    def rehome(self, stream_id: str, replica) -> None:
+        """The stream now lives on ``replica`` (a migration); controls and close go there. Thread-safe."""
+        if stream_id in self._replica_of:
+            self._replica_of[stream_id] = replica
 
     # -- Control, capacity, drain ----------------------------------------------------------------------
 

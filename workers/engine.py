@@ -189,6 +189,23 @@ class PipelineEngine:
             executor.open_stream(stream.stream_id, self.cfg.cache)
         self.recoveries += 1
 
+    def export_stream(self, stream_id: str) -> "_Stream":
+        """Take a stream out of this engine (its stages are lost) to continue on another engine."""
+        stream = self.streams.pop(stream_id)
+        stream.outstanding.clear()
+        return stream
+
+    def import_stream(self, stream: "_Stream") -> None:
+        """Continue a stream exported from another engine: open it on this executor and rebuild its caches
+        by re-caching its recent clean latents; unfinished chunks start over (same noise)."""
+        if stream.stream_id in self.streams:
+            raise ValueError(f"stream {stream.stream_id!r} already exists")
+        stream.program.restart_unfinished(lost=True)
+        stream.send_text = True
+        stream.outstanding.clear()
+        self.executor.open_stream(stream.stream_id, self.cfg.cache)
+        self.streams[stream.stream_id] = stream
+
     def abandon_inflight(self) -> None:
         """Forget micro-batches that will never come back (their stages are gone)."""
         self._inflight.clear()

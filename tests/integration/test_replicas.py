@@ -72,6 +72,62 @@ def test_streams_spread_over_replicas_and_a_dead_stage_spares_the_other_replica(
     assert wait_for(lambda: all(r.active() == 0 for r in replicas), 2.0)
 
 
+def _fail_rebuilds(host):
+    def refuse(split):
+        raise RuntimeError("no slots for the replacement stages (injected)")
+    host._build_executor = refuse
+
+
+def _collect(call, frames, times, errors):
+    try:
+        for f in call:
+            frames.append(f)
+            times.append(time.monotonic())
+    except grpc.RpcError as err:
+        errors.append((err.code(), time.monotonic()))
+
+
+def test_streams_of_a_replica_that_cannot_be_rebuilt_move_or_end_unavailable(server):
+    replicas = server.service.replicas
+    assert wait_for(lambda: all(r.active() == 0 for r in replicas), 5.0)
+    channel = grpc.insecure_channel(server.target)
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    # 3 streams: the doomed replica holds 2 (at most 2 each) and the other 1, so one stream finds room there
+    calls = [stub.Generate(request(seed=i, max_frames=140), timeout=120) for i in range(3)]
+    firsts = [next(c) for c in calls]
+    owner = {i: next(r for r in replicas if f.stream_id in r._sinks) for i, f in enumerate(firsts)}
+    doomed = max(replicas, key=lambda r: r.active())
+    assert doomed.active() == 2
+    results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(3)}
+    readers = [threading.Thread(target=_collect, args=(calls[i], *results[i])) for i in range(3)]
+    for t in readers:
+        t.start()
+    time.sleep(1.5)
+    _fail_rebuilds(doomed)
+    killed_at = time.monotonic()
+    ray.kill(doomed.executor.actors[1], no_restart=True)
+    for t in readers:
+        t.join(120)
+    channel.close()
+    moved = ended = 0
+    for i in range(3):
+        frames, times, errors = results[i]
+        assert [f.index for f in frames] == list(range(len(frames)))
+        assert all(f.prompt_revision == 0 for f in frames)
+        if owner[i] is not doomed:
+            assert len(frames) == 140 and not errors
+        elif errors:  # no room left anywhere: UNAVAILABLE, quickly
+            code, at = errors[0]
+            assert code == grpc.StatusCode.UNAVAILABLE and at - killed_at <= 5.0
+            ended += 1
+        else:  # continued on the other replica
+            assert len(frames) == 140
+            assert max(b - a for a, b in zip(times, times[1:])) <= 2.5
+            moved += 1
+    assert (moved, ended) == (1, 1)
+    assert doomed.broken and doomed.active() == 0
+
+
 def test_sigterm_drains_and_exits_zero(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--listen", "127.0.0.1:0",
