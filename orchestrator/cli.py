@@ -16,8 +16,8 @@ import sys
 import time
 from dataclasses import replace
 
-from orchestrator.config import (CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, ServerConfig,
-                                 ServiceConfig, get_config)
+from orchestrator.config import (AutoscalingConfig, CacheConfig, EngineConfig, GenerationConfig, SamplerConfig,
+                                 ServerConfig, ServiceConfig, get_config)
 
 
 class Progress:
@@ -52,7 +52,9 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
                             drain_timeout_s=args.drain_timeout),
         stages=args.stages, replicas=args.replicas, executor=args.executor, ray_address=args.address or "",
         gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
-        stage_call_timeout_s=args.stage_timeout)
+        stage_call_timeout_s=args.stage_timeout,
+        autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.max_replicas)
+        if args.max_replicas and args.max_replicas > args.replicas else None)
 
 
 async def _serve(cfg: ServiceConfig) -> int:
@@ -132,7 +134,9 @@ def _service_flags(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--metrics-listen", default="127.0.0.1:9464", help="/metrics HOST:PORT; empty = off")
     p.add_argument("--model", default="tiny", help="named model config (default: tiny)")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages per replica (default: 2)")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="pipeline replicas (the minimum when autoscaling)")
+    p.add_argument("--max-replicas", type=int, default=0,
+                   help="autoscale between --replicas and this many replicas (0 = fixed --replicas)")
     p.add_argument("--executor", choices=("ray", "inprocess"), default="ray")
     p.add_argument("--address", default="", help="Ray cluster to join ('auto' or an address); empty = local")
     p.add_argument("--mode", choices=("sequential", "stream_batch"), default="sequential")

@@ -11,6 +11,9 @@ def test_serve_flags_build_a_valid_config():
     cfg = service_config(args)
     assert (cfg.stages, cfg.replicas, cfg.server.listen, cfg.server.metrics_listen) == \
         (3, 2, "127.0.0.1:6000", "127.0.0.1:6001")
+    assert cfg.autoscaling is None
+    scaled = service_config(build_parser().parse_args(["serve", "--replicas", "1", "--max-replicas", "3"]))
+    assert (scaled.autoscaling.min_replicas, scaled.autoscaling.max_replicas) == (1, 3)
 
 
 def test_bad_flags_are_clear_errors(capsys):
