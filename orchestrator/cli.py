@@ -40,6 +40,10 @@ class Progress:
 
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
+    if getattr(args, "config", None):  # the file carries every knob (deploy/streamgen.yaml)
+        from orchestrator.config import load_service_config
+
+        return load_service_config(args.config)
     model = get_config(args.model)
     sampler = SamplerConfig(chunk_frames=args.chunk_frames, mode=args.mode)
     return ServiceConfig(
@@ -130,6 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _service_flags(p: argparse.ArgumentParser, listen: str) -> None:
+    p.add_argument("--config", help="a service config file (deploy/streamgen.yaml); its values replace the flags")
     p.add_argument("--listen", default=listen, help=f"gRPC HOST:PORT (default {listen})")
     p.add_argument("--metrics-listen", default="127.0.0.1:9464", help="/metrics HOST:PORT; empty = off")
     p.add_argument("--model", default="tiny", help="named model config (default: tiny)")
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad configuration: say what, not a traceback
+    except (ValueError, FileNotFoundError) as exc:  # bad configuration: say what, not a traceback
         print(f"streamgen: error: {exc}", file=sys.stderr)
         return 2
 

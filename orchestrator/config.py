@@ -449,3 +449,56 @@ class ServiceConfig:
             raise ValueError("ServiceConfig.gpus_per_stage / cpus_per_stage must not be negative")
         if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:
             raise ValueError("ServiceConfig.threads_per_stage must be a positive int")
+
+
+def _build(cls, data, where: str):
+    """A config dataclass from a mapping, recursively; unknown keys are errors that name them."""
+    import dataclasses
+    import typing
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        target = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if cls is GenerationConfig and key == "model":
+            kwargs[key] = _model_from(value, f"{where}.model")
+        elif target is not None and value is not None:
+            kwargs[key] = _build(target, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _model_from(value, where: str) -> ModelConfig:
+    """``model: tiny`` or ``model: {name: wan2.1-1.3b, kernel_backend: torch, ...}``."""
+    if isinstance(value, str):
+        return get_config(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: a config name or a mapping")
+    value = dict(value)
+    name = value.pop("name", None)
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    if name is not None:
+        return get_config(name, **fixed)
+    return _build(ModelConfig, fixed, where)
+
+
+def load_service_config(path: str) -> ServiceConfig:
+    """The one file that carries every knob (``deploy/streamgen.yaml`` documents them all)."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return _build(ServiceConfig, data, path)

@@ -16,6 +16,15 @@ def test_serve_flags_build_a_valid_config():
     assert (scaled.autoscaling.min_replicas, scaled.autoscaling.max_replicas) == (1, 3)
 
 
+def test_config_file_flag(tmp_path, capsys):
+    f = tmp_path / "svc.yaml"
+    f.write_text("stages: 3\nreplicas: 2\ngeneration:\n  model: tiny\n")
+    cfg = service_config(build_parser().parse_args(["serve", "--config", str(f)]))
+    assert (cfg.stages, cfg.replicas) == (3, 2)
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
 def test_bad_flags_are_clear_errors(capsys):
     assert main(["serve", "--model", "nope"]) == 2
     assert "unknown model config" in capsys.readouterr().err
