@@ -36,6 +36,7 @@ class Service:
         self._next_index = 0
         self._starting = 0
         self._autoscaler: asyncio.Task | None = None
+        self._prober: asyncio.Task | None = None
 
     async def start(self) -> "Service":
         cfg = self.cfg
@@ -50,7 +51,24 @@ class Service:
         self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics)
         if cfg.autoscaling:
             self._autoscaler = asyncio.create_task(self._autoscale())
+        if cfg.server.probe_period_s:
+            self._prober = asyncio.create_task(self._probe())
         return self
+
+    async def _probe(self) -> None:
+        """Readiness needs proof of real work: each replica runs a forward on all its stages every period.
+        The service is SERVING while at least one replica passes; admission skips replicas that fail."""
+        server = self.cfg.server
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(server.probe_period_s)
+            try:
+                hosts = [r for r in self.replicas if not r.broken]
+                results = await asyncio.gather(*(loop.run_in_executor(None, h.probe, server.probe_timeout_s)
+                                                 for h in hosts))
+                await self.servicer.set_ready(any(results))
+            except Exception:  # noqa: BLE001 - keep probing
+                log.exception("readiness probe failed")
 
     async def _add_replica(self) -> None:
         """Build a replica (actors, calibration: blocking, so off the event loop) and put it in service."""
@@ -136,9 +154,10 @@ class Service:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Drain (readiness NOT_SERVING, streams finish or end UNAVAILABLE), then stop everything."""
-        if self._autoscaler is not None:
-            self._autoscaler.cancel()
-            self._autoscaler = None
+        for task in (self._autoscaler, self._prober):
+            if task is not None:
+                task.cancel()
+        self._autoscaler = self._prober = None
         if self.servicer is not None:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.server is not None:

@@ -360,6 +360,10 @@ class ServerConfig:
     max_receive_message_bytes: int = 4 * 1024 * 1024
     stall_frames: float = 1.0
     """A frame later than this many intervals past its due time re-anchors the pacing clock."""
+    probe_period_s: float = 5.0
+    """Readiness: every replica runs a real forward on every stage this often (0 disables probing)."""
+    probe_timeout_s: float = 5.0
+    """A probe that takes longer fails: a replica passes only with a fresh, successful probe."""
 
     def __post_init__(self) -> None:
         host, _ = _host_port(self.listen, "ServerConfig.listen")
@@ -369,8 +373,10 @@ class ServerConfig:
         if self.metrics_listen:
             _host_port(self.metrics_listen, "ServerConfig.metrics_listen")
         for name in ("default_fps", "max_fps", "admission_headroom", "no_output_timeout_s", "drain_timeout_s",
-                     "stall_frames"):
+                     "stall_frames", "probe_timeout_s"):
             _positive(f"ServerConfig.{name}", getattr(self, name))
+        if self.probe_period_s < 0:
+            raise ValueError("ServerConfig.probe_period_s must not be negative")
         if self.default_fps > self.max_fps:
             raise ValueError("ServerConfig.default_fps must not exceed max_fps")
         for name in ("default_latency_budget_ms", "max_prompt_bytes", "max_frames", "max_width", "max_height",

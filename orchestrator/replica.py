@@ -78,6 +78,7 @@ class EngineHost:
         self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
         self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
         self.broken = False  # its stages could not be rebuilt: out of service
+        self.healthy = True  # the last readiness probe passed
         self.rehome: Callable[["EngineHost", list[Handoff]], None] | None = None  # set by the service
         self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
@@ -143,12 +144,37 @@ class EngineHost:
 
     def cache_bytes(self) -> list[int]:
         """Cache bytes per stage (asks the stages; for tests and the leak check)."""
+        return self._on_engine_thread(self.executor.cache_bytes, 10.0)
+
+    def probe(self, timeout_s: float) -> bool:
+        """Readiness: a real forward on every stage, run by the engine thread within ``timeout_s``. A
+        live process with a stuck loop or a hung stage fails it."""
+        try:
+            stats = self._on_engine_thread(
+                lambda: self.executor.profile(self.engine.grid, 1, self.cfg.generation.cache), timeout_s)
+        except Exception:  # noqa: BLE001 - any failure is "not ready"
+            self.healthy = False
+        else:
+            self.healthy = len(stats) == self.cfg.stages and all(s.compute_s > 0 for s in stats)
+        return self.healthy
+
+    def _on_engine_thread(self, fn, timeout_s: float):
         done = threading.Event()
         out: list = []
-        self._inbox.put(("call", lambda: out.append(self.executor.cache_bytes()), done))
-        if not done.wait(10):
+
+        def call():
+            try:
+                out.append((True, fn()))
+            except Exception as err:  # noqa: BLE001 - handed to the caller
+                out.append((False, err))
+
+        self._inbox.put(("call", call, done))
+        if not done.wait(timeout_s):
             raise TimeoutError("engine thread did not answer")
-        return out[0]
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -63,7 +63,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         try:
             spec = validate(request, self.cfg.server, self.cfg.generation.model,
                             self.cfg.generation.sampler.num_steps)
-            serving = [r for r in self.replicas if not r.draining]
+            serving = [r for r in self.replicas if not r.draining and r.healthy]
             decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
             if err.reason is Rejection.CAPACITY:
@@ -213,7 +213,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         steps = request.steps or self.cfg.generation.sampler.num_steps
         if fps <= 0 or fps != fps or not (1 <= steps <= 8):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
-        serving = [r for r in self.replicas if not r.draining]
+        serving = [r for r in self.replicas if not r.draining and r.healthy]
         total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
         latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
         return stream_pb2.CapacityReply(streams_active=len(self.sessions), streams_max=total,
@@ -226,6 +226,13 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.cfg.server.drain_timeout_s
         await self.drain(timeout)
         return stream_pb2.DrainReply(streams_active=len(self.sessions))
+
+    async def set_ready(self, ready: bool) -> None:
+        """Readiness of the stream service (liveness, the empty service name, stays SERVING)."""
+        status = health_pb2.HealthCheckResponse.SERVING if ready and not self.draining else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE_NAME, status)
+        self.metrics.health_status.labels(SERVICE_NAME).set(int(status == health_pb2.HealthCheckResponse.SERVING))
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting (readiness NOT_SERVING), let streams run until ``timeout``, then end them UNAVAILABLE."""

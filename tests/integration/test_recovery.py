@@ -16,7 +16,9 @@ from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 
 @pytest.fixture(scope="module")
 def server():
-    cfg = dataclasses.replace(service_config(), stage_call_timeout_s=2.0)
+    base = service_config()
+    cfg = dataclasses.replace(base, stage_call_timeout_s=2.0,
+                              server=dataclasses.replace(base.server, probe_period_s=0.5, probe_timeout_s=0.5))
     running = Running(cfg)
     try:
         yield running
@@ -100,3 +102,28 @@ def _cont(pid):
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:  # already killed by the failover
         pass
+
+
+def test_readiness_needs_a_real_forward_not_a_live_process(server):
+    """F20: the engine loop is blocked while the process lives: readiness goes NOT_SERVING, streams are
+    refused UNAVAILABLE, and it comes back once the loop answers again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def status():
+        with grpc.insecure_channel(server.target) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="streamgen.v1.StreamService"), timeout=5).status
+
+    assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 3.0)
+    replica = server.service.replicas[0]
+    release = threading.Event()
+    replica._inbox.put(("call", lambda: release.wait(10), threading.Event()))  # the loop is stuck
+    try:
+        assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 2.5)
+        with grpc.insecure_channel(server.target) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream_pb2_grpc.StreamServiceStub(ch).Generate(request(max_frames=2), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
+    assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 3.0)
