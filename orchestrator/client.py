@@ -6,7 +6,6 @@ import io
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -111,11 +110,3 @@ class StreamSummary:
                 f"latency vs due p50 {self.latency_percentile(50) * 1e3:.1f} ms / "
                 f"p99 {self.latency_percentile(99) * 1e3:.1f} ms, deadline misses {self.missed}")
 
-
-async def collect_frames(call, summary: StreamSummary, limit: int | None = None) -> AsyncIterator:
-    """Iterate a Generate call, recording each frame in ``summary``."""
-    async for frame in call:
-        summary.add(frame)
-        yield frame
-        if limit is not None and summary.frames >= limit:
-            return
