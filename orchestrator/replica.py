@@ -79,6 +79,7 @@ class EngineHost:
         self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
         self.broken = False  # its stages could not be rebuilt: out of service
         self.healthy = True  # the last readiness probe passed
+        self._probing = threading.Event()
         self.rehome: Callable[["EngineHost", list[Handoff]], None] | None = None  # set by the service
         self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
@@ -149,6 +150,10 @@ class EngineHost:
     def probe(self, timeout_s: float) -> bool:
         """Readiness: a real forward on every stage, run by the engine thread within ``timeout_s``. A
         live process with a stuck loop or a hung stage fails it."""
+        if self._probing.is_set():  # the last probe has not even started: not ready
+            self.healthy = False
+            return False
+        self._probing.set()
         try:
             stats = self._on_engine_thread(
                 lambda: self.executor.profile(self.engine.grid, 1, self.cfg.generation.cache), timeout_s)
@@ -156,13 +161,18 @@ class EngineHost:
             self.healthy = False
         else:
             self.healthy = len(stats) == self.cfg.stages and all(s.compute_s > 0 for s in stats)
+        finally:
+            self._probing.clear()
         return self.healthy
 
     def _on_engine_thread(self, fn, timeout_s: float):
-        done = threading.Event()
+        """Run ``fn`` on the engine thread; a call whose caller gave up is skipped, never run late."""
+        done, given_up = threading.Event(), threading.Event()
         out: list = []
 
         def call():
+            if given_up.is_set():
+                return
             try:
                 out.append((True, fn()))
             except Exception as err:  # noqa: BLE001 - handed to the caller
@@ -170,6 +180,7 @@ class EngineHost:
 
         self._inbox.put(("call", call, done))
         if not done.wait(timeout_s):
+            given_up.set()
             raise TimeoutError("engine thread did not answer")
         ok, value = out[0]
         if not ok:

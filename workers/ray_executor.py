@@ -10,8 +10,8 @@ stage's flow (small latents) and per-stage stats come back through Ray.
 from __future__ import annotations
 
 import os
-import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import replace
 
@@ -39,10 +39,10 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, 
                     configure_logging=False, log_to_driver=False, _node_ip_address="127.0.0.1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_file() -> str:
+    """A FileStore path for one replica's process group. Its stages share a node (STRICT_PACK), so a file
+    in /tmp is a rendezvous without a TCP store, whose server would listen on every interface."""
+    return f"/tmp/streamgen-pg-{uuid.uuid4().hex}"
 
 
 def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
@@ -55,7 +55,7 @@ class StageActorBody:
     """The actor: a StageWorker plus its torch.distributed endpoints."""
 
     def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
-                 master_port: int, threads: int = 1, device: str = "cpu", weights_path: str = ""):
+                 rendezvous: str, threads: int = 1, device: str = "cpu", weights_path: str = ""):
         torch.set_num_threads(threads)
         self.cfg = model_cfg
         self.stage, self.num_stages = stage, num_stages
@@ -66,7 +66,8 @@ class StageActorBody:
         if num_stages > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's stages share one node
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{master_port}", rank=stage,
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+            dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=stage,
                                     world_size=num_stages)
 
     def ready(self) -> tuple[int, int]:
@@ -152,7 +153,7 @@ class RayExecutor(Executor):
         self._ray = ray
         self.num_stages = num_stages
         self.call_timeout_s = call_timeout_s
-        port = _free_port()
+        rendezvous = self._rendezvous = _rendezvous_file()
         actor_cls = ray.remote(StageActorBody)
         bundle = {k: v for k, v in (("CPU", num_cpus_per_stage), ("GPU", num_gpus_per_stage)) if v}
         bundle.update(resources_per_stage or {})
@@ -173,7 +174,7 @@ class RayExecutor(Executor):
 
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, i)
             self.actors.append(actor_cls.options(**options).remote(
-                model_cfg, rng, i, num_stages, port, threads_per_stage, device, weights_path))
+                model_cfg, rng, i, num_stages, rendezvous, threads_per_stage, device, weights_path))
         self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
         self._inflight: deque = deque()  # (seq, [result ref per stage])
 
@@ -268,6 +269,10 @@ class RayExecutor(Executor):
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self._inflight.clear()
+        try:  # the rendezvous file, where the stages ran on this node (a local Ray)
+            os.remove(self._rendezvous)
+        except OSError:
+            pass
         if self.placement_group is not None:
             self._ray.util.remove_placement_group(self.placement_group)
             self.placement_group = None

@@ -334,6 +334,31 @@ def test_leak_check_after_the_suite(server):
     assert active and active[0].value == 0
 
 
+def test_listening_sockets_are_loopback_only(server):
+    """S-T12: Ray (GCS, raylet, workers), gRPC and /metrics listen on 127.0.0.1 only, and gloo talks
+    over loopback. Runs before the drain test below; reads only this machine's sockets."""
+    psutil = pytest.importorskip("psutil")
+    import os
+
+    ours = {os.getpid()}
+    try:
+        ours |= {c.pid for c in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        pass
+    ray_pids = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if any(k in " ".join(p.info["cmdline"] or []) for k in ("raylet", "gcs_server", "ray::", "default_worker"))}
+    bad = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in ours | ray_pids:
+            continue
+        if conn.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            name = " ".join(psutil.Process(conn.pid).cmdline())[:80]
+            bad.append((name, conn.laddr.ip, conn.laddr.port))
+    assert not bad, bad
+    assert any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.service.port
+               for c in psutil.net_connections(kind="inet"))
+
+
 def test_drain_ends_streams_unavailable_and_refuses_new_ones(server, stub):
     """Last in the module: after it the server stays draining."""
     call = stub.Generate(request(), timeout=60)
@@ -350,3 +375,4 @@ def test_drain_ends_streams_unavailable_and_refuses_new_ones(server, stub):
         list(stub.Generate(request(max_frames=2), timeout=10))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert stub.GetCapacity(stream_pb2.CapacityRequest(fps=16.0)).draining
+
