@@ -318,11 +318,9 @@ class EngineHost:
 
     def _fail_all(self) -> None:
         with self._lock:
-            sinks = list(self._sinks.items())
-        for sid, (sink, _) in sinks:
-            sink(EngineFailure("engine failure"))
-            if sid in self.engine.streams:
-                self.engine.remove_stream(sid)
+            stream_ids = list(self._sinks)
+        for sid in stream_ids:
+            self._fail(sid)
         try:
             self.engine.drain()
         except Exception:  # noqa: BLE001 - the executor is broken; nothing left to collect

@@ -247,7 +247,7 @@ class PipelineEngine:
             elif kind == "steps":  # unfinished chunks restart with the new list; cache rebuilt as on a prompt change
                 sampler = replace(prog.sampler, denoising_steps=value)
                 stream.program = prog = StreamProgram(sampler, self.cfg.cache, prog.seed, self.latent_shape,
-                                                      start_chunk=_first_unfinished(prog), history=list(prog.history))
+                                                      start_chunk=prog.first_unfinished(), history=list(prog.history))
         stream.pending.clear()
 
     def _schedule(self) -> MicroBatch | None:
@@ -269,7 +269,7 @@ class PipelineEngine:
                     stream.chunk_started.setdefault(chunk, now)
             segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
                                         work.reset_cache, tuple(step for _, step in work.entries),
-                                        work.independent, work.offsets if work.independent else None))
+                                        work.independent, work.offsets))
             latents.append(work.latents)
             ts.append(work.t)
             if stream.send_text:
@@ -405,7 +405,3 @@ class PipelineEngine:
             self._target_split = None
             self.rebalances += 1
 
-
-def _first_unfinished(program: StreamProgram) -> int:
-    chunks = [e.chunk for lane in program.lanes for e in lane.inflight]
-    return min(chunks) if chunks else program.next_chunk

@@ -66,7 +66,7 @@ class ReferenceGenerator:
             cache.reset()
         seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
                       commit_frames=work.commit_frames, independent=work.independent,
-                      offsets=work.offsets if work.independent else None)
+                      offsets=work.offsets)
         flow = self.model.stream_forward(work.latents.to(self.device), [seg], self.grid, work.t.to(self.device))
         return flow.float().cpu()
 

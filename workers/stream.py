@@ -54,8 +54,11 @@ class Work:
     """Entries attend to the clean cache and themselves only (stream_batch, batch_attention 'clean')."""
 
     @property
-    def offsets(self) -> tuple[int, ...]:
-        """Each entry's first temporal position, in frames after the cache."""
+    def offsets(self) -> tuple[int, ...] | None:
+        """Independent work: each entry's first temporal position, in frames after the cache (None otherwise:
+        entries sit back to back)."""
+        if not self.independent:
+            return None
         return tuple(i * self.chunk_frames for i in range(len(self.entries)))
 
     @property
@@ -177,12 +180,14 @@ class StreamProgram:
         if self.outstanding and not lost:
             raise RuntimeError("restart_unfinished with forwards outstanding: drain them first")
         self.recache_out = False
-        unfinished = [e.chunk for lane in self.lanes for e in lane.inflight]
-        if unfinished:
-            self.next_chunk = min(unfinished)
+        self.next_chunk = self.first_unfinished()
         self.lanes = [_Lane() for _ in self.lanes]
         self.turn = 0
         self.recache_pending = bool(self.history)
+
+    def first_unfinished(self) -> int:
+        """The oldest chunk not yet finished (in flight, or the next to start)."""
+        return min((e.chunk for lane in self.lanes for e in lane.inflight), default=self.next_chunk)
 
     # ----------------------------------------------------------------------------------------------
 
