@@ -40,15 +40,26 @@ def build_decoder(cfg, device, dtype):
     return WanVAE(AutoencoderKLWan().to(dtype), device)
 
 
+_EXECUTORS: dict[tuple, InProcessExecutor] = {}
+
+
+def executor_for(model_cfg, device: str, dtype: torch.dtype) -> InProcessExecutor:
+    """One executor per (config, device, dtype), reused across rows: building 1.3B random weights takes seconds."""
+    key = (model_cfg, device, dtype)
+    if key not in _EXECUTORS:
+        _EXECUTORS[key] = InProcessExecutor(model_cfg, 1, device=device, dtype=dtype)
+    return _EXECUTORS[key]
+
+
 def measure(model_name: str, steps: int, mode: str, device: str, dtype: torch.dtype, chunks: int, warmup: int,
-            decode: bool) -> dict:
-    model_cfg = get_config(model_name)
+            decode: bool, kernels: str = "auto") -> dict:
+    model_cfg = get_config(model_name, kernel_backend=kernels)
     step_list = tuple(1000.0 - 250.0 * i for i in range(steps))
     cfg = GenerationConfig(model=model_cfg, sampler=SamplerConfig(denoising_steps=step_list, chunk_frames=1, shift=8.0,
                                                                   mode=mode),
                            cache=CacheConfig(sink_frames=3, window_frames=3, recache_frames=3),
                            height=model_cfg.default_height, width=model_cfg.default_width)
-    executor = InProcessExecutor(model_cfg, 1, device=device, dtype=dtype)
+    executor = executor_for(model_cfg, device, dtype)
     decoder = build_decoder(model_cfg, device, dtype) if decode else None
     text = HashTextEncoder(model_cfg.text_len, model_cfg.text_dim)  # the DiT sees a [512, 4096] context
     engine = PipelineEngine(cfg, executor, text, decoder, EngineConfig(profile_every=0, rebalance_every=0))
@@ -56,9 +67,11 @@ def measure(model_name: str, steps: int, mode: str, device: str, dtype: torch.dt
     stamps = []
     with torch.inference_mode():
         engine.run_chunks({"s": warmup + chunks}, on_output=lambda o: stamps.append(time.perf_counter()))
+    engine.remove_stream("s")
+    engine.step(wait=False)  # applies the removal: the stream's caches are freed for the next row
     start = stamps[warmup - 1]
     fps = (len(stamps) - warmup) * 4 / (stamps[-1] - start)  # 4 video frames per latent frame
-    return {"model": model_name, "steps": steps, "mode": mode, "decode": decode, "fps": fps,
+    return {"model": model_name, "steps": steps, "mode": mode, "decode": decode, "kernels": kernels, "fps": fps,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
             "dtype": str(dtype).replace("torch.", ""), "height": cfg.height, "width": cfg.width,
             "sdv2_h100_fps": SDV2_H100.get(steps) if decode else None}
@@ -76,18 +89,20 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     rows = []
-    for steps in (1, 4):
-        for decode in (False, True):
-            try:
-                row = measure(args.model, steps, args.mode, args.device, dtype, args.chunks, args.warmup, decode)
-            except ImportError as err:  # the Wan VAE needs diffusers (carry its wheel: bench/gpu.sh)
-                print(f"steps={steps} DiT+decode skipped: {err}", flush=True)
-                rows.append({"model": args.model, "steps": steps, "decode": True, "skipped": str(err)})
-                continue
-            rows.append(row)
-            ref = f" (StreamDiffusionV2 1xH100: {row['sdv2_h100_fps']})" if row["sdv2_h100_fps"] else ""
-            print(f"{row['device']} {args.model} {row['height']}x{row['width']} {row['dtype']} steps={steps} "
-                  f"{'DiT+decode' if decode else 'DiT only'}: {row['fps']:.2f} FPS{ref}", flush=True)
+    # (steps, decode, kernel backend): the last row shows what the fused kernels give the whole engine
+    for steps, decode, kernels in ((1, False, "auto"), (1, True, "auto"), (4, False, "auto"), (4, True, "auto"),
+                                   (1, False, "torch")):
+        try:
+            row = measure(args.model, steps, args.mode, args.device, dtype, args.chunks, args.warmup, decode, kernels)
+        except Exception as err:  # e.g. no diffusers for the Wan VAE (carry its wheel: bench/gpu.sh)
+            print(f"steps={steps} decode={decode} kernels={kernels} failed: {type(err).__name__}: {err}", flush=True)
+            rows.append({"model": args.model, "steps": steps, "decode": decode, "kernels": kernels,
+                         "error": f"{type(err).__name__}: {err}"[:500]})
+            continue
+        rows.append(row)
+        ref = f" (StreamDiffusionV2 1xH100: {row['sdv2_h100_fps']})" if row["sdv2_h100_fps"] else ""
+        print(f"{row['device']} {args.model} {row['height']}x{row['width']} {row['dtype']} steps={steps} "
+              f"{'DiT+decode' if decode else 'DiT only'} kernels={kernels}: {row['fps']:.2f} FPS{ref}", flush=True)
     write_json(args.out, rows)
 
 

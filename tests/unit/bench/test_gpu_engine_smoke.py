@@ -15,5 +15,6 @@ def test_gpu_engine_bench_smoke(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [(r["steps"], r["decode"]) for r in rows] == [(1, False), (1, True), (4, False), (4, True)]
-    assert all(r["fps"] > 0 for r in rows)
+    assert [(r["steps"], r["decode"], r["kernels"]) for r in rows] == [
+        (1, False, "auto"), (1, True, "auto"), (4, False, "auto"), (4, True, "auto"), (1, False, "torch")]
+    assert all("error" not in r and r["fps"] > 0 for r in rows), rows

@@ -42,13 +42,14 @@ def test_gated_residual_and_fused_norm(f, t, c, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("frames,heads,head_dim,start", [(1, 2, 16, 0), (3, 3, 16, 7), (2, 1, 32, 2), (2, 5, 12, 4)])
-def test_qk_norm_rope(frames, heads, head_dim, start, dtype):
+@pytest.mark.parametrize("variant", ["strided", "split"])
+def test_qk_norm_rope(frames, heads, head_dim, start, dtype, variant):
     grid = (2, 3)
     c = heads * head_dim
     q, k = torch.randn(frames, 6, c).to(dtype), torch.randn(frames, 6, c).to(dtype)
     wq, wk = (1 + 0.1 * torch.randn(c)).to(dtype), (1 + 0.1 * torch.randn(c)).to(dtype)
     cos, sin = rope_tables(torch.arange(start, start + frames), grid, head_dim)  # temporal offset `start`
-    got = triton_ops.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6)
+    got = getattr(triton_ops, f"qk_norm_rope_{variant}")(q, k, wq, wk, cos, sin, 1e-6)
     want = reference.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6)
     close(got[0], want[0], dtype)
     close(got[1], want[1], dtype)
