@@ -35,7 +35,8 @@ class Service:
         self._ray_started = False
         self._next_index = 0
         self._starting = 0
-        self._autoscaler: asyncio.Task | None = None
+        self._fleet: asyncio.Task | None = None
+        self._next_repair = 0.0  # loop time before which no replacement replica is started
         self._prober: asyncio.Task | None = None
 
     async def start(self) -> "Service":
@@ -49,8 +50,7 @@ class Service:
         if cfg.server.metrics_listen:
             self._metrics_server = self.metrics.serve(cfg.server.metrics_listen)
         self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics)
-        if cfg.autoscaling:
-            self._autoscaler = asyncio.create_task(self._autoscale())
+        self._fleet = asyncio.create_task(self._tend_fleet())
         if cfg.server.probe_period_s:
             self._prober = asyncio.create_task(self._probe())
         return self
@@ -99,31 +99,67 @@ class Service:
                 self.servicer.rehome(h.stream_id, target)
             self.metrics.stream_migrations.labels("ok").inc()
 
-    async def _autoscale(self) -> None:
-        cfg = self.cfg.autoscaling
-        policy = AutoscalePolicy(cfg)
+    async def _tend_fleet(self) -> None:
+        """The fleet loop: retire replicas that left service or finished draining, replace lost ones up to
+        the floor (``replicas``, or ``min_replicas`` when autoscaling), and scale by load."""
+        auto = self.cfg.autoscaling
+        policy = AutoscalePolicy(auto) if auto else None
+        period = auto.period_s if auto else min(1.0, self.cfg.repair_period_s)
         seen_refusals = 0
         while True:
-            await asyncio.sleep(cfg.period_s)
+            await asyncio.sleep(period)
             try:
-                serving = [r for r in self.replicas if not r.draining]
-                refused = self.servicer.capacity_refusals > seen_refusals
-                seen_refusals = self.servicer.capacity_refusals
-                cap = self.cfg.server.max_streams_per_replica  # the hard cap counts as load too
-                loads = [max(r.load(), r.active() / cap) for r in serving]
-                decision = policy.decide(loop_time(), loads, self._starting, refused)
-                if decision.delta > 0:
-                    log.info("autoscaler: adding a replica (%d serving)", len(serving))
-                    asyncio.create_task(self._add_replica())
-                elif decision.delta < 0:
-                    log.info("autoscaler: draining replica %d", serving[decision.drain].index)
-                    serving[decision.drain].draining = True
-                for host in [r for r in self.replicas if r.draining and r.active() == 0]:
-                    self.replicas.remove(host)  # drained: nothing of any stream is left on it
-                    await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
+                await self._retire()
+                self._repair()
+                if policy is not None:
+                    seen_refusals = self._scale(policy, seen_refusals)
                 self._count_replicas()
-            except Exception:  # noqa: BLE001 - keep scaling decisions going
-                log.exception("autoscaler step failed")
+            except Exception:  # noqa: BLE001 - keep tending the fleet
+                log.exception("fleet step failed")
+
+    async def _retire(self) -> None:
+        """Shut down replicas with nothing left on them that are out of service (drained, or broken after
+        their streams were handed off)."""
+        for host in [r for r in self.replicas if r.draining and r.active() == 0]:
+            self.replicas.remove(host)
+            await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
+
+    def _repair(self) -> None:
+        """Start a replacement while fewer replicas serve than the floor; after a failed start, wait
+        ``repair_period_s`` before the next try (no free slots: retrying at once only burns the cluster)."""
+        auto = self.cfg.autoscaling
+        floor = auto.min_replicas if auto else self.cfg.replicas
+        in_service = sum(not r.draining for r in self.replicas) + self._starting
+        if in_service < floor and loop_time() >= self._next_repair:
+            log.warning("fleet: %d of %d replicas in service; starting a replacement", in_service, floor)
+            asyncio.create_task(self._start_replica(repair=True))
+
+    async def _start_replica(self, repair: bool = False) -> None:
+        try:
+            await self._add_replica()
+        except Exception:  # noqa: BLE001 - e.g. no free slots within placement_timeout_s
+            log.exception("could not start a replica")
+            self._next_repair = loop_time() + self.cfg.repair_period_s
+            if repair:
+                self.metrics.replica_repairs.labels("failed").inc()
+            return
+        if repair:
+            self.metrics.replica_repairs.labels("ok").inc()
+
+    def _scale(self, policy: AutoscalePolicy, seen_refusals: int) -> int:
+        serving = [r for r in self.replicas if not r.draining]
+        refusals = self.servicer.capacity_refusals
+        refused = refusals > seen_refusals
+        cap = self.cfg.server.max_streams_per_replica  # the hard cap counts as load too
+        loads = [max(r.load(), r.active() / cap) for r in serving]
+        decision = policy.decide(loop_time(), loads, self._starting, refused)
+        if decision.delta > 0:
+            log.info("autoscaler: adding a replica (%d serving)", len(serving))
+            asyncio.create_task(self._start_replica())
+        elif decision.delta < 0:
+            log.info("autoscaler: draining replica %d", serving[decision.drain].index)
+            serving[decision.drain].draining = True
+        return refusals
 
     def _count_replicas(self) -> None:
         draining = sum(r.draining for r in self.replicas)
@@ -154,10 +190,10 @@ class Service:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Drain (readiness NOT_SERVING, streams finish or end UNAVAILABLE), then stop everything."""
-        for task in (self._autoscaler, self._prober):
+        for task in (self._fleet, self._prober):
             if task is not None:
                 task.cancel()
-        self._autoscaler = self._prober = None
+        self._fleet = self._prober = None
         if self.servicer is not None:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.server is not None:

@@ -432,6 +432,9 @@ class ServiceConfig:
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
     placement_timeout_s: float = 60.0
     """How long a replica waits for its stage slots (start-up, rebuild after a failure) before giving up."""
+    repair_period_s: float = 5.0
+    """How often the fleet loop replaces replicas that left service (fixed fleets and the autoscaling
+    floor); after a replacement fails to start it waits this long before the next try."""
     gpus_per_stage: float = 0.0
     """GPUs each stage actor reserves (1 on GPU clusters; logical GPUs fake a cluster in tests)."""
     cpus_per_stage: float = 0.0
@@ -451,6 +454,7 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
         _positive("ServiceConfig.stage_call_timeout_s", self.stage_call_timeout_s)
         _positive("ServiceConfig.placement_timeout_s", self.placement_timeout_s)
+        _positive("ServiceConfig.repair_period_s", self.repair_period_s)
         if self.gpus_per_stage < 0 or self.cpus_per_stage < 0:
             raise ValueError("ServiceConfig.gpus_per_stage / cpus_per_stage must not be negative")
         if not isinstance(self.threads_per_stage, int) or self.threads_per_stage < 1:

@@ -51,6 +51,8 @@ class Metrics:
                                          ["result"], registry=r)
         self.engine_errors = Counter("streamgen_engine_errors", "Engine loop failures", ["kind"], registry=r)
         self.replicas = Gauge("streamgen_replicas", "Pipeline replicas", ["state"], registry=r)
+        self.replica_repairs = Counter("streamgen_replica_repairs", "Replacements for replicas that left service",
+                                       ["result"], registry=r)
         self.health_status = Gauge("streamgen_health_status", "1 when SERVING", ["service"], registry=r)
         self.draining = Gauge("streamgen_draining", "1 while draining", registry=r)
         self.build_info = Info("streamgen_build", "Versions", registry=r)
@@ -70,6 +72,7 @@ class Metrics:
             self.stage_errors.labels(kind)
         for result in ("ok", "failed"):
             self.stream_migrations.labels(result)
+            self.replica_repairs.labels(result)
 
     def set_build_info(self, version: str) -> None:
         import grpc
@@ -104,5 +107,6 @@ CATALOGUE = (
     "streamgen_stage_latency_seconds", "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
     "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
     "streamgen_stage_errors_total", "streamgen_stream_migrations_total", "streamgen_replicas",
+    "streamgen_replica_repairs_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
 )

@@ -165,6 +165,19 @@ class EngineHost:
             self._probing.clear()
         return self.healthy
 
+    def hand_off(self, timeout_s: float) -> None:
+        """Give every stream on this healthy replica to the service to continue elsewhere (an operator's
+        drain): finish what is in flight and deliver it, move the streams, free their caches here."""
+        def move_all():
+            for out in self.engine.drain():
+                self._deliver(out)
+            stream_ids = list(self.engine.streams)
+            self._hand_off_all()
+            for sid in stream_ids:
+                self.executor.close_stream(sid)
+
+        self._on_engine_thread(move_all, timeout_s)
+
     def _on_engine_thread(self, fn, timeout_s: float):
         """Run ``fn`` on the engine thread; a call whose caller gave up is skipped, never run late."""
         done, given_up = threading.Event(), threading.Event()

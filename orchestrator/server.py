@@ -216,16 +216,38 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         serving = [r for r in self.replicas if not r.draining and r.healthy]
         total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
         latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
+        states = [stream_pb2.ReplicaState(index=r.index, streams_active=r.active(), draining=r.draining,
+                                          healthy=r.healthy) for r in self.replicas]
         return stream_pb2.CapacityReply(streams_active=len(self.sessions), streams_max=total,
                                         predicted_chunk_latency_s=latency, replicas=len(self.replicas),
-                                        draining=self.draining)
+                                        draining=self.draining, replica_states=states)
 
     async def Drain(self, request, context):
         if request is MALFORMED:
             await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.cfg.server.drain_timeout_s
+        if request.HasField("replica"):
+            host = next((r for r in self.replicas if r.index == request.replica), None)
+            if host is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no replica {request.replica} (GetCapacity lists them)")
+            return stream_pb2.DrainReply(streams_active=await self.drain_replica(host, timeout))
         await self.drain(timeout)
         return stream_pb2.DrainReply(streams_active=len(self.sessions))
+
+    async def drain_replica(self, host, timeout: float) -> int:
+        """No new streams on ``host``; streams still on it after ``timeout`` move to other replicas
+        (re-cached from their recent clean latents) or end UNAVAILABLE. Returns the streams left on it."""
+        host.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while host.active() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if host.active():
+            try:
+                await loop.run_in_executor(None, host.hand_off, max(5.0, self.cfg.stage_call_timeout_s))
+            except TimeoutError:  # its engine loop is stuck: the stage timeouts and recovery take over
+                log.warning("replica %d did not hand its streams off", host.index)
+        return host.active()
 
     async def set_ready(self, ready: bool) -> None:
         """Readiness of the stream service (liveness, the empty service name, stays SERVING)."""

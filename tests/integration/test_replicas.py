@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def server():
     base = service_config()
     cfg = dataclasses.replace(base, replicas=2, gpus_per_stage=1.0, local_ray_gpus=4.0, stage_call_timeout_s=2.0,
-                              server=dataclasses.replace(base.server, max_streams_per_replica=2))
+                              repair_period_s=1.0, server=dataclasses.replace(base.server, max_streams_per_replica=2))
     running = Running(cfg)
     try:
         yield running
@@ -126,6 +126,53 @@ def test_streams_of_a_replica_that_cannot_be_rebuilt_move_or_end_unavailable(ser
             moved += 1
     assert (moved, ended) == (1, 1)
     assert doomed.broken and doomed.active() == 0
+    # the fixed fleet heals: the broken replica is retired and a replacement takes its logical GPUs
+    svc = server.service
+    assert wait_for(lambda: doomed not in svc.replicas and in_service(svc) == 2, 60)
+    assert repairs(svc, "ok") == 1 and repairs(svc, "failed") == 0
+
+
+def in_service(svc) -> int:
+    return sum(not r.draining for r in svc.replicas) if not svc._starting else -1
+
+
+def repairs(svc, result: str) -> float:
+    return svc.metrics.registry.get_sample_value("streamgen_replica_repairs_total", {"result": result})
+
+
+def test_operator_drain_of_a_replica_moves_its_streams_and_the_fleet_replaces_it(server):
+    svc = server.service
+    assert wait_for(lambda: in_service(svc) == 2 and all(r.active() == 0 for r in svc.replicas), 60)
+    repaired = repairs(svc, "ok")
+    channel = grpc.insecure_channel(server.target)
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    calls = [stub.Generate(request(seed=i, max_frames=120), timeout=120) for i in range(2)]
+    firsts = [next(c) for c in calls]
+    owner = [next(r for r in svc.replicas if f.stream_id in r._sinks) for f in firsts]
+    assert owner[0] is not owner[1]  # the most headroom spreads them
+    results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(2)}
+    readers = [threading.Thread(target=_collect, args=(calls[i], *results[i])) for i in range(2)]
+    for t in readers:
+        t.start()
+    time.sleep(1.0)
+    states = stub.GetCapacity(stream_pb2.CapacityRequest(), timeout=10).replica_states
+    assert sorted(s.index for s in states) == sorted(r.index for r in svc.replicas)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Drain(stream_pb2.DrainRequest(replica=999), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    reply = stub.Drain(stream_pb2.DrainRequest(replica=owner[0].index, timeout_ms=300), timeout=30)
+    assert reply.streams_active == 0
+    assert firsts[0].stream_id in owner[1]._sinks  # continues on the other replica
+    for t in readers:
+        t.join(120)
+    channel.close()
+    for i in range(2):
+        frames, times, errors = results[i]
+        assert not errors and [f.index for f in frames] == list(range(120)), i
+        assert max(b - a for a, b in zip(times, times[1:])) <= 2.5
+    # the drained replica leaves once empty; the fixed fleet starts a replacement
+    assert wait_for(lambda: owner[0] not in svc.replicas and in_service(svc) == 2, 60)
+    assert repairs(svc, "ok") == repaired + 1
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path):
