@@ -66,8 +66,10 @@ async def _serve(cfg: ServiceConfig) -> int:
 
     service = await Service(cfg).start()
     host = cfg.server.listen.rsplit(":", 1)[0]
+    ray = "in-process stages" if cfg.executor != "ray" else \
+        f"joined Ray cluster {cfg.ray_address!r}" if cfg.ray_address else "local Ray on 127.0.0.1"
     print(f"streamgen serving on {host}:{service.port} (model {cfg.generation.model.num_layers}-block, "
-          f"{cfg.stages} stages x {cfg.replicas} replicas); metrics on {cfg.server.metrics_listen or 'off'}",
+          f"{cfg.stages} stages x {cfg.replicas} replicas, {ray}); metrics on {cfg.server.metrics_listen or 'off'}",
           flush=True)
     await service.serve_forever()
     return 0
