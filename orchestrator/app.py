@@ -43,6 +43,10 @@ class Service:
         cfg = self.cfg
         if cfg.executor == "ray":
             self._start_ray()
+        if cfg.replica_host == "serve":
+            from ray import serve
+
+            serve.start(proxy_location="Disabled")  # no HTTP / gRPC ingress: ours is the orchestrator
         initial = cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.replicas
         for _ in range(initial):
             await self._add_replica()
@@ -75,8 +79,14 @@ class Service:
         index, self._next_index = self._next_index, self._next_index + 1
         self._starting += 1
         self._count_replicas()
+        loop = asyncio.get_running_loop()
         try:
-            host = await asyncio.get_running_loop().run_in_executor(None, EngineHost, self.cfg, self.metrics, index)
+            if self.cfg.replica_host == "serve":
+                from orchestrator.deployment import ServeReplica
+
+                host = await loop.run_in_executor(None, ServeReplica, self.cfg, self.metrics, index, loop)
+            else:
+                host = await loop.run_in_executor(None, EngineHost, self.cfg, self.metrics, index)
         finally:
             self._starting -= 1
         host.rehome = self._rehome
@@ -198,8 +208,8 @@ class Service:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        for host in self.replicas:
-            await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, host.shutdown) for host in self.replicas))
         self.replicas.clear()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
@@ -207,6 +217,10 @@ class Service:
         if self._ray_started:
             import ray
 
+            if self.cfg.replica_host == "serve" and not self.cfg.ray_address:
+                from ray import serve
+
+                serve.shutdown()  # our own Ray: nothing else uses its Serve (on a cluster only our apps go)
             ray.shutdown()
             self._ray_started = False
 

@@ -55,6 +55,7 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
                             reflection=args.reflection, max_streams_per_replica=args.max_streams,
                             drain_timeout_s=args.drain_timeout),
         stages=args.stages, replicas=args.replicas, executor=args.executor, ray_address=args.address or "",
+        replica_host=args.replica_host,
         gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
         stage_call_timeout_s=args.stage_timeout,
         autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.max_replicas)
@@ -145,6 +146,8 @@ def _service_flags(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--max-replicas", type=int, default=0,
                    help="autoscale between --replicas and this many replicas (0 = fixed --replicas)")
     p.add_argument("--executor", choices=("ray", "inprocess"), default="ray")
+    p.add_argument("--replica-host", choices=("driver", "serve"), default="driver",
+                   help="where replica engine loops run: orchestrator threads, or Ray Serve replicas")
     p.add_argument("--address", default="", help="Ray cluster to join ('auto' or an address); empty = local")
     p.add_argument("--mode", choices=("sequential", "stream_batch"), default="sequential")
     p.add_argument("--chunk-frames", type=int, default=3)

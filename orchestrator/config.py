@@ -425,6 +425,10 @@ class ServiceConfig:
     """Pipeline replicas."""
     executor: str = "ray"
     """``ray`` (one actor per stage) or ``inprocess`` (all stages in the server process)."""
+    replica_host: str = "driver"
+    """Where each replica's engine loop runs: ``driver`` (a thread of the orchestrator process) or
+    ``serve`` (a Ray Serve deployment per replica, in its own process, health-checked and restarted by
+    Serve; needs executor ``ray``)."""
     ray_address: str = ""
     """Empty: start a local Ray bound to loopback. ``auto`` or an address: join that cluster."""
     threads_per_stage: int = 1
@@ -452,6 +456,10 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.replicas must be a positive int, got {self.replicas!r}")
         if self.executor not in ("ray", "inprocess"):
             raise ValueError(f"ServiceConfig.executor must be 'ray' or 'inprocess', got {self.executor!r}")
+        if self.replica_host not in ("driver", "serve"):
+            raise ValueError(f"ServiceConfig.replica_host must be 'driver' or 'serve', got {self.replica_host!r}")
+        if self.replica_host == "serve" and self.executor != "ray":
+            raise ValueError("ServiceConfig.replica_host 'serve' needs executor 'ray' (stage actors in its bundles)")
         _positive("ServiceConfig.stage_call_timeout_s", self.stage_call_timeout_s)
         _positive("ServiceConfig.placement_timeout_s", self.placement_timeout_s)
         _positive("ServiceConfig.repair_period_s", self.repair_period_s)

@@ -65,7 +65,8 @@ class Metrics:
             self.streams_ended.labels(end.value)
         for outcome in FrameOutcome:
             self.frames.labels(outcome.value)
-        self.engine_errors.labels("exception")
+        for kind in ("exception", "replica_lost"):
+            self.engine_errors.labels(kind)
         for state in ("serving", "draining", "starting"):
             self.replicas.labels(state)
         for kind in ("died", "timeout", "error"):

@@ -21,7 +21,7 @@ from PIL import Image
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
 from orchestrator.types import Encoding, StreamSpec
-from workers.engine import PipelineEngine
+from workers.engine import PipelineEngine, StreamCheckpoint
 from workers.executor import InProcessExecutor, StageFailure
 from workers.model.text import build_text_encoder
 from workers.model.vae import build_vae
@@ -41,6 +41,9 @@ class FrameBatch:
     height: int
     latency_s: float
     ready_at: float
+    checkpoint: object = None
+    """The stream's StreamCheckpoint after this chunk (replicas in their own process ship it, so the
+    orchestrator can continue the stream elsewhere if that process dies)."""
 
 
 class EngineFailure(Exception):
@@ -62,10 +65,15 @@ class Handoff:
 
 
 class EngineHost:
-    def __init__(self, cfg: ServiceConfig, metrics: Metrics, index: int = 0):
+    def __init__(self, cfg: ServiceConfig, metrics: Metrics, index: int = 0, placement_group=None,
+                 first_bundle: int = 0, checkpoints: bool = False):
+        """``placement_group`` / ``first_bundle``: stage slots reserved by the caller (a Serve replica);
+        ``checkpoints``: attach a StreamCheckpoint to every delivered chunk."""
         self.cfg = cfg
         self.metrics = metrics
         self.index = index
+        self._placement = (placement_group, first_bundle)
+        self.checkpoints = checkpoints
         gen = cfg.generation
         self.executor = self._build_executor(None)
         self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
@@ -95,7 +103,8 @@ class EngineHost:
                                num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
                                device="cuda" if cfg.gpus_per_stage and _cuda() else "cpu",
                                weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s,
-                               placement_timeout_s=cfg.placement_timeout_s)
+                               placement_timeout_s=cfg.placement_timeout_s, placement_group=self._placement[0],
+                               first_bundle=self._placement[1])
         return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
 
     # called from the server (any thread) ------------------------------------------------------------
@@ -268,7 +277,10 @@ class EngineHost:
             engine.consumed(stream_id)
         elif kind == "adopt":
             try:
-                engine.import_stream(value)
+                if isinstance(value, StreamCheckpoint):  # from a replica process that is gone
+                    engine.restore(value)
+                else:
+                    engine.import_stream(value)
             except Exception:  # noqa: BLE001 - e.g. this replica failed too: the stream ends
                 log.exception("replica %d could not adopt stream", self.index)
                 self._fail(stream_id)
@@ -287,8 +299,9 @@ class EngineHost:
         frames = out.frames.numpy()  # [N, H, W, 3] uint8
         data = [_encode(f, spec) for f in frames]
         self.metrics.chunk_latency.observe(out.latency_s)
+        checkpoint = self.engine.checkpoint(out.stream_id) if self.checkpoints else None
         sink(FrameBatch(out.chunk, out.prompt_revision, data, frames.shape[2], frames.shape[1], out.latency_s,
-                        time.monotonic()))
+                        time.monotonic(), checkpoint))
 
     def _recover(self) -> None:
         """New stage actors with the same split; streams re-cache their recent clean latents on them and

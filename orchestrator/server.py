@@ -245,8 +245,11 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if host.active():
             try:
                 await loop.run_in_executor(None, host.hand_off, max(5.0, self.cfg.stage_call_timeout_s))
-            except TimeoutError:  # its engine loop is stuck: the stage timeouts and recovery take over
+            except Exception:  # noqa: BLE001 - stuck or gone: the stage timeouts and recovery take over
                 log.warning("replica %d did not hand its streams off", host.index)
+            settle = loop.time() + 5.0  # a replica in its own process hands streams back asynchronously
+            while host.active() and loop.time() < settle:
+                await asyncio.sleep(0.05)
         return host.active()
 
     async def set_ready(self, ready: bool) -> None:

@@ -65,6 +65,27 @@ class _Stream:
 
 
 @dataclass
+class StreamCheckpoint:
+    """What another engine (another process or node) needs to continue a stream: small, picklable, taken
+    after each finished chunk. Recovery re-caches ``history`` under ``prompt`` on the new stages and goes
+    on from ``next_chunk`` with the same noise; the decoder is re-warmed on ``history``."""
+
+    stream_id: str
+    prompt: str
+    revision: int
+    fps: float
+    age_s: float
+    """Seconds since the stream started, so deadlines carry over to another clock."""
+    sampler: SamplerConfig
+    seed: int
+    next_chunk: int
+    """The oldest chunk not yet finished."""
+    history: list[tuple[int, torch.Tensor]]
+    """Recent clean latents (chunk, [f, C, h, w]), at most ``cache.recache_frames`` frames."""
+    max_ahead: int | None = None
+
+
+@dataclass
 class EngineStats:
     forwards: int = 0
     micro_batches: int = 0
@@ -205,6 +226,31 @@ class PipelineEngine:
         stream.outstanding.clear()
         self.executor.open_stream(stream.stream_id, self.cfg.cache)
         self.streams[stream.stream_id] = stream
+
+    def checkpoint(self, stream_id: str) -> StreamCheckpoint:
+        """The stream's recovery point now (cheap: references to immutable clean latents)."""
+        stream = self.streams[stream_id]
+        prog = stream.program
+        return StreamCheckpoint(stream_id, stream.prompt, stream.revision, stream.fps, self.clock() - stream.started,
+                                prog.sampler, prog.seed, prog.first_unfinished(), list(prog.history),
+                                stream.max_ahead)
+
+    def restore(self, ckpt: StreamCheckpoint) -> None:
+        """Continue a stream from a checkpoint taken by another engine: re-cache its recent clean latents
+        under its prompt, then unfinished chunks start over with the same noise."""
+        if ckpt.stream_id in self.streams:
+            raise ValueError(f"stream {ckpt.stream_id!r} already exists")
+        program = StreamProgram(ckpt.sampler, self.cfg.cache, ckpt.seed, self.latent_shape,
+                                start_chunk=ckpt.next_chunk, history=list(ckpt.history))
+        decoder_state = None
+        if self.decoder is not None:  # causal convolutions: warm their caches on the recent latents
+            decoder_state = self.decoder.new_state()
+            for _, x0 in ckpt.history:
+                self.decoder.decode_chunk(x0, decoder_state)
+        self.executor.open_stream(ckpt.stream_id, self.cfg.cache)
+        self.streams[ckpt.stream_id] = _Stream(ckpt.stream_id, program, ckpt.prompt, ckpt.fps,
+                                               self.clock() - ckpt.age_s, decoder_state, revision=ckpt.revision,
+                                               max_ahead=ckpt.max_ahead)
 
     def abandon_inflight(self) -> None:
         """Forget micro-batches that will never come back (their stages are gone)."""
@@ -351,6 +397,13 @@ class PipelineEngine:
         if self.cfg.sampler.mode == "stream_batch":  # a chunk waits `steps` ticks of its lane
             return steps * self.latency.forward_latency(tokens)
         return self.latency.chunk_latency(forwards, tokens)
+
+    def frame_rate(self, num_steps: int | None = None) -> float:
+        """Video frames per second this pipeline sustains over all its streams, from the latency model."""
+        steps = num_steps or self.cfg.sampler.num_steps
+        forwards, tokens = self._forwards_and_tokens(steps)
+        tick = self.latency.tick(tokens)
+        return 4 * self.cfg.sampler.chunk_frames / (forwards * tick) if tick > 0 else 0.0
 
     def max_streams(self, fps: float, num_steps: int | None = None) -> int:
         """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model."""

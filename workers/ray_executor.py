@@ -10,6 +10,7 @@ stage's flow (small latents) and per-stage stats come back through Ray.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections import deque
@@ -35,8 +36,10 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=False,
-                    configure_logging=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # address="local": always a new instance, whatever RAY_ADDRESS or a `ray start` left in /tmp/ray says
+    return ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                    include_dashboard=False, configure_logging=False, log_to_driver=False,
+                    _node_ip_address="127.0.0.1")
 
 
 def _rendezvous_file() -> str:
@@ -72,6 +75,12 @@ class StageActorBody:
 
     def ready(self) -> tuple[int, int]:
         return self.worker.block_range
+
+    def locate(self) -> tuple[str, int]:
+        """(Ray node id, process id) of this stage."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def pid(self) -> int:
         return os.getpid()
@@ -144,7 +153,11 @@ class RayExecutor(Executor):
     def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
                  threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
                  device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None,
-                 call_timeout_s: float = 30.0, placement_timeout_s: float = 120.0):
+                 call_timeout_s: float = 30.0, placement_timeout_s: float = 120.0,
+                 placement_group=None, first_bundle: int = 0):
+        """``placement_group``: reserved by someone else (a Serve replica's placement_group_bundles); stage i
+        runs in its bundle ``first_bundle + i`` and the group outlives this executor. Otherwise, with any
+        resources per stage, the executor reserves its own STRICT_PACK group and removes it on kill."""
         import ray
 
         split = split or even_split(model_cfg.num_layers, num_stages)
@@ -157,8 +170,9 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(StageActorBody)
         bundle = {k: v for k, v in (("CPU", num_cpus_per_stage), ("GPU", num_gpus_per_stage)) if v}
         bundle.update(resources_per_stage or {})
-        self.placement_group = None
-        if bundle:  # a replica's stages reserve their slots together on one node (NVLink between them)
+        self.placement_group, self._first_bundle = placement_group, first_bundle
+        self._owns_placement_group = placement_group is None and bool(bundle)
+        if self._owns_placement_group:  # a replica's stages reserve their slots together on one node (NVLink)
             from ray.util.placement_group import placement_group
 
             self.placement_group = placement_group([dict(bundle) for _ in range(num_stages)], strategy="STRICT_PACK")
@@ -172,10 +186,12 @@ class RayExecutor(Executor):
             if self.placement_group is not None:
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, i)
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                                  self._first_bundle + i)
             self.actors.append(actor_cls.options(**options).remote(
                 model_cfg, rng, i, num_stages, rendezvous, threads_per_stage, device, weights_path))
         self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
+        self._stage_procs = self._get([a.locate.remote() for a in self.actors], timeout=30)
         self._inflight: deque = deque()  # (seq, [result ref per stage])
 
     def submit(self, mb: MicroBatch) -> None:
@@ -262,7 +278,17 @@ class RayExecutor(Executor):
             self.kill()
 
     def kill(self) -> None:
-        """End every stage process now (a failed pipeline: survivors may be stuck in recv, or stopped)."""
+        """End every stage process now (a failed pipeline: survivors may be stuck in recv, or stopped).
+
+        Stages on this node get SIGKILL first: Ray's own kill waits seconds for a stopped (hung) process,
+        and a rebuild into the same placement-group bundles waits for their slots."""
+        here = self._ray.get_runtime_context().get_node_id()
+        for node, pid in getattr(self, "_stage_procs", []):
+            if node == here:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         for a in self.actors:
             try:
                 self._ray.kill(a, no_restart=True)
@@ -273,6 +299,6 @@ class RayExecutor(Executor):
             os.remove(self._rendezvous)
         except OSError:
             pass
-        if self.placement_group is not None:
+        if self.placement_group is not None and self._owns_placement_group:
             self._ray.util.remove_placement_group(self.placement_group)
             self.placement_group = None

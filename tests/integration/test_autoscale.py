@@ -1,21 +1,24 @@
-"""Autoscaling between 1 and 2 replicas under a phased load (its own Ray instance: module-level isolation)."""
+"""Autoscaling between 1 and 2 replicas under a phased load, with engine loops in the server and in Serve
+replicas (each case starts and stops its own Ray instance)."""
 
 import dataclasses
 import threading
 import time
 
 import grpc
+import pytest
 
 from tests.integration.test_server import Running, request, service_config, wait_for
 from protos.streamgen.v1 import stream_pb2_grpc
 
 
-def test_phased_load_scales_up_and_back_down_without_stream_errors():
+@pytest.mark.parametrize("host", ["driver", "serve"])
+def test_phased_load_scales_up_and_back_down_without_stream_errors(host):
     from orchestrator.config import AutoscalingConfig
 
     base = service_config()
     cfg = dataclasses.replace(
-        base, gpus_per_stage=1.0, local_ray_gpus=4.0,
+        base, gpus_per_stage=1.0, local_ray_gpus=4.0, replica_host=host,
         autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_utilisation=0.7, upscale_delay_s=0.5,
                                       downscale_delay_s=3.0, period_s=0.2),
         server=dataclasses.replace(base.server, max_streams_per_replica=2))

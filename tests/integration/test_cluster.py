@@ -55,6 +55,10 @@ def cluster(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+        # `ray stop` would forget this cluster; a killed head leaves its address behind for ray.init()
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == f"127.0.0.1:{port}":
+            current.unlink()
 
 
 def _tail(log) -> str:

@@ -334,9 +334,8 @@ def test_leak_check_after_the_suite(server):
     assert active and active[0].value == 0
 
 
-def test_listening_sockets_are_loopback_only(server):
-    """S-T12: Ray (GCS, raylet, workers), gRPC and /metrics listen on 127.0.0.1 only, and gloo talks
-    over loopback. Runs before the drain test below; reads only this machine's sockets."""
+def non_loopback_listeners() -> list:
+    """Listening sockets of this process, its children and the Ray processes that are not on loopback."""
     psutil = pytest.importorskip("psutil")
     import os
 
@@ -354,7 +353,14 @@ def test_listening_sockets_are_loopback_only(server):
         if conn.laddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
             name = " ".join(psutil.Process(conn.pid).cmdline())[:80]
             bad.append((name, conn.laddr.ip, conn.laddr.port))
-    assert not bad, bad
+    return bad
+
+
+def test_listening_sockets_are_loopback_only(server):
+    """S-T12: Ray (GCS, raylet, workers), gRPC and /metrics listen on 127.0.0.1 only, and gloo talks
+    over loopback. Runs before the drain test below; reads only this machine's sockets."""
+    psutil = pytest.importorskip("psutil")
+    assert not non_loopback_listeners()
     assert any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.service.port
                for c in psutil.net_connections(kind="inet"))
 

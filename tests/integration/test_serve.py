@@ -1,0 +1,251 @@
+"""Pipeline replicas as Ray Serve deployments (`replica_host: serve`): 2 replicas x 2 stages on 4 logical
+GPUs. Placement, spread, a dead stage inside a replica, a dead replica process, a hung stage, Serve's
+health check, an operator's drain, SIGTERM."""
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+
+from tests.integration.test_recovery import metric
+from tests.integration.test_replicas import _collect
+from tests.integration.test_server import Running, non_loopback_listeners, request, service_config, wait_for
+from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server():
+    base = service_config()
+    cfg = dataclasses.replace(base, replicas=2, gpus_per_stage=1.0, local_ray_gpus=4.0, replica_host="serve",
+                              stage_call_timeout_s=2.0, repair_period_s=1.0,
+                              server=dataclasses.replace(base.server, max_streams_per_replica=2, probe_period_s=0.5,
+                                                         probe_timeout_s=1.0))
+    running = Running(cfg)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def owners(server, firsts) -> list:
+    return [next(r for r in server.service.replicas if f.stream_id in r._sinks) for f in firsts]
+
+
+def start_streams(server, n: int, frames: int, **kw):
+    """n streams; returns (channel, results {i: (frames, times, errors)}, reader threads, owners)."""
+    channel = grpc.insecure_channel(server.target)
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    calls = [stub.Generate(request(seed=i, max_frames=frames, **kw), timeout=120) for i in range(n)]
+    firsts = [next(c) for c in calls]
+    results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(n)}
+    readers = [threading.Thread(target=_collect, args=(calls[i], *results[i])) for i in range(n)]
+    for t in readers:
+        t.start()
+    return channel, results, readers, owners(server, firsts)
+
+
+def finish(channel, readers) -> None:
+    for t in readers:
+        t.join(120)
+    channel.close()
+
+
+def settle(server) -> None:
+    svc = server.service
+    assert wait_for(lambda: sum(not r.draining and r.healthy for r in svc.replicas) == 2 and not svc._starting
+                    and all(r.active() == 0 for r in svc.replicas), 60)
+
+
+def test_each_replica_is_a_serve_deployment_holding_its_stages_in_its_placement_group(server):
+    from ray import serve
+
+    apps = serve.status().applications
+    replicas = server.service.replicas
+    for r in replicas:
+        assert apps[r.app].status == "RUNNING"
+        assert apps[r.app].deployments["PipelineReplica"].status == "HEALTHY"
+    assert ray.available_resources().get("GPU", 0) == 0  # 2 replicas x 2 stages hold the 4 logical GPUs
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    ours = [g for g in groups if len(g["bundles"]) == 3 and g["strategy"] == "STRICT_PACK"]
+    assert len(ours) == 2
+    for g in ours:  # bundle 0: the replica process; 1..P: one stage (one GPU) each
+        assert [b.get("GPU", 0) for b in g["bundles"].values()] == [0, 1, 1]
+    replica_pids = {r.pid() for r in replicas}
+    stage_pids = {pid for r in replicas for pid in ray.get([a.pid.remote() for a in r.stage_actors()])}
+    assert len(replica_pids) == 2 and len(stage_pids) == 4 and not replica_pids & stage_pids
+
+
+def test_serve_and_the_replicas_listen_on_loopback_only(server):
+    assert not non_loopback_listeners()  # Serve runs without proxies; the orchestrator is the ingress
+
+
+def test_streams_spread_complete_in_order_and_metrics_reach_the_orchestrator(server):
+    settle(server)
+    before = metric(server, "streamgen_chunk_latency_seconds_count")
+    channel, results, readers, owner = start_streams(server, 4, 48)
+    assert sorted(r.index for r in owner) == [0, 0, 1, 1]  # the most headroom spreads them
+    finish(channel, readers)
+    for i in range(4):
+        frames, _, errors = results[i]
+        assert not errors and [f.index for f in frames] == list(range(48))
+        assert sum(not f.deadline_met for f in frames) <= 0.01 * 48
+    # chunk latencies are observed in the replica processes and replayed on the orchestrator's /metrics
+    assert wait_for(lambda: metric(server, "streamgen_chunk_latency_seconds_count") >= before + 4 * 48 / 12, 5)
+
+
+@pytest.mark.parametrize("how", ["ray_kill", "sigkill"])
+def test_dead_stage_inside_a_replica_resumes_and_spares_the_other_replica(server, how):
+    settle(server)
+    errors_before = metric(server, "streamgen_stage_errors_total", kind="died")
+    channel, results, readers, owner = start_streams(server, 4, 120, late_policy=stream_pb2.DELIVER_FLAGGED)
+    time.sleep(2.0)
+    victim = server.service.replicas[0]
+    stage = victim.stage_actors()[1]
+    killed_at = time.monotonic()
+    if how == "ray_kill":
+        ray.kill(stage, no_restart=True)
+    else:
+        os.kill(ray.get(stage.pid.remote()), signal.SIGKILL)
+    finish(channel, readers)
+    for i in range(4):
+        frames, times, errors = results[i]
+        assert not errors and [f.index for f in frames] == list(range(120)), i
+        if owner[i] is victim:
+            after = [b - a for a, b in zip(times, times[1:]) if b > killed_at]
+            assert max(after) <= 2.0, max(after)  # resumed within 2 s
+        else:
+            assert sum(not f.deadline_met for f in frames) <= 0.01 * len(frames)
+    assert wait_for(lambda: metric(server, "streamgen_stage_errors_total", kind="died") > errors_before, 5)
+
+
+def test_dead_replica_process_moves_its_streams_to_the_other_replica(server):
+    settle(server)
+    moved_before = metric(server, "streamgen_stream_migrations_total", result="ok")
+    channel, results, readers, owner = start_streams(server, 2, 120)
+    time.sleep(1.5)
+    victim = owner[0]  # the other replica has room for every stream of the victim (2 at most each)
+    killed_at = time.monotonic()
+    os.kill(victim.pid(), signal.SIGKILL)  # the replica process: its engine loop and, with it, its stages
+    finish(channel, readers)
+    for i in range(2):
+        frames, times, errors = results[i]
+        assert not errors and [f.index for f in frames] == list(range(120)), i
+        assert all(f.prompt_revision == 0 for f in frames)
+        chunks = [f.chunk for f in frames]
+        assert chunks == sorted(chunks)  # continues from its checkpoint: no chunk shows up twice
+        if owner[i] is victim:
+            after = [b - a for a, b in zip(times, times[1:]) if b > killed_at]
+            assert max(after) <= 2.5, max(after)
+    moved = sum(o is victim for o in owner)
+    assert metric(server, "streamgen_stream_migrations_total", result="ok") == moved_before + moved
+    assert metric(server, "streamgen_engine_errors_total", kind="replica_lost") >= 1
+    assert metric(server, "streamgen_frames_total", outcome="lost") >= 0
+    settle(server)  # Serve restarted the replica process; it serves again
+
+
+def test_hung_stage_fails_over_without_zombie_frames(server):
+    settle(server)
+    channel, results, readers, owner = start_streams(server, 1, 140)
+    time.sleep(1.5)
+    pid = ray.get(owner[0].stage_actors()[0].pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        time.sleep(8.0)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # already replaced and killed
+            pass
+    finish(channel, readers)
+    frames, times, errors = results[0]
+    assert not errors and [f.index for f in frames] == list(range(140))
+    chunks = [f.chunk for f in frames]
+    assert chunks == sorted(chunks)  # no late frame of the stopped pipeline reached the client
+    after = [b - a for a, b in zip(times, times[1:]) if b > stopped_at]
+    assert max(after) <= 2.0 + 2.5, max(after)  # the stage call timeout, then a resume as after a death
+
+
+def test_serve_health_check_needs_a_real_forward(server):
+    """A replica whose stage is stopped still has a live process: Serve's check (a forward through every
+    stage) fails, Serve replaces the replica, and readiness comes back."""
+    settle(server)
+    replica = server.service.replicas[1]
+    old_pid = replica.pid()
+    stage_pid = ray.get(replica.stage_actors()[1].pid.remote())
+    os.kill(stage_pid, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: not replica.healthy, 10)  # the orchestrator's readiness sees it first
+        assert wait_for(lambda: _pid_or_none(replica) not in (None, old_pid), 60)  # Serve restarted it
+    finally:
+        try:
+            os.kill(stage_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    settle(server)
+
+
+def _pid_or_none(replica):
+    try:
+        return replica.pid()
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+
+
+def test_operator_drain_moves_streams_and_a_replacement_starts(server):
+    settle(server)
+    svc = server.service
+    channel, results, readers, owner = start_streams(server, 2, 100)
+    time.sleep(1.0)
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    reply = stub.Drain(stream_pb2.DrainRequest(replica=owner[0].index, timeout_ms=300), timeout=30)
+    assert reply.streams_active == 0
+    others = [r for r in svc.replicas if r is not owner[0]]
+    assert all(any(f.stream_id in r._sinks for r in others) for f in (results[0][0][0], results[1][0][0]))
+    finish(channel, readers)
+    for i in range(2):
+        frames, times, errors = results[i]
+        assert not errors and [f.index for f in frames] == list(range(100))
+        assert max(b - a for a, b in zip(times, times[1:])) <= 2.5
+    assert wait_for(lambda: owner[0] not in svc.replicas, 30)
+    settle(server)  # the fixed fleet is back to 2
+
+
+def test_sigterm_drains_and_exits_zero():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--replica-host", "serve",
+                             "--listen", "127.0.0.1:0", "--metrics-listen", "", "--drain-timeout", "1"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port, lines, deadline = None, [], time.monotonic() + 120
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "".join(lines)[-3000:]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = stream_pb2_grpc.StreamServiceStub(ch).Generate(request(), timeout=60)
+            next(call)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in call:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # never INTERNAL / UNKNOWN
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
