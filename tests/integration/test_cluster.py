@@ -44,6 +44,12 @@ def cluster(tmp_path_factory):
         assert _resources(address, env, timeout=90) is not None, _tail(log)
         yield address, env, head
     finally:
+        try:  # workers and the Serve controller run in sessions of their own: note them to end them too
+            import psutil
+
+            descendants = psutil.Process(head.pid).children(recursive=True)
+        except Exception:  # noqa: BLE001 - psutil missing, or the head already gone
+            descendants = []
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)  # the group `ray start` leads: GCS, raylet and their helpers
@@ -54,6 +60,14 @@ def cluster(tmp_path_factory):
                 break
             except subprocess.TimeoutExpired:
                 continue
+        for proc in descendants:
+            try:
+                proc.wait(5)
+            except Exception:  # noqa: BLE001 - still running after its raylet went: end it
+                try:
+                    proc.kill()
+                except Exception:  # noqa: BLE001 - gone meanwhile
+                    pass
         log.close()
         # `ray stop` would forget this cluster; a killed head leaves its address behind for ray.init()
         current = Path("/tmp/ray/ray_current_cluster")
@@ -83,12 +97,13 @@ def _resources(address: str, env: dict, timeout: float) -> dict | None:
     return None
 
 
-def test_serve_joins_an_existing_cluster_with_address_auto(cluster):
+@pytest.mark.parametrize("host", ["driver", "serve"])
+def test_serve_joins_an_existing_cluster_with_address_auto(cluster, host):
     address, env, head = cluster
     psutil = pytest.importorskip("psutil")
     serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--address", "auto",
                               "--listen", "127.0.0.1:0", "--metrics-listen", "", "--stages", "2",
-                              "--gpus-per-stage", "1", "--drain-timeout", "1"],
+                              "--gpus-per-stage", "1", "--drain-timeout", "1", "--replica-host", host],
                              cwd=ROOT, env=dict(env, RAY_ADDRESS=address, PYTHONUNBUFFERED="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -120,6 +135,15 @@ def test_serve_joins_an_existing_cluster_with_address_auto(cluster):
         if serve.poll() is None:
             serve.kill()
             serve.wait()
-    # the cluster outlives the service, and gets its GPUs back
+    # the cluster outlives the service (and its Serve, in serve mode), and gets its GPUs back
     assert head.poll() is None
-    assert _resources(address, env, timeout=30).get("GPU", 0) == 2
+    assert wait_for_gpus(address, env, 2, 30)
+
+
+def wait_for_gpus(address, env, want: float, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (_resources(address, env, timeout=30) or {}).get("GPU", 0) == want:
+            return True
+        time.sleep(1.0)
+    return False

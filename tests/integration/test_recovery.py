@@ -47,7 +47,8 @@ def run_with_fault(server, fault, frames_before=20, total=110):
     return frames, times
 
 
-def check_resumed(frames, times, fault_index=20, bound_s=2.5):
+def check_resumed(frames, times, fault_index=20, bound_s=2.0):
+    """Returns the longest gap after the fault (printed by the test for the record)."""
     assert [f.index for f in frames] == list(range(len(frames)))  # strictly increasing, no duplicates
     assert len({f.stream_id for f in frames}) == 1
     assert all(f.prompt_revision == 0 for f in frames)  # the same prompt goes on
