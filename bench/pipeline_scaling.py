@@ -5,7 +5,9 @@ Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; D
 * one stream, stream_batch (lanes=2 for both P, so the sampling semantics are identical), P=2 vs P=1;
 * four streams, sequential, P=2 vs P=1;
 * stream_batch vs sequential, one stream, P=1, 4 steps.
-Each case also reports p50/p99 per-chunk latency (dispatch of step 0 -> clean latents).
+Each case also reports p50/p99 per-chunk latency (dispatch of step 0 -> clean latents). Cases run
+``--repeats`` times, interleaved; the median run by frames/s stands for each (2 shared cores are noisy:
+single runs of the P=2/P=1 ratios spread by about +-0.1).
 
 Writes JSON (``--out``); the last line reads ``scaling stream_batch=<x>x sequential=<y>x``.
 """
@@ -83,28 +85,34 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--chunks", type=int, default=12, help="measured chunks per stream (after warm-up)")
     parser.add_argument("--warmup", type=int, default=4, help="chunks per stream ignored at the start")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median counts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps4 = (1000.0, 750.0, 500.0, 250.0)
     start_local_ray(num_cpus=2)
     import ray
 
-    rows = {}
+    cases = {  # name -> (stages, mode, lanes, streams, chunks, warm-up)
+        "stream_batch_P1": (1, "stream_batch", 2, 1, args.chunks, args.warmup),
+        "stream_batch_P2": (2, "stream_batch", 2, 1, args.chunks, args.warmup),
+        "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), 1),
+        "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), 1),
+        "stream_batch_lanes1_P1": (1, "stream_batch", 1, 1, args.chunks, args.warmup),
+        "sequential1_P1": (1, "sequential", 1, 1, max(4, args.chunks // 2), 1),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
     try:
-        for stages in (1, 2):
-            rows[f"stream_batch_P{stages}"] = run_case(args.model, stages, "stream_batch", 2, 1, args.chunks,
-                                                       args.warmup, steps4)
-            show(rows[f"stream_batch_P{stages}"])
-            rows[f"sequential4_P{stages}"] = run_case(args.model, stages, "sequential", 1, 4,
-                                                      max(4, args.chunks // 2), 1, steps4)
-            show(rows[f"sequential4_P{stages}"])
-        rows["stream_batch_lanes1_P1"] = run_case(args.model, 1, "stream_batch", 1, 1, args.chunks, args.warmup,
-                                                  steps4)
-        show(rows["stream_batch_lanes1_P1"])
-        rows["sequential1_P1"] = run_case(args.model, 1, "sequential", 1, 1, max(4, args.chunks // 2), 1, steps4)
-        show(rows["sequential1_P1"])
+        for rep in range(args.repeats):  # interleaved, so every case sees the machine in the same states
+            print(f"-- repeat {rep + 1}/{args.repeats}", flush=True)
+            for name, (stages, mode, lanes, streams, chunks, warmup) in cases.items():
+                runs[name].append(run_case(args.model, stages, mode, lanes, streams, chunks, warmup, steps4))
+                show(runs[name][-1])
     finally:
         ray.shutdown()
+    rows = {}
+    for name, got in runs.items():  # the median run by frames/s stands for the case
+        ordered = sorted(got, key=lambda r: r["frames_per_s"])
+        rows[name] = dict(ordered[len(ordered) // 2], repeats_frames_per_s=[r["frames_per_s"] for r in got])
     ratios = {
         "stream_batch_P2_over_P1": rows["stream_batch_P2"]["frames_per_s"] / rows["stream_batch_P1"]["frames_per_s"],
         "sequential_P2_over_P1": rows["sequential4_P2"]["frames_per_s"] / rows["sequential4_P1"]["frames_per_s"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import statistics
 import time
 from dataclasses import dataclass, field
 

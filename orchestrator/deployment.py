@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
-from orchestrator.replica import EngineFailure, EngineHost, FrameBatch, Handoff
+from orchestrator.replica import EngineFailure, EngineHost, FrameBatch, Handoff, StreamBook
 from orchestrator.types import StreamSpec
 from workers.executor import StageFailure
 
@@ -151,8 +150,6 @@ class PipelineReplica:
         self.host = EngineHost(cfg, self.events, index, placement_group=get_current_placement_group(),
                                first_bundle=1, checkpoints=True)
         self.host.rehome = self._moved
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
 
     async def generate(self, stream_id: str, spec: StreamSpec, utilisation: float, checkpoint=None):
         """The stream's long-lived call: yields FrameBatch items, and last an EngineFailure or Moved."""
@@ -161,8 +158,6 @@ class PipelineReplica:
         def sink(item):  # engine thread -> this call's loop
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        with self._lock:
-            self._queues[stream_id] = (loop, queue)
         if checkpoint is None:
             self.host.open(stream_id, spec, utilisation, sink)
         else:
@@ -174,8 +169,6 @@ class PipelineReplica:
                 if isinstance(item, (EngineFailure, Moved)):
                     return
         finally:  # the caller went away or the stream ended: free it here (a no-op once it moved)
-            with self._lock:
-                self._queues.pop(stream_id, None)
             self.host.close(stream_id)
 
     def _moved(self, host, handoffs: list[Handoff]) -> None:
@@ -252,7 +245,7 @@ def deployment_options(cfg: ServiceConfig) -> dict:
 # -- the orchestrator's side -------------------------------------------------------------------------
 
 
-class ServeReplica:
+class ServeReplica(StreamBook):
     """One PipelineReplica as the orchestrator sees it: the EngineHost interface (open, close, controls,
     load, capacity, probe, hand_off, shutdown) over a Serve application handle. Created off the event
     loop (it waits for Serve); its stream calls run as tasks on ``loop``."""
@@ -267,13 +260,11 @@ class ServeReplica:
         self.healthy = True
         self.rehome = None  # set by the service: (replica, [Handoff]) -> None
         self.opened = 0
-        self._sinks: dict[str, tuple] = {}  # stream -> (sink, spec)
-        self._loads: dict[str, float] = {}
+        StreamBook.__init__(self)
         self._checkpoints: dict[str, object] = {}
         self._prompts: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_loss = -1e9
-        self._lock = threading.Lock()
         app = serve.deployment(PipelineReplica, name="PipelineReplica", **deployment_options(cfg)).bind(cfg, index)
         serve.run(app, name=self.app, route_prefix=None, blocking=False)
         self._wait_running(cfg.placement_timeout_s)
@@ -305,11 +296,6 @@ class ServeReplica:
         """Continue a stream from another replica, from its latest checkpoint (or from the start)."""
         self._register(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.sink)
         self._start(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.state)
-
-    def _register(self, stream_id, spec, utilisation, sink) -> None:
-        with self._lock:
-            self._sinks[stream_id] = (sink, spec)
-            self._loads[stream_id] = utilisation
 
     def _start(self, stream_id, spec, utilisation, checkpoint) -> None:
         def create():
@@ -404,14 +390,6 @@ class ServeReplica:
             log.warning("%s: control %s not delivered", self.app, kind)
 
     # capacity, health, lifecycle ------------------------------------------------------------------------
-
-    def load(self) -> float:
-        with self._lock:
-            return sum(self._loads.values())
-
-    def active(self) -> int:
-        with self._lock:
-            return len(self._sinks)
 
     def max_streams(self, fps: float, steps: int) -> int:
         return int(self._status.frame_rate.get(steps, 0.0) / fps)

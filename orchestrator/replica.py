@@ -64,7 +64,30 @@ class Handoff:
     state: object  # the engine's per-stream state (sampler program, recent latents, decoder state)
 
 
-class EngineHost:
+class StreamBook:
+    """The streams a replica holds (sink and spec of each) and the admission load they carry. Thread-safe:
+    the server, the engine thread and the fleet loop all read it."""
+
+    def __init__(self):
+        self._sinks: dict[str, tuple[Sink, StreamSpec]] = {}
+        self._loads: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _register(self, stream_id: str, spec: StreamSpec, utilisation: float, sink: Sink) -> None:
+        with self._lock:
+            self._loads[stream_id] = utilisation
+            self._sinks[stream_id] = (sink, spec)
+
+    def load(self) -> float:
+        with self._lock:
+            return sum(self._loads.values())
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
+
+class EngineHost(StreamBook):
     def __init__(self, cfg: ServiceConfig, metrics: Metrics, index: int = 0, placement_group=None,
                  first_bundle: int = 0, checkpoints: bool = False):
         """``placement_group`` / ``first_bundle``: stage slots reserved by the caller (a Serve replica);
@@ -80,9 +103,7 @@ class EngineHost:
                                      build_vae(gen.model, gen.vae_path), cfg.engine)
         self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
         self._inbox: queue.Queue = queue.Queue(maxsize=10_000)
-        self._sinks: dict[str, tuple[Sink, StreamSpec]] = {}
-        self._loads: dict[str, float] = {}
-        self._lock = threading.Lock()
+        StreamBook.__init__(self)
         self.opened = 0  # streams ever opened on the engine (tests: bad input makes zero engine calls)
         self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
         self.broken = False  # its stages could not be rebuilt: out of service
@@ -110,10 +131,8 @@ class EngineHost:
     # called from the server (any thread) ------------------------------------------------------------
 
     def open(self, stream_id: str, spec: StreamSpec, utilisation: float, sink: Sink) -> None:
-        with self._lock:
-            self._loads[stream_id] = utilisation
-            self._sinks[stream_id] = (sink, spec)
-            self.opened += 1
+        self._register(stream_id, spec, utilisation, sink)
+        self.opened += 1
         self._inbox.put(("open", stream_id, spec))
 
     def close(self, stream_id: str) -> None:
@@ -130,21 +149,11 @@ class EngineHost:
 
     def adopt(self, handoff: Handoff) -> None:
         """Continue a stream from another replica (called from any thread)."""
-        with self._lock:
-            self._loads[handoff.stream_id] = handoff.utilisation
-            self._sinks[handoff.stream_id] = (handoff.sink, handoff.spec)
+        self._register(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.sink)
         self._inbox.put(("adopt", handoff.stream_id, handoff.state))
 
     def consumed(self, stream_id: str) -> None:
         self._inbox.put(("consumed", stream_id, None))
-
-    def load(self) -> float:
-        with self._lock:
-            return sum(self._loads.values())
-
-    def active(self) -> int:
-        with self._lock:
-            return len(self._sinks)
 
     def max_streams(self, fps: float, steps: int) -> int:
         return self.engine.max_streams(fps, steps)

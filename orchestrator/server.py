@@ -19,7 +19,7 @@ from orchestrator.clock import Clock
 from orchestrator.config import ServiceConfig
 from orchestrator.deadline import Pacer
 from orchestrator.metrics import Metrics
-from orchestrator.replica import EngineFailure, FrameBatch
+from orchestrator.replica import EngineFailure
 from orchestrator.session import Session, State
 from orchestrator.types import EndReason, FrameOutcome, Rejection, RequestError
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc

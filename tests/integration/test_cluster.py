@@ -16,10 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.test_server import request
-from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+from tests.integration.test_server import request, serve_process
+from protos.streamgen.v1 import stream_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -101,20 +100,8 @@ def _resources(address: str, env: dict, timeout: float) -> dict | None:
 def test_serve_joins_an_existing_cluster_with_address_auto(cluster, host):
     address, env, head = cluster
     psutil = pytest.importorskip("psutil")
-    serve = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--address", "auto",
-                              "--listen", "127.0.0.1:0", "--metrics-listen", "", "--stages", "2",
-                              "--gpus-per-stage", "1", "--drain-timeout", "1", "--replica-host", host],
-                             cwd=ROOT, env=dict(env, RAY_ADDRESS=address, PYTHONUNBUFFERED="1"),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        port, lines, deadline = None, [], time.monotonic() + 120
-        while port is None and time.monotonic() < deadline and serve.poll() is None:
-            line = serve.stdout.readline()
-            lines.append(line)
-            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-        assert port, "".join(lines)[-3000:]
+    with serve_process("--address", "auto", "--stages", "2", "--gpus-per-stage", "1", "--drain-timeout", "1",
+                       "--replica-host", host, env=dict(env, RAY_ADDRESS=address)) as (serve, port, lines):
         assert "joined Ray cluster 'auto'" in lines[-1]
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             frames = list(stream_pb2_grpc.StreamServiceStub(ch).Generate(request(max_frames=24), timeout=60))
@@ -131,10 +118,6 @@ def test_serve_joins_an_existing_cluster_with_address_auto(cluster, host):
         assert not bad, bad
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
     # the cluster outlives the service (and its Serve, in serve mode), and gets its GPUs back
     assert head.poll() is None
     assert wait_for_gpus(address, env, 2, 30)

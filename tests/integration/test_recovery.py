@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from tests.integration.test_server import Running, request, service_config, wait_for
-from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+from protos.streamgen.v1 import stream_pb2_grpc
 
 
 @pytest.fixture(scope="module")

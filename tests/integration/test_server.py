@@ -1,10 +1,15 @@
 """The gRPC service on 127.0.0.1 with local Ray, the tiny model, 2 stages and a real gRPC client."""
 
 import asyncio
+import contextlib
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +24,7 @@ from orchestrator.metrics import CATALOGUE
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 
 MAX_STREAMS = 2
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def service_config() -> ServiceConfig:
@@ -63,6 +69,29 @@ def server():
 def stub(server):
     with grpc.insecure_channel(server.target) as channel:
         yield stream_pb2_grpc.StreamServiceStub(channel)
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, env: dict | None = None):
+    """`streamgen serve --listen 127.0.0.1:0 ...args` as a child process: yields (process, port, first
+    lines of output) once it serves; kills it on the way out if it is still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--listen", "127.0.0.1:0",
+                             "--metrics-listen", "", *args], cwd=ROOT, env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port, lines, deadline = None, [], time.monotonic() + 120
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "".join(lines)[-3000:]
+        yield proc, port, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def request(**kw):
