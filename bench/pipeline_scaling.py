@@ -2,7 +2,8 @@
 thread per stage, P=1 and P=2 measured in one run.
 
 Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; DiT only, no decode):
-* one stream, stream_batch (lanes=2 for both P, so the sampling semantics are identical), P=2 vs P=1;
+* one stream, stream_batch, P=2 vs P=1, with the same ``--lanes`` for both P (identical sampling
+  semantics; default 2, the fewest that keep 2 stages busy);
 * four streams, sequential, P=2 vs P=1;
 * stream_batch vs sequential, one stream, P=1, 4 steps.
 Each case also reports p50/p99 per-chunk latency (dispatch of step 0 -> clean latents). Cases run
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=12, help="measured chunks per stream (after warm-up)")
     parser.add_argument("--warmup", type=int, default=4, help="chunks per stream ignored at the start")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median counts")
+    parser.add_argument("--lanes", type=int, default=2,
+                        help="stream_batch lanes of the one-stream P=1/P=2 cases (the same for both P)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     steps4 = (1000.0, 750.0, 500.0, 250.0)
@@ -93,8 +96,8 @@ def main() -> None:
     import ray
 
     cases = {  # name -> (stages, mode, lanes, streams, chunks, warm-up)
-        "stream_batch_P1": (1, "stream_batch", 2, 1, args.chunks, args.warmup),
-        "stream_batch_P2": (2, "stream_batch", 2, 1, args.chunks, args.warmup),
+        "stream_batch_P1": (1, "stream_batch", args.lanes, 1, args.chunks, args.warmup),
+        "stream_batch_P2": (2, "stream_batch", args.lanes, 1, args.chunks, args.warmup),
         "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), 1),
         "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), 1),
         "stream_batch_lanes1_P1": (1, "stream_batch", 1, 1, args.chunks, args.warmup),
