@@ -145,6 +145,7 @@ class PipelineReplica:
     def __init__(self, cfg: ServiceConfig, index: int):
         from ray.util import get_current_placement_group
 
+        _log_with_timestamps()
         self.cfg = cfg
         self.events = MetricEvents()
         self.host = EngineHost(cfg, self.events, index, placement_group=get_current_placement_group(),
@@ -196,9 +197,9 @@ class PipelineReplica:
         return ReplicaStatus(self.host.healthy, self.host.broken, self.host.active(), latency, rate,
                              self.events.take())
 
-    def hand_off(self, timeout_s: float) -> None:
+    async def hand_off(self, timeout_s: float) -> None:
         self.host.draining = True
-        self.host.hand_off(timeout_s)
+        await asyncio.to_thread(self.host.hand_off, timeout_s)  # off the loop: streams keep flowing
 
     def stage_actors(self) -> list:
         """The stage actors' handles (operators' tooling, fault-injection tests)."""
@@ -209,16 +210,34 @@ class PipelineReplica:
 
         return os.getpid()
 
-    def check_health(self) -> None:
-        """Serve's health check: a real forward through every stage, not just a live process."""
-        if not self.host.probe(self.cfg.server.probe_timeout_s):
-            raise RuntimeError(f"replica {self.host.index}: a forward through every stage did not complete")
+    async def check_health(self) -> None:
+        """Serve's health check: a real forward through every stage, not just a live process. While the
+        engine rebuilds its own stages (a dead or hung stage; bounded by placement_timeout_s, after which
+        the replica hands its streams off) the check passes: Serve restarting the replica then would only
+        throw that recovery away. Readiness stays off meanwhile, so no new stream lands here."""
+        if await asyncio.to_thread(self.host.probe, self.cfg.server.probe_timeout_s):
+            return
+        if self.host.recovering:
+            return
+        log.warning("replica %d failed its health check: no forward through every stage", self.host.index)
+        raise RuntimeError(f"replica {self.host.index}: a forward through every stage did not complete")
 
     def __del__(self):
         try:
             self.host.shutdown()
         except Exception:  # noqa: BLE001 - the process is going away
             pass
+
+
+def _log_with_timestamps() -> None:
+    """streamgen's records in a replica process go to its stderr (Ray's worker log) with times."""
+    logger = logging.getLogger("streamgen")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def deployment_options(cfg: ServiceConfig) -> dict:

@@ -108,6 +108,8 @@ class EngineHost(StreamBook):
         self.draining = False  # set by the autoscaler: no new streams; removed when the last one ends
         self.broken = False  # its stages could not be rebuilt: out of service
         self.healthy = True  # the last readiness probe passed
+        self.recovering = False  # rebuilding its stages (bounded by placement_timeout_s)
+        self._stage_failure: StageFailure | None = None  # met by a call on the engine thread (a probe)
         self._probing = threading.Event()
         self.rehome: Callable[["EngineHost", list[Handoff]], None] | None = None  # set by the service
         self._recoveries: list[float] = []  # times of recent stage rebuilds
@@ -206,6 +208,9 @@ class EngineHost(StreamBook):
                 return
             try:
                 out.append((True, fn()))
+            except StageFailure as err:  # a probe met a dead or hung stage: the loop rebuilds, as for a step
+                self._stage_failure = err
+                out.append((False, err))
             except Exception as err:  # noqa: BLE001 - handed to the caller
                 out.append((False, err))
 
@@ -229,6 +234,9 @@ class EngineHost(StreamBook):
         while not self._stop.is_set():
             self._drain_inbox(block=self.engine.idle)
             try:
+                if self._stage_failure is not None:
+                    failure, self._stage_failure = self._stage_failure, None
+                    raise failure
                 outputs = self.engine.step(wait=True)
             except StageFailure as err:
                 log.warning("replica %d: %s; rebuilding its stages", self.index, err)
@@ -315,16 +323,20 @@ class EngineHost(StreamBook):
     def _recover(self) -> None:
         """New stage actors with the same split; streams re-cache their recent clean latents on them and
         go on from their first unfinished chunk. If the stages cannot be rebuilt, the streams end."""
-        split = self.executor.split()
-        self.executor.kill()  # every stage: survivors may be stuck in recv from the dead one, or stopped
+        self.recovering = True
         try:
-            self.executor = self._build_executor(split)
-            self.engine.replace_executor(self.executor)
-            self.metrics.stream_migrations.labels("ok").inc(len(self.engine.streams))
-        except Exception:  # noqa: BLE001
-            log.exception("replica %d: could not rebuild its stages; moving its streams", self.index)
-            self.broken = self.draining = True
-            self._hand_off_all()
+            split = self.executor.split()
+            self.executor.kill()  # every stage: survivors may be stuck in recv from the dead one, or stopped
+            try:
+                self.executor = self._build_executor(split)
+                self.engine.replace_executor(self.executor)
+                self.metrics.stream_migrations.labels("ok").inc(len(self.engine.streams))
+            except Exception:  # noqa: BLE001
+                log.exception("replica %d: could not rebuild its stages; moving its streams", self.index)
+                self.broken = self.draining = True
+                self._hand_off_all()
+        finally:
+            self.recovering = False
 
     def _hand_off_all(self) -> None:
         """Give every stream to the service to continue on another replica (or end it)."""

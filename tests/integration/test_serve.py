@@ -169,32 +169,34 @@ def test_hung_stage_fails_over_without_zombie_frames(server):
     chunks = [f.chunk for f in frames]
     assert chunks == sorted(chunks)  # no late frame of the stopped pipeline reached the client
     after = [b - a for a, b in zip(times, times[1:]) if b > stopped_at]
-    assert max(after) <= 2.0 + 2.5, max(after)  # the stage call timeout, then a resume as after a death
+    # the 2 s stage call timeout, then new stage actors in the replica's bundles and a re-cache (a few
+    # seconds on 2 shared cores next to the Serve processes), or Serve replacing the replica
+    assert max(after) <= 2.0 + 5.0, max(after)
 
 
-def test_serve_health_check_needs_a_real_forward(server):
-    """A replica whose stage is stopped still has a live process: Serve's check (a forward through every
-    stage) fails, Serve replaces the replica, and readiness comes back."""
+def test_health_check_runs_a_real_forward_and_a_stopped_stage_is_replaced(server):
+    """A stopped stage leaves every process alive. The check (a forward through every stage) fails,
+    readiness goes off so no stream lands there, the replica replaces the stage, and readiness returns."""
     settle(server)
     replica = server.service.replicas[1]
-    old_pid = replica.pid()
-    stage_pid = ray.get(replica.stage_actors()[1].pid.remote())
-    os.kill(stage_pid, signal.SIGSTOP)
+    stage_pids = set(ray.get([a.pid.remote() for a in replica.stage_actors()]))
+    stopped = sorted(stage_pids)[0]
+    os.kill(stopped, signal.SIGSTOP)
     try:
-        assert wait_for(lambda: not replica.healthy, 10)  # the orchestrator's readiness sees it first
-        assert wait_for(lambda: _pid_or_none(replica) not in (None, old_pid), 60)  # Serve restarted it
+        assert wait_for(lambda: not replica.healthy, 10)
+        assert wait_for(lambda: _stage_pids_or_none(replica) not in (None, stage_pids), 60)
     finally:
         try:
-            os.kill(stage_pid, signal.SIGCONT)
-        except ProcessLookupError:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:  # already killed by the rebuild
             pass
     settle(server)
 
 
-def _pid_or_none(replica):
+def _stage_pids_or_none(replica):
     try:
-        return replica.pid()
-    except Exception:  # noqa: BLE001 - restarting
+        return set(ray.get([a.pid.remote() for a in replica.stage_actors()], timeout=5))
+    except Exception:  # noqa: BLE001 - rebuilding or restarting
         return None
 
 

@@ -1,6 +1,9 @@
 """Metric updates made in a replica process reach the orchestrator's registry: record, pickle, replay."""
 
+import asyncio
 import pickle
+
+import pytest
 
 from orchestrator.deployment import MetricEvents, deployment_options, replay
 from orchestrator.metrics import Metrics
@@ -51,3 +54,26 @@ def test_serve_options_reserve_one_bundle_per_stage_behind_the_replica_process()
     assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["num_replicas"] == 1
     assert [b.get("GPU", 0) for b in opts["placement_group_bundles"]] == [0, 1, 1, 1]
     assert opts["health_check_period_s"] >= 7.0  # the engine gets its stage timeout before Serve steps in
+
+
+class _Host:
+    def __init__(self, forward_ok: bool, recovering: bool):
+        self.forward_ok, self.recovering, self.index = forward_ok, recovering, 0
+
+    def probe(self, timeout_s: float) -> bool:
+        return self.forward_ok
+
+
+@pytest.mark.parametrize("forward_ok,recovering,passes", [(True, False, True), (False, True, True),
+                                                          (False, False, False)])
+def test_serve_health_check_fails_only_when_no_forward_gets_through_and_no_rebuild_is_under_way(
+        forward_ok, recovering, passes):
+    from orchestrator.deployment import PipelineReplica
+
+    replica = PipelineReplica.__new__(PipelineReplica)  # the check's decision, without Ray or stages
+    replica.cfg, replica.host = service_config(), _Host(forward_ok, recovering)
+    if passes:
+        asyncio.run(replica.check_health())
+    else:
+        with pytest.raises(RuntimeError, match="forward through every stage"):
+            asyncio.run(replica.check_health())
