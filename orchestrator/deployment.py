@@ -206,8 +206,6 @@ class PipelineReplica:
         return list(self.host.executor.actors)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     async def check_health(self) -> None:
