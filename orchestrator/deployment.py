@@ -152,8 +152,11 @@ class PipelineReplica:
                                first_bundle=1, checkpoints=True)
         self.host.rehome = self._moved
 
-    async def generate(self, stream_id: str, spec: StreamSpec, utilisation: float, checkpoint=None):
-        """The stream's long-lived call: yields FrameBatch items, and last an EngineFailure or Moved."""
+    async def generate(self, stream_id: str, spec: StreamSpec, utilisation: float, checkpoint=None,
+                       catch_up: tuple[str, int] | None = None):
+        """The stream's long-lived call: yields FrameBatch items, and last an EngineFailure or Moved.
+        ``catch_up`` = (prompt, n): prompt switches the lost replica had not applied, applied after the
+        stream opens (the same inbox keeps them in order), one revision each."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(item):  # engine thread -> this call's loop
@@ -163,6 +166,9 @@ class PipelineReplica:
             self.host.open(stream_id, spec, utilisation, sink)
         else:
             self.host.adopt(Handoff(stream_id, spec, utilisation, sink, checkpoint))
+        if catch_up is not None:
+            for _ in range(catch_up[1]):
+                self.host.set_prompt(stream_id, catch_up[0])
         try:
             while True:
                 item = await queue.get()
@@ -275,11 +281,10 @@ class ServeReplica(StreamBook):
         self.draining = False
         self.broken = False
         self.healthy = True
-        self.rehome = None  # set by the service: (replica, [Handoff]) -> None
         self.opened = 0
         StreamBook.__init__(self)
         self._checkpoints: dict[str, object] = {}
-        self._prompts: dict[str, str] = {}
+        self._prompt_goals: dict[str, tuple[str, int]] = {}  # stream -> (prompt, revision) asked for last
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_loss = -1e9
         app = serve.deployment(PipelineReplica, name="PipelineReplica", **deployment_options(cfg)).bind(cfg, index)
@@ -307,28 +312,28 @@ class ServeReplica(StreamBook):
     def open(self, stream_id: str, spec: StreamSpec, utilisation: float, sink) -> None:
         self._register(stream_id, spec, utilisation, sink)
         self.opened += 1
-        self._start(stream_id, spec, utilisation, None)
+        self._start(stream_id, spec, utilisation, None, (spec.prompt, 0))
 
     def adopt(self, handoff: Handoff) -> None:
         """Continue a stream from another replica, from its latest checkpoint (or from the start)."""
         self._register(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.sink)
-        self._start(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.state)
+        self._start(handoff.stream_id, handoff.spec, handoff.utilisation, handoff.state,
+                    handoff.prompt_goal or (handoff.spec.prompt, 0))
 
-    def _start(self, stream_id, spec, utilisation, checkpoint) -> None:
+    def _start(self, stream_id, spec, utilisation, checkpoint, prompt_goal) -> None:
         def create():
             self._tasks[stream_id] = self.loop.create_task(self._pump(stream_id, spec, utilisation, checkpoint))
+        if checkpoint is not None:
+            self._checkpoints[stream_id] = checkpoint
+        self._prompt_goals[stream_id] = prompt_goal
         if _on_loop(self.loop):
             create()
         else:
             self.loop.call_soon_threadsafe(create)
 
     async def _pump(self, stream_id, spec, utilisation, checkpoint) -> None:
-        if checkpoint is not None:
-            self._checkpoints[stream_id] = checkpoint
-        prompt = self._prompts.get(stream_id)
-        if prompt is not None and checkpoint is not None and checkpoint.prompt != prompt:
-            self.set_prompt(stream_id, prompt)  # a switch the lost replica had not applied yet
-        call = self.handle.options(stream=True).generate.remote(stream_id, spec, utilisation, checkpoint)
+        catch_up = prompt_catch_up(self._prompt_goals.get(stream_id, (spec.prompt, 0)), checkpoint)
+        call = self.handle.options(stream=True).generate.remote(stream_id, spec, utilisation, checkpoint, catch_up)
         try:
             async for item in call:
                 entry = self._sinks.get(stream_id)
@@ -362,25 +367,19 @@ class ServeReplica(StreamBook):
     def _hand_off(self, stream_ids: list[str]) -> None:
         handoffs = []
         for sid in stream_ids:
+            goal, checkpoint = self._prompt_goals.get(sid), self._checkpoints.get(sid)
             entry = self._forget(sid)
             if entry is not None:
-                handoffs.append(Handoff(sid, entry[0][1], entry[1], entry[0][0], entry[2]))
-        if not handoffs:
-            return
-        if self.rehome is None:
-            for h in handoffs:
-                h.sink(EngineFailure("replica lost"))
-            return
-        self.rehome(self, handoffs)
+                sink, spec, load = entry
+                handoffs.append(Handoff(sid, spec, load, sink, checkpoint, goal))
+        if handoffs:
+            self._send_away(handoffs)
 
-    def _forget(self, stream_id: str):
-        with self._lock:
-            entry = self._sinks.pop(stream_id, None)
-            load = self._loads.pop(stream_id, 0.0)
+    def _forget(self, stream_id: str) -> tuple | None:
         self._tasks.pop(stream_id, None)
-        checkpoint = self._checkpoints.pop(stream_id, None)
-        self._prompts.pop(stream_id, None)
-        return None if entry is None else (entry, load, checkpoint)
+        self._checkpoints.pop(stream_id, None)
+        self._prompt_goals.pop(stream_id, None)
+        return self._unregister(stream_id)
 
     def close(self, stream_id: str) -> None:
         task = self._tasks.get(stream_id)
@@ -390,7 +389,9 @@ class ServeReplica(StreamBook):
         self._send("close", stream_id)
 
     def set_prompt(self, stream_id: str, prompt: str) -> None:
-        self._prompts[stream_id] = prompt
+        goal = self._prompt_goals.get(stream_id)
+        if goal is not None:
+            self._prompt_goals[stream_id] = (prompt, goal[1] + 1)
         self._send("prompt", stream_id, prompt)
 
     def set_steps(self, stream_id: str, steps: int) -> None:
@@ -449,6 +450,14 @@ class ServeReplica(StreamBook):
             serve.delete(self.app)  # its replica process, and with it the stage actors it owns
         except Exception:  # noqa: BLE001 - Serve itself is going away
             log.warning("could not delete %s", self.app)
+
+
+def prompt_catch_up(goal: tuple[str, int], checkpoint) -> tuple[str, int] | None:
+    """(prompt, n): the switches a stream's controls asked for that its checkpoint (None: nothing yet,
+    revision 0) does not hold; replayed on the new replica so revisions match the server's."""
+    prompt, revision = goal
+    missing = revision - (checkpoint.revision if checkpoint is not None else 0)
+    return (prompt, missing) if missing > 0 else None
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -61,7 +61,11 @@ class Handoff:
     spec: StreamSpec
     utilisation: float
     sink: Sink
-    state: object  # the engine's per-stream state (sampler program, recent latents, decoder state)
+    state: object
+    """The live engine stream (driver replicas), its latest StreamCheckpoint (a replica process that is
+    gone), or None (no chunk finished yet: it starts over)."""
+    prompt_goal: tuple[str, int] | None = None
+    """(prompt, revision) the stream's controls asked for last, where they may not have been applied yet."""
 
 
 class StreamBook:
@@ -72,11 +76,26 @@ class StreamBook:
         self._sinks: dict[str, tuple[Sink, StreamSpec]] = {}
         self._loads: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.rehome: Callable[["StreamBook", list[Handoff]], None] | None = None  # set by the service
 
     def _register(self, stream_id: str, spec: StreamSpec, utilisation: float, sink: Sink) -> None:
         with self._lock:
             self._loads[stream_id] = utilisation
             self._sinks[stream_id] = (sink, spec)
+
+    def _unregister(self, stream_id: str) -> tuple[Sink, StreamSpec, float] | None:
+        with self._lock:
+            entry = self._sinks.pop(stream_id, None)
+            load = self._loads.pop(stream_id, 0.0)
+        return None if entry is None else (*entry, load)
+
+    def _send_away(self, handoffs: list[Handoff]) -> None:
+        """Streams leaving this replica: the service continues each elsewhere (or ends it)."""
+        if self.rehome is None:
+            for h in handoffs:
+                h.sink(EngineFailure("replica lost"))
+            return
+        self.rehome(self, handoffs)
 
     def load(self) -> float:
         with self._lock:
@@ -111,7 +130,6 @@ class EngineHost(StreamBook):
         self.recovering = False  # rebuilding its stages (bounded by placement_timeout_s)
         self._stage_failure: StageFailure | None = None  # met by a call on the engine thread (a probe)
         self._probing = threading.Event()
-        self.rehome: Callable[["EngineHost", list[Handoff]], None] | None = None  # set by the service
         self._recoveries: list[float] = []  # times of recent stage rebuilds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
@@ -138,9 +156,7 @@ class EngineHost(StreamBook):
         self._inbox.put(("open", stream_id, spec))
 
     def close(self, stream_id: str) -> None:
-        with self._lock:
-            self._loads.pop(stream_id, None)
-            self._sinks.pop(stream_id, None)
+        self._unregister(stream_id)
         self._inbox.put(("close", stream_id, None))
 
     def set_prompt(self, stream_id: str, prompt: str) -> None:
@@ -342,22 +358,17 @@ class EngineHost(StreamBook):
         """Give every stream to the service to continue on another replica (or end it)."""
         handoffs = []
         with self._lock:
-            entries = {sid: self._sinks.pop(sid) for sid in list(self._sinks)}
-            loads = {sid: self._loads.pop(sid, 0.0) for sid in entries}
-        for sid, (sink, spec) in entries.items():
-            if sid in self.engine.streams:
-                handoffs.append(Handoff(sid, spec, loads[sid], sink, self.engine.export_stream(sid)))
+            stream_ids = list(self._sinks)
+        for sid in stream_ids:
+            entry = self._unregister(sid)
+            if entry is not None and sid in self.engine.streams:
+                sink, spec, load = entry
+                handoffs.append(Handoff(sid, spec, load, sink, self.engine.export_stream(sid)))
         self.engine.abandon_inflight()
-        if self.rehome is None:
-            for h in handoffs:
-                h.sink(EngineFailure("replica lost"))
-            return
-        self.rehome(self, handoffs)
+        self._send_away(handoffs)
 
     def _fail(self, stream_id: str) -> None:
-        with self._lock:
-            entry = self._sinks.pop(stream_id, None)
-            self._loads.pop(stream_id, None)
+        entry = self._unregister(stream_id)
         if entry is not None:
             entry[0](EngineFailure("replica lost"))
         if stream_id in self.engine.streams:

@@ -149,6 +149,21 @@ def test_dead_replica_process_moves_its_streams_to_the_other_replica(server):
     settle(server)  # Serve restarted the replica process; it serves again
 
 
+def test_a_prompt_switch_survives_the_death_of_its_replica_process(server):
+    settle(server)
+    channel, results, readers, owner = start_streams(server, 1, 120)
+    frames, times, errors = results[0]
+    stub = stream_pb2_grpc.StreamServiceStub(channel)
+    stub.Control(stream_pb2.ControlRequest(stream_id=frames[0].stream_id, prompt="an owl at night"), timeout=10)
+    assert wait_for(lambda: frames[-1].prompt_revision == 1, 10)
+    os.kill(owner[0].pid(), signal.SIGKILL)
+    finish(channel, readers)
+    assert not errors and [f.index for f in frames] == list(range(120))
+    revisions = [f.prompt_revision for f in frames]
+    assert revisions == sorted(revisions) and revisions[-1] == 1  # the new prompt goes on, never the old
+    settle(server)
+
+
 def test_hung_stage_fails_over_without_zombie_frames(server):
     settle(server)
     channel, results, readers, owner = start_streams(server, 1, 140)

@@ -77,3 +77,14 @@ def test_serve_health_check_fails_only_when_no_forward_gets_through_and_no_rebui
     else:
         with pytest.raises(RuntimeError, match="forward through every stage"):
             asyncio.run(replica.check_health())
+
+
+def test_prompt_switches_a_lost_replica_had_not_applied_are_replayed_once_each():
+    from types import SimpleNamespace
+
+    from orchestrator.deployment import prompt_catch_up
+
+    assert prompt_catch_up(("a fox", 0), None) is None  # nothing asked, nothing finished
+    assert prompt_catch_up(("an owl", 2), None) == ("an owl", 2)  # switched twice before the first chunk
+    assert prompt_catch_up(("an owl", 2), SimpleNamespace(revision=1)) == ("an owl", 1)
+    assert prompt_catch_up(("an owl", 2), SimpleNamespace(revision=2)) is None  # already applied
