@@ -127,9 +127,9 @@ def _qk_norm_rope_split_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q
         tl.store(dst + base + cols, out.to(dst.dtype.element_ty), mask=mask)
 
 
-def _warps(channels: int) -> int:
-    """Warps per token row; bench/kernels.py sweeps this on a GPU (the interpreter ignores it)."""
-    return 4
+NUM_WARPS = 4
+"""Warps per token row. bench/kernels.py sweeps 1-16 on a GPU; on an H200 no other value was faster beyond
+noise at the wan2.1-1.3b shapes. The interpreter ignores it."""
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int, int]:
@@ -144,7 +144,7 @@ def norm_modulate(x, shift, scale, eps: float, num_warps: int | None = None):
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     out = torch.empty_like(x)
     _norm_modulate_kernel[(rows,)](x, shift, scale, out, t, c, eps, BLOCK_C=triton.next_power_of_2(c),
-                                   num_warps=num_warps or _warps(c))
+                                   num_warps=num_warps or NUM_WARPS)
     return out
 
 
@@ -153,7 +153,7 @@ def gated_residual(x, y, gate, num_warps: int | None = None):
     x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
     out = torch.empty_like(x)
     _gated_residual_kernel[(rows,)](x, y, gate, out, t, c, BLOCK_C=triton.next_power_of_2(c),
-                                    num_warps=num_warps or _warps(c))
+                                    num_warps=num_warps or NUM_WARPS)
     return out
 
 
@@ -162,7 +162,7 @@ def gated_residual_norm_modulate(x, y, gate, shift, scale, eps: float, num_warps
     x, y, gate, shift, scale = (a.contiguous() for a in (x, y, gate, shift, scale))
     res, out = torch.empty_like(x), torch.empty_like(x)
     _gated_residual_norm_modulate_kernel[(rows,)](x, y, gate, shift, scale, res, out, t, c, eps,
-                                                  BLOCK_C=triton.next_power_of_2(c), num_warps=num_warps or _warps(c))
+                                                  BLOCK_C=triton.next_power_of_2(c), num_warps=num_warps or NUM_WARPS)
     return res, out
 
 
@@ -184,7 +184,7 @@ def _qk_norm_rope(kernel, q, k, weight_q, weight_k, cos, sin, eps: float, num_wa
     sin = sin.expand(q.shape[0], t, half_d).contiguous().float()
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     kernel[(rows,)](q, k, weight_q.contiguous(), weight_k.contiguous(), cos, sin, q_out, k_out,
-                    c // 2, half_d, eps, BLOCK=triton.next_power_of_2(c // 2), num_warps=num_warps or _warps(c))
+                    c // 2, half_d, eps, BLOCK=triton.next_power_of_2(c // 2), num_warps=num_warps or NUM_WARPS)
     return q_out, k_out
 
 

@@ -400,10 +400,8 @@ class PipelineEngine:
 
     def frame_rate(self, num_steps: int | None = None) -> float:
         """Video frames per second this pipeline sustains over all its streams, from the latency model."""
-        steps = num_steps or self.cfg.sampler.num_steps
-        forwards, tokens = self._forwards_and_tokens(steps)
-        tick = self.latency.tick(tokens)
-        return 4 * self.cfg.sampler.chunk_frames / (forwards * tick) if tick > 0 else 0.0
+        forwards, tokens = self._forwards_and_tokens(num_steps or self.cfg.sampler.num_steps)
+        return self.latency.frame_rate(4 * self.cfg.sampler.chunk_frames, forwards, tokens)
 
     def max_streams(self, fps: float, num_steps: int | None = None) -> int:
         """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model."""

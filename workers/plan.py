@@ -141,14 +141,18 @@ class LatencyModel:
         """Predicted time from a chunk's first forward to its clean latents, pipeline otherwise idle."""
         return forwards_per_chunk * self.forward_latency(tokens_per_forward)
 
-    def max_streams(self, fps: float, video_frames_per_chunk: float, forwards_per_chunk: float,
-                    tokens_per_forward: int) -> int:
-        """Streams the pipeline sustains at ``fps`` video frames/s each: one forward leaves per tick."""
+    def frame_rate(self, video_frames_per_chunk: float, forwards_per_chunk: float, tokens_per_forward: int) -> float:
+        """Video frames per second the pipeline sustains over all its streams: one forward leaves per tick."""
         tick = self.tick(tokens_per_forward)
         if tick <= 0:
-            return 0
+            return 0.0
         chunks_per_s = 1.0 / (forwards_per_chunk * tick)
-        return int(chunks_per_s * video_frames_per_chunk / fps)
+        return chunks_per_s * video_frames_per_chunk
+
+    def max_streams(self, fps: float, video_frames_per_chunk: float, forwards_per_chunk: float,
+                    tokens_per_forward: int) -> int:
+        """Streams the pipeline sustains at ``fps`` video frames/s each."""
+        return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward) / fps)
 
 
 @dataclass(frozen=True)

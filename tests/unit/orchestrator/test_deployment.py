@@ -22,7 +22,8 @@ def test_recorded_updates_replay_on_the_orchestrator_registry():
     events.chunk_latency.observe(0.25)
     events.stage_queue_depth.labels(2).set(5)
     events.stage_queue_depth.labels(2).set(1)  # a gauge: the last value wins
-    events.observe_stage_stats([StageStats(stage=1, compute_s=0.5, idle_s=0.1, bytes_sent=1000, cache_bytes=77, tokens=10)])
+    events.observe_stage_stats([StageStats(stage=1, compute_s=0.5, idle_s=0.1, bytes_sent=1000, cache_bytes=77,
+                                           tokens=10)])
     metrics = Metrics()
     replay(metrics, pickle.loads(pickle.dumps(events.take())))  # they cross a process boundary
     assert value(metrics, "streamgen_stage_errors_total", kind="died") == 1
