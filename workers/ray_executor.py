@@ -272,18 +272,18 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         try:
             self._ray.get([a.shutdown.remote() for a in self.actors], timeout=5)
-        except Exception:  # noqa: BLE001 - dead or hung stages: kill them regardless
-            pass
-        finally:
+        except Exception:  # noqa: BLE001 - dead or hung stages: kill them the hard way
             self.kill()
+        else:
+            self.kill(sigkill=False)  # they answered: Ray's kill ends them without a crash report
 
-    def kill(self) -> None:
+    def kill(self, sigkill: bool = True) -> None:
         """End every stage process now (a failed pipeline: survivors may be stuck in recv, or stopped).
 
-        Stages on this node get SIGKILL first: Ray's own kill waits seconds for a stopped (hung) process,
-        and a rebuild into the same placement-group bundles waits for their slots."""
+        With ``sigkill``, stages on this node get SIGKILL first: Ray's own kill waits seconds for a stopped
+        (hung) process, and a rebuild into the same placement-group bundles waits for their slots."""
         here = self._ray.get_runtime_context().get_node_id()
-        for node, pid in getattr(self, "_stage_procs", []):
+        for node, pid in getattr(self, "_stage_procs", []) if sigkill else []:
             if node == here:
                 try:
                     os.kill(pid, signal.SIGKILL)
