@@ -69,12 +69,12 @@ def time_modes(name: str, steps: int, chunks: int) -> dict:
         program = StreamProgram(cfg.sampler, cfg.cache, 0, gen.latent_shape)
         cache = gen.model.new_stream_cache(cfg.cache)
         cache.set_context(gen.model.embed_text(gen.text_encoder("bench")))
+        store = gen.new_store()
         stamps, forwards = [], 0
         with torch.no_grad():
             while len(stamps) < chunks:
-                work = program.next_work()
                 forwards += 1
-                for _ in program.complete(work, gen.run_work(work, cache)):
+                for _ in gen.step(program, cache, store):
                     stamps.append(time.perf_counter())
         steady = stamps[len(stamps) // 4:]  # past warm-up
         per_chunk = (steady[-1] - steady[0]) / (len(steady) - 1)

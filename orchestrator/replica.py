@@ -310,10 +310,7 @@ class EngineHost(StreamBook):
             engine.consumed(stream_id)
         elif kind == "adopt":
             try:
-                if isinstance(value, StreamCheckpoint):  # from a replica process that is gone
-                    engine.restore(value)
-                else:
-                    engine.import_stream(value)
+                engine.restore(value)
             except Exception:  # noqa: BLE001 - e.g. this replica failed too: the stream ends
                 log.exception("replica %d could not adopt stream", self.index)
                 self._fail(stream_id)
@@ -363,7 +360,8 @@ class EngineHost(StreamBook):
             entry = self._unregister(sid)
             if entry is not None and sid in self.engine.streams:
                 sink, spec, load = entry
-                handoffs.append(Handoff(sid, spec, load, sink, self.engine.export_stream(sid)))
+                handoffs.append(Handoff(sid, spec, load, sink, self.engine.checkpoint(sid)))
+                self.engine.streams.pop(sid)
         self.engine.abandon_inflight()
         self._send_away(handoffs)
 

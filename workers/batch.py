@@ -1,4 +1,9 @@
-"""What the engine hands to stages: micro-batch descriptors and per-stage stats (data-plane wire types)."""
+"""Data-plane wire types: what the engine hands to stages and what comes back. Struct-only module.
+
+One descriptor, ``Work``, is one stream's part of a forward. The engine builds it, every stage reads it,
+stage 0 turns it into latents and the last stage turns the flow into the next step's latents (the ring).
+Tensors ride along only where the driver is their source (re-cache of recent clean latents).
+"""
 
 from __future__ import annotations
 
@@ -6,35 +11,70 @@ from dataclasses import dataclass, field
 
 import torch
 
+CONTEXT = -1
+"""Step index of a context (cache-writing) entry: a clean chunk at t=0."""
 
-@dataclass
-class SegmentSpec:
-    """One stream's part of a micro-batch."""
+
+@dataclass(slots=True)
+class Work:
+    """One forward of one stream: chunk-sized entries, oldest first."""
 
     stream_id: str
-    frames: int
-    block_frames: int
+    epoch: int
+    """Bumped when the stream restarts its unfinished chunks; ring latents of older epochs are stale."""
+    seed: int
+    entries: tuple[tuple[int, int], ...]
+    """(chunk index, step index or CONTEXT) per entry."""
+    timesteps: tuple[float, ...]
+    """Model timestep of each entry."""
+    sigmas: tuple[float, ...]
+    """The stream's sigma per denoising step (x0 and re-noise on the last stage)."""
+    chunk_frames: int
     commit_frames: int = 0
+    """Leading frames whose K/V join the cache (context entries)."""
     reset_cache: bool = False
-    steps: tuple[int, ...] = ()
+    """Clear the stream's KV cache before this forward (re-cache)."""
     independent: bool = False
-    """Entries attend to the cache and themselves only (see Segment.independent)."""
-    offsets: tuple[int, ...] | None = None
-    """Independent segments: each entry's first position in frames after the cache (see Segment.offsets)."""
-    """Denoising step index of each chunk-sized entry, -1 for context entries (routes step-split plans)."""
+    """Entries attend to the clean cache and themselves only (stream_batch, batch_attention 'clean')."""
+    inline: torch.Tensor | None = None
+    """[F, C, h, w] float32 latents sent by the driver (re-cache only); None: stage 0 finds them."""
+    lane: int = 0
+    """Which lane issued it (``SamplerConfig.lanes``; the engine's bookkeeping)."""
+
+    @property
+    def frames(self) -> int:
+        return len(self.entries) * self.chunk_frames
+
+    @property
+    def offsets(self) -> tuple[int, ...] | None:
+        """Independent work: each entry's first temporal position, in frames after the cache (None otherwise:
+        entries sit back to back)."""
+        if not self.independent:
+            return None
+        return tuple(i * self.chunk_frames for i in range(len(self.entries)))
+
+    def t(self) -> torch.Tensor:
+        """[F] per-frame timesteps."""
+        return torch.tensor(self.timesteps, dtype=torch.float32).repeat_interleave(self.chunk_frames)
+
+    def ring_entries(self) -> list[tuple[int, int]]:
+        """What the last stage produces from this forward, in order: (chunk, next step) for an entry that
+        goes on denoising, (chunk, CONTEXT) for one that finished (its clean x0 is the next context)."""
+        n = len(self.sigmas)
+        return [(c, s + 1 if s + 1 < n else CONTEXT) for c, s in self.entries if s != CONTEXT]
+
+    def finishes(self) -> list[int]:
+        """Chunks this forward finishes (their last denoising step)."""
+        return [c for c, s in self.entries if s == len(self.sigmas) - 1]
 
 
-@dataclass
+@dataclass(slots=True)
 class MicroBatch:
-    """One forward through the pipeline: segments of several streams, frames concatenated in order."""
+    """One forward through the pipeline: works of several streams, frames concatenated in order."""
 
     seq: int
-    segments: list[SegmentSpec]
+    segments: list[Work]
     grid: tuple[int, int]
-    latents: torch.Tensor
-    """[F, C, h, w] float32, stage 0's input."""
-    t: torch.Tensor
-    """[F] per-frame timesteps."""
     texts: dict[str, torch.Tensor] = field(default_factory=dict)
     """Text-encoder output [L, text_dim] of streams whose prompt changes with this micro-batch."""
     profile: bool = False
@@ -48,8 +88,12 @@ class MicroBatch:
     def tokens(self) -> int:
         return self.frames * self.grid[0] * self.grid[1]
 
+    def ring_frames(self) -> int:
+        """Latent frames the last stage sends back to stage 0 for this micro-batch."""
+        return sum(len(w.ring_entries()) * w.chunk_frames for w in self.segments)
 
-@dataclass
+
+@dataclass(slots=True)
 class StageStats:
     """What one stage reports per micro-batch."""
 
@@ -58,9 +102,19 @@ class StageStats:
     idle_s: float
     """Time between the end of this stage's previous forward and the start of this one."""
     bytes_sent: int
-    """Activation bytes handed to the next stage (0 on the last)."""
+    """Activation bytes handed to the next stage (the last stage: ring latents back to stage 0)."""
     cache_bytes: int
     """KV + cross-attention cache bytes this stage holds, all streams."""
     tokens: int
     block_s: dict[int, float] = field(default_factory=dict)
     """Per-block seconds, on profiled micro-batches only."""
+
+
+@dataclass(slots=True)
+class Finished:
+    """What comes back to the driver for one micro-batch: clean latents of the chunks it finished."""
+
+    seq: int
+    chunks: list[list[tuple[int, torch.Tensor]]]
+    """Per segment (micro-batch order): (chunk, x0 [f, C, h, w] float32 on CPU)."""
+    stats: list[StageStats]

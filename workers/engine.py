@@ -4,7 +4,9 @@
 
 Executors (``workers.executor``) share one contract: in-process (all stages in this process) and Ray
 (one actor per stage, torch.distributed between them). The engine owns the per-stream sampling
-programs, text and decode; stages own weights and caches.
+programs (bookkeeping), text and decode; stages own weights, caches and the latents in flight: the last
+stage sends each next step's latents to stage 0, so a micro-batch comes back to the engine only with the
+clean latents of the chunks it finished.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Callable
 import torch
 
 from orchestrator.config import EngineConfig, GenerationConfig, SamplerConfig
-from workers.batch import MicroBatch, SegmentSpec, StageStats
+from workers.batch import Finished, MicroBatch, StageStats, Work
 from workers.executor import Executor
 from workers.model.text import TextEncoder
 from workers.model.vae import StreamingDecoder, to_uint8
 from workers.plan import LatencyModel, balanced_split, stage_costs
-from workers.stream import StreamProgram, Work
+from workers.stream import StreamProgram
 
 
 @dataclass
@@ -53,7 +55,8 @@ class _Stream:
     send_text: bool = True  # the next micro-batch carries this stream's text to every stage
     pending: list = field(default_factory=list)  # controls waiting for the stream to drain
     max_ahead: int | None = None  # chunks produced and not yet consumed before the stream waits
-    produced: int = 0
+    produced: int = 0  # chunks whose last step is issued (counted at issue, so the bound holds in flight)
+    delivered: int = 0
     consumed: int = 0
     outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
     chunk_started: dict[int, float] = field(default_factory=dict)  # chunk -> dispatch time of its step 0
@@ -99,6 +102,8 @@ class EngineStats:
     max_inflight: int = 0
     ready_streams: int = 0
     """Streams that were ready but not scheduled at the last dispatch (the engine's queue depth)."""
+    chained: int = 0
+    """Forwards issued while the forward they take latents from was still in flight."""
 
 
 class PipelineEngine:
@@ -176,8 +181,8 @@ class PipelineEngine:
                 break
             self._dispatch(mb)
         outputs = []
-        for seq, flow, stats in self.executor.collect(wait=wait and bool(self._inflight)):
-            outputs += self._update(seq, flow, stats)
+        for done in self.executor.collect(wait=wait and bool(self._inflight)):
+            outputs += self._update(done)
         return outputs
 
     def run_chunks(self, n_chunks: dict[str, int], on_output: Callable[[ChunkOutput], None] | None = None,
@@ -205,27 +210,12 @@ class PipelineEngine:
         self._target_split = None
         for stream in self.streams.values():
             stream.outstanding.clear()
+            stream.chunk_started.clear()
             stream.program.restart_unfinished(lost=True)
+            stream.produced = stream.delivered
             stream.send_text = True
             executor.open_stream(stream.stream_id, self.cfg.cache)
         self.recoveries += 1
-
-    def export_stream(self, stream_id: str) -> "_Stream":
-        """Take a stream out of this engine (its stages are lost) to continue on another engine."""
-        stream = self.streams.pop(stream_id)
-        stream.outstanding.clear()
-        return stream
-
-    def import_stream(self, stream: "_Stream") -> None:
-        """Continue a stream exported from another engine: open it on this executor and rebuild its caches
-        by re-caching its recent clean latents; unfinished chunks start over (same noise)."""
-        if stream.stream_id in self.streams:
-            raise ValueError(f"stream {stream.stream_id!r} already exists")
-        stream.program.restart_unfinished(lost=True)
-        stream.send_text = True
-        stream.outstanding.clear()
-        self.executor.open_stream(stream.stream_id, self.cfg.cache)
-        self.streams[stream.stream_id] = stream
 
     def checkpoint(self, stream_id: str) -> StreamCheckpoint:
         """The stream's recovery point now (cheap: references to immutable clean latents)."""
@@ -261,8 +251,8 @@ class PipelineEngine:
         """Collect every in-flight micro-batch without dispatching more."""
         outputs = []
         while self._inflight:
-            for seq, flow, stats in self.executor.collect(wait=True):
-                outputs += self._update(seq, flow, stats)
+            for done in self.executor.collect(wait=True):
+                outputs += self._update(done)
         return outputs
 
     # helpers ----------------------------------------------------------------------------------------
@@ -293,37 +283,35 @@ class PipelineEngine:
             elif kind == "steps":  # unfinished chunks restart with the new list; cache rebuilt as on a prompt change
                 sampler = replace(prog.sampler, denoising_steps=value)
                 stream.program = prog = StreamProgram(sampler, self.cfg.cache, prog.seed, self.latent_shape,
-                                                      start_chunk=prog.first_unfinished(), history=list(prog.history))
+                                                      start_chunk=prog.first_unfinished(), history=list(prog.history),
+                                                      epoch=prog.epoch + 1)
         stream.pending.clear()
 
     def _schedule(self) -> MicroBatch | None:
-        """Earliest-deadline-first among ready streams; sized so P micro-batches can be in flight."""
+        """Earliest-deadline-first among ready streams, those with nothing in flight to wait for first;
+        sized so P micro-batches can be in flight."""
         ready = [s for s in self.streams.values() if not s.pending and s.program.ready()
                  and (s.max_ahead is None or s.produced - s.consumed < s.max_ahead)]
         if not ready:
             return None
-        ready.sort(key=lambda s: (s.due(), s.stream_id))
+        ready.sort(key=lambda s: (s.program.chained(), s.due(), s.stream_id))
         size = max(1, min(self.engine_cfg.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
         self.stats.ready_streams = max(0, len(ready) - size)
-        segments, latents, ts, texts = [], [], [], {}
+        works, texts, now = [], {}, self.clock()
         for stream in ready[:size]:
-            work = stream.program.next_work()
+            self.stats.chained += stream.program.chained()
+            work = stream.program.next_work(stream.stream_id)
             stream.outstanding[self._seq] = work
-            now = self.clock()
+            stream.produced += len(work.finishes())
             for chunk, step in work.entries:
                 if step == 0:
                     stream.chunk_started.setdefault(chunk, now)
-            segments.append(SegmentSpec(stream.stream_id, work.frames, work.chunk_frames, work.commit_frames,
-                                        work.reset_cache, tuple(step for _, step in work.entries),
-                                        work.independent, work.offsets))
-            latents.append(work.latents)
-            ts.append(work.t)
+            works.append(work)
             if stream.send_text:
                 texts[stream.stream_id] = self.text_encoder(stream.prompt)
                 stream.send_text = False
         every = self.engine_cfg.profile_every
-        mb = MicroBatch(self._seq, segments, self.grid, torch.cat(latents), torch.cat(ts), texts,
-                        profile=bool(every) and self._seq % every == 0)
+        mb = MicroBatch(self._seq, works, self.grid, texts, profile=bool(every) and self._seq % every == 0)
         self._seq += 1
         return mb
 
@@ -335,8 +323,9 @@ class PipelineEngine:
         self.stats.inflight = len(self._inflight)
         self.stats.max_inflight = max(self.stats.max_inflight, self.stats.inflight)
 
-    def _update(self, seq: int, flow: torch.Tensor, stats: list[StageStats]) -> list[ChunkOutput]:
-        mb = self._inflight.pop(seq)
+    def _update(self, done: Finished) -> list[ChunkOutput]:
+        mb = self._inflight.pop(done.seq)
+        stats = done.stats
         for s in stats:
             self.latency.observe(s.stage, s.tokens, s.compute_s)
             self.stats.compute_s[s.stage] += s.compute_s
@@ -344,26 +333,21 @@ class PipelineEngine:
             self.stats.bytes_sent[s.stage] += s.bytes_sent
         self.stats.last_stage_stats = stats
         self._observe_costs(stats)
-        outputs, f0 = [], 0
-        for spec in mb.segments:
-            f1 = f0 + spec.frames
-            stream = self.streams.get(spec.stream_id)
-            if stream is None:  # removed while in flight
-                f0 = f1
+        outputs = []
+        for work, finished in zip(mb.segments, done.chunks):
+            stream = self.streams.get(work.stream_id)
+            if stream is None or stream.outstanding.pop(done.seq, None) is None:  # removed or lost meanwhile
                 continue
-            work = stream.outstanding.pop(seq)
-            for chunk, x0 in stream.program.complete(work, flow[f0:f1]):
+            for chunk, x0 in stream.program.complete(work, finished):
                 frames = None
                 if self.decoder is not None:
                     frames = to_uint8(self.decoder.decode_chunk(x0, stream.decoder_state)).cpu()
                 started = stream.chunk_started.pop(chunk, None)
                 latency = 0.0 if started is None else self.clock() - started
                 outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision, latency))
-                stream.produced += 1
+                stream.delivered += 1
                 self.stats.chunks += 1
-            f0 = f1
         return outputs
-
 
     # block scheduler and latency model ----------------------------------------------------------------
 
@@ -429,16 +413,11 @@ class PipelineEngine:
         if len(self.block_cost) < n:
             return None
         costs = [self.block_cost[b] for b in range(n)]
-        current = self.executor.split()
-        best_split, best, now = [], 0.0, 0.0
-        for group in self.executor.stage_groups():
-            first = self.stage_overhead.get(group[0], 0.0)
-            last = self.stage_overhead.get(group[-1], 0.0)
-            split = balanced_split(costs, len(group), first, last)
-            best_split += split
-            best = max(best, max(stage_costs(split, costs, first, last)))
-            now = max(now, max(stage_costs([current[i] for i in group], costs, first, last)))
-        return best_split, best, now
+        first = self.stage_overhead.get(0, 0.0)
+        last = self.stage_overhead.get(self.executor.num_stages - 1, 0.0)
+        split = balanced_split(costs, self.executor.num_stages, first, last)
+        best = max(stage_costs(split, costs, first, last))
+        return split, best, max(stage_costs(self.executor.split(), costs, first, last))
 
     def _maybe_rebalance(self) -> None:
         """Re-plan the block split when measured stage times drift; apply it once the pipeline drains."""

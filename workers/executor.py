@@ -1,19 +1,22 @@
 """Executors run micro-batches through a pipeline's stages. One contract, two implementations:
 
-* ``InProcessExecutor``: every stage in this process, no communication (the fast test path);
+* ``InProcessExecutor``: every stage in this process, no communication (tests, the Ray-free backend);
 * ``RayExecutor`` (``workers.ray_executor``): one Ray actor per stage, activations over torch.distributed.
+
+Both close the denoising ring without the driver: the last stage's next-step latents go straight to stage 0
+(``workers.denoise``); the driver gets back only the clean latents of the chunks a micro-batch finished.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections import deque
 
 import torch
 
 from orchestrator.config import CacheConfig, ModelConfig
-from workers.batch import MicroBatch, SegmentSpec, StageStats
+from workers import denoise
+from workers.batch import Finished, MicroBatch, StageStats
 from workers.plan import even_split
 from workers.stage import StageWorker
 
@@ -33,12 +36,14 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, mb: MicroBatch) -> None:
-        """Start ``mb`` on stage 0; it flows through every stage. Called with at most P in flight."""
+        """Start ``mb`` on stage 0; it flows through every stage, and the last stage sends the latents of
+        its unfinished entries back to stage 0. Called with at most P in flight, in issue order: a work
+        whose latents come from an earlier micro-batch's ring may be submitted before that one completes."""
 
     @abstractmethod
-    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
-        """Finished micro-batches as (seq, flow [F, C, h, w] on CPU, per-stage stats), in submission order.
-        With ``wait`` block until at least one is done (if any is in flight)."""
+    def collect(self, wait: bool) -> list[Finished]:
+        """Completed micro-batches in submission order: the clean latents of the chunks each finished (CPU)
+        and per-stage stats. With ``wait`` block until at least one is done (if any is in flight)."""
 
     @abstractmethod
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
@@ -59,10 +64,6 @@ class Executor(ABC):
     @abstractmethod
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         """Move blocks (weights and every stream's KV caches) to match ``split``. Call with nothing in flight."""
-
-    def stage_groups(self) -> list[list[int]]:
-        """Stage indices of each layer-split pipeline inside this executor (one group unless step-split)."""
-        return [list(range(self.num_stages))]
 
     @abstractmethod
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
@@ -113,23 +114,31 @@ class InProcessExecutor(Executor):
     """All stages in one process, run back to back when a micro-batch is submitted."""
 
     def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, weights_path: str = ""):
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, weights_path: str = "",
+                 use_ema: bool = False):
         split = split or even_split(model_cfg.num_layers, num_stages)
         if len(split) != num_stages:
             raise ValueError(f"split has {len(split)} ranges for {num_stages} stages")
         self.num_stages = num_stages
-        self.stages = [StageWorker(model_cfg, rng, i, num_stages, device, dtype, weights_path)
+        self.stages = [StageWorker(model_cfg, rng, i, num_stages, device, dtype, weights_path, use_ema)
                        for i, rng in enumerate(split)]
-        self._done: deque = deque()
+        self._done: deque[Finished] = deque()
 
     def submit(self, mb: MicroBatch) -> None:
-        act, contexts, stats = None, None, []
+        first, last = self.stages[0], self.stages[-1]
+        latents, t = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
+        act, contexts, stats = latents, None, []
         for stage in self.stages:
-            act, contexts, st = stage.forward(mb, act, contexts)
+            act, contexts, st = stage.forward(mb, act, contexts, t)
             stats.append(st)
-        self._done.append((mb.seq, act.float().cpu(), stats))
+        ring, finished = denoise.advance(mb, latents, act)
+        if ring is not None:
+            first.store.put(mb, ring)
+            if self.num_stages > 1:
+                stats[-1].bytes_sent = ring.nbytes
+        self._done.append(Finished(mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats))
 
-    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
+    def collect(self, wait: bool) -> list[Finished]:
         out = list(self._done)
         self._done.clear()
         return out
@@ -153,156 +162,3 @@ class InProcessExecutor(Executor):
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for src, dst, blocks in moves(self.split(), split):
             self.stages[dst].adopt_blocks(*self.stages[src].release_blocks(blocks))
-
-
-class StepSplitExecutor(Executor):
-    """A grid plan: step groups x layer ranges. Group g is a layer-split pipeline (any Executor) holding
-    the whole model and running only the denoising steps ``step_groups[g]``; context passes (and re-cache
-    forwards) go to every group, so each group's KV caches hold the same clean context as the reference.
-
-    Needs ``sequential`` mode or ``stream_batch`` with ``batch_attention='clean'`` (independent entries,
-    split by step across groups). With 'inflight' attention a forward's entries attend to one another,
-    so splitting it by step would change what each entry sees (or recompute every older entry).
-    """
-
-    def __init__(self, groups: list[Executor], step_groups: list[list[int]]):
-        steps = sorted(s for g in step_groups for s in g)
-        if len(groups) != len(step_groups) or steps != list(range(len(steps))):
-            raise ValueError(f"step groups {step_groups} must partition the step indices over {len(groups)} groups")
-        self.groups = groups
-        self.owner = {s: g for g, group in enumerate(step_groups) for s in group}
-        self.num_stages = sum(g.num_stages for g in groups)
-        self._offsets = [sum(g.num_stages for g in groups[:i]) for i in range(len(groups))]
-        self._texts: dict[str, torch.Tensor] = {}  # latest text per stream
-        self._delivered: list[set[str]] = [set() for _ in groups]  # streams whose latest text each group has
-        self._pending: dict[int, dict] = {}  # parent seq -> {"mb", "parts": {group: sub seq}, "done": {}}
-        self._order: deque[int] = deque()
-        self._sub_seq = 0
-        self._sub_owner: dict[tuple[int, int], int] = {}  # (group, sub seq) -> parent seq
-
-    def _route(self, spec: SegmentSpec) -> dict[int, list[int]]:
-        """Group -> indices of the segment's entries it runs. Context entries go to every group."""
-        steps = list(spec.steps)
-        if all(s == -1 for s in steps):
-            return {g: list(range(len(steps))) for g in range(len(self.groups))}
-        real = {s for s in steps if s != -1}
-        if len(real) > 1 and not spec.independent:
-            raise ValueError("a step-split plan needs sequential mode or stream_batch with batch_attention "
-                             f"'clean': this forward of stream {spec.stream_id!r} mixes steps {sorted(real)} "
-                             "whose entries attend to one another")
-        ctx = [j for j, s in enumerate(steps) if s == -1]
-        route = {g: list(ctx) for g in range(len(self.groups))} if ctx else {}
-        for j, s in enumerate(steps):
-            if s != -1:
-                route.setdefault(self.owner[s], []).append(j)
-        return route
-
-    def submit(self, mb: MicroBatch) -> None:
-        for sid, text in mb.texts.items():
-            self._texts[sid] = text
-            for delivered in self._delivered:
-                delivered.discard(sid)
-        per_group: dict[int, list[tuple[int, list[int]]]] = {}  # group -> [(segment, entry indices)]
-        starts, f0 = [], 0
-        for i, spec in enumerate(mb.segments):
-            starts.append(f0)
-            f0 += spec.frames
-            for g, entries in self._route(spec).items():
-                per_group.setdefault(g, []).append((i, entries))
-        parts = {}
-        for g, items in per_group.items():
-            segs, lat, ts, texts = [], [], [], {}
-            for i, entries in items:
-                spec = mb.segments[i]
-                bf = spec.frames // max(1, len(spec.steps)) if spec.steps else spec.frames
-                rows = [r for j in entries for r in range(starts[i] + j * bf, starts[i] + (j + 1) * bf)]
-                has_ctx = spec.commit_frames > 0 and entries and entries[0] == 0 and spec.steps[0] == -1
-                segs.append(dataclasses.replace(
-                    spec, frames=len(rows), steps=tuple(spec.steps[j] for j in entries),
-                    commit_frames=spec.commit_frames if has_ctx else 0,
-                    offsets=tuple(spec.offsets[j] for j in entries) if spec.offsets is not None else None))
-                lat.append(mb.latents[rows])
-                ts.append(mb.t[rows])
-                if spec.stream_id not in self._delivered[g] and spec.stream_id in self._texts:
-                    texts[spec.stream_id] = self._texts[spec.stream_id]
-                    self._delivered[g].add(spec.stream_id)
-            sub = MicroBatch(self._sub_seq, segs, mb.grid, torch.cat(lat), torch.cat(ts), texts, mb.profile)
-            self._sub_owner[(g, self._sub_seq)] = mb.seq
-            parts[g] = items
-            self._sub_seq += 1
-            self.groups[g].submit(sub)
-        self._pending[mb.seq] = {"mb": mb, "parts": parts, "done": {}}
-        self._order.append(mb.seq)
-
-    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
-        self._poll()
-        if wait and self._order:  # block until the oldest micro-batch has every part back
-            head = self._pending[self._order[0]]
-            while len(head["done"]) < len(head["parts"]):
-                self._poll(block_on=next(g for g in head["parts"] if g not in head["done"]))
-        out = []
-        while self._order:
-            head = self._pending[self._order[0]]
-            if len(head["done"]) < len(head["parts"]):
-                break
-            self._order.popleft()
-            del self._pending[head["mb"].seq]
-            out.append(self._assemble(head))
-        return out
-
-    def _poll(self, block_on: int | None = None) -> None:
-        for g, group in enumerate(self.groups):
-            for sub_seq, flow, stats in group.collect(wait=g == block_on):
-                parent = self._pending[self._sub_owner.pop((g, sub_seq))]
-                parent["done"][g] = (flow, [replace_stage(s, self._offsets[g] + s.stage) for s in stats])
-
-    def _assemble(self, entry: dict) -> tuple[int, torch.Tensor, list[StageStats]]:
-        mb, pieces = entry["mb"], {}
-        for g, items in entry["parts"].items():
-            flow, _ = entry["done"][g]
-            f0 = 0
-            for i, entries in items:
-                spec = mb.segments[i]
-                bf = spec.frames // max(1, len(spec.steps)) if spec.steps else spec.frames
-                for j in entries:
-                    pieces.setdefault((i, j), flow[f0:f0 + bf])  # context entries: the first group's copy
-                    f0 += bf
-        order = [(i, j) for i, spec in enumerate(mb.segments) for j in range(max(1, len(spec.steps)))]
-        flow = torch.cat([pieces[k] for k in order])
-        stats = [s for g in sorted(entry["done"]) for s in entry["done"][g][1]]
-        return mb.seq, flow, stats
-
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
-        for g in self.groups:
-            g.open_stream(stream_id, cache_cfg)
-
-    def close_stream(self, stream_id: str) -> list[int]:
-        self._texts.pop(stream_id, None)
-        for delivered in self._delivered:
-            delivered.discard(stream_id)
-        return [b for g in self.groups for b in g.close_stream(stream_id)]
-
-    def cache_bytes(self) -> list[int]:
-        return [b for g in self.groups for b in g.cache_bytes()]
-
-    def split(self) -> list[tuple[int, int]]:
-        return [r for g in self.groups for r in g.split()]
-
-    def stage_groups(self) -> list[list[int]]:
-        return [list(range(off, off + g.num_stages)) for g, off in zip(self.groups, self._offsets)]
-
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
-        return [replace_stage(s, off + s.stage) for g, off in zip(self.groups, self._offsets)
-                for s in g.profile(grid, frames, cache_cfg)]
-
-    def rebalance(self, split: list[tuple[int, int]]) -> None:
-        for g, off in zip(self.groups, self._offsets):
-            g.rebalance(split[off:off + g.num_stages])
-
-    def shutdown(self) -> None:
-        for g in self.groups:
-            g.shutdown()
-
-
-def replace_stage(stats: StageStats, stage: int) -> StageStats:
-    return dataclasses.replace(stats, stage=stage)

@@ -1,10 +1,13 @@
 """RayExecutor: one Ray actor per stage; activations hop stage to stage over torch.distributed
-(gloo on CPU, NCCL on CUDA), never through Ray's object store.
+(gloo on CPU, NCCL on CUDA), never through Ray's object store, and the ring closes the same way.
 
-The driver submits every micro-batch to every stage actor at once. Ray runs an actor's tasks from one
-caller in submission order, and each stage blocks in ``recv`` until its predecessor sends, so stage s
-works on micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. Only the last
-stage's flow (small latents) and per-stage stats come back through Ray.
+The driver submits every micro-batch to every stage actor at once (P calls a micro-batch). Ray runs an
+actor's tasks from one caller in submission order, and each stage blocks in ``recv`` until its
+predecessor sends, so stage s works on micro-batch m while stage s+1 works on m-1: the pipeline fills
+by itself. The last stage computes x0 and the re-noise and sends the next step's latents to stage 0
+(``RING_TAG``); stage 0 posts that receive as soon as it has run the micro-batch and waits on it only
+when a later forward needs those latents. Only finished chunks' clean latents and per-stage stats come
+back through Ray.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import signal
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from orchestrator.config import CacheConfig, ModelConfig
-from workers.batch import MicroBatch, StageStats
+from workers import denoise
+from workers.batch import Finished, MicroBatch, StageStats
 from workers.executor import Executor, StageFailure, moves
 from workers.model.dit import Activation
 from workers.plan import even_split
@@ -48,6 +53,11 @@ def _rendezvous_file() -> str:
     return f"/tmp/streamgen-pg-{uuid.uuid4().hex}"
 
 
+RING_TAG = 1
+"""Tag of the last stage -> stage 0 messages; stage to stage activations use tag 0."""
+SHUTDOWN_WAIT = timedelta(seconds=5)
+
+
 def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """Shapes of what stage s sends to s+1: hidden [F, T, C], e_time [F, C], e0 [F, 6, C], contexts [L, C]."""
     f, t, c = mb.frames, mb.grid[0] * mb.grid[1], cfg.dim
@@ -58,14 +68,16 @@ class StageActorBody:
     """The actor: a StageWorker plus its torch.distributed endpoints."""
 
     def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
-                 rendezvous: str, threads: int = 1, device: str = "cpu", weights_path: str = ""):
+                 rendezvous: str, threads: int = 1, device: str = "cpu", weights_path: str = "",
+                 dtype: torch.dtype = torch.float32, use_ema: bool = False):
         torch.set_num_threads(threads)
         self.cfg = model_cfg
         self.stage, self.num_stages = stage, num_stages
-        self.worker = StageWorker(model_cfg, block_range, stage, num_stages, device, weights_path=weights_path)
+        self.worker = StageWorker(model_cfg, block_range, stage, num_stages, device, dtype, weights_path, use_ema)
         self.dtype = self.worker.model.dtype
         self.device = torch.device(device)
-        self._send_work = None  # outstanding isend, waited on before the next send reuses the wire
+        self._sends: deque = deque()  # (isend work, buffer): buffers stay alive until their send completes
+        self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
         if num_stages > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's stages share one node
@@ -85,34 +97,65 @@ class StageActorBody:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, mb: MicroBatch) -> tuple[int, torch.Tensor | None, StageStats]:
-        act, contexts = None, None
-        if self.stage > 0:
-            act, contexts = self._recv(mb)
-        out, contexts, stats = self.worker.forward(mb, act, contexts)
-        if self.stage < self.num_stages - 1:
-            self._send(mb, out, contexts)
+    def run(self, mb: MicroBatch) -> tuple[int, list | None, StageStats]:
+        """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats)."""
+        first, last = self.stage == 0, self.stage == self.num_stages - 1
+        if first:
+            latents, t = self.worker.first_inputs(mb, wait=self._unpack_ring)
+            inputs, contexts = latents, None
+        else:
+            inputs, latents, contexts = self._recv(mb)
+            t = None
+        out, contexts, stats = self.worker.forward(mb, inputs, contexts, t)
+        if not last:
+            self._send(mb, out, latents, contexts)
+            if mb.ring_frames():
+                self._post_ring(mb)
             return mb.seq, None, stats
-        return mb.seq, out.float().cpu(), stats
+        ring, finished = denoise.advance(mb, latents, out)
+        if ring is not None and first:  # P = 1: the ring is this stage's own store
+            self.worker.store.put(mb, ring)
+        elif ring is not None:
+            self._isend(ring.contiguous(), dst=0, tag=RING_TAG)
+            stats.bytes_sent = ring.nbytes
+        return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats
 
-    def _recv(self, mb: MicroBatch) -> tuple[Activation, dict]:
+    def _recv(self, mb: MicroBatch) -> tuple[Activation, torch.Tensor, dict]:
         shapes = payload_shapes(mb, self.cfg)
         buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=self.dtype, device=self.device)
         dist.recv(buf, src=self.stage - 1)
+        latents = torch.empty((mb.frames,) + self.worker.latent_shape(mb.grid), device=self.device)
+        dist.recv(latents, src=self.stage - 1)  # float32, for x0 on the last stage
         parts, off = [], 0
         for s in shapes:
             n = torch.Size(s).numel()
             parts.append(buf[off:off + n].view(s))
             off += n
-        return Activation(*parts[:3]), dict(zip(mb.texts, parts[3:]))
+        return Activation(*parts[:3]), latents, dict(zip(mb.texts, parts[3:]))
 
-    def _send(self, mb: MicroBatch, act: Activation, contexts: dict) -> None:
+    def _send(self, mb: MicroBatch, act: Activation, latents: torch.Tensor, contexts: dict) -> None:
         tensors = list(act) + [contexts[sid] for sid in mb.texts]
-        buf = torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
-        if self._send_work is not None:
-            self._send_work.wait()
-        self._send_work = dist.isend(buf, dst=self.stage + 1)
-        self._send_buf = buf  # keep alive until the send completes
+        self._isend(torch.cat([t.reshape(-1).to(self.dtype) for t in tensors]), dst=self.stage + 1)
+        self._isend(latents.float().contiguous(), dst=self.stage + 1)
+
+    def _isend(self, buf: torch.Tensor, dst: int, tag: int = 0) -> None:
+        while self._sends and self._sends[0][0].is_completed():
+            self._sends.popleft()
+        self._sends.append((dist.isend(buf, dst=dst, tag=tag), buf))
+
+    def _post_ring(self, mb: MicroBatch) -> None:
+        """Stage 0: post the receive of ``mb``'s ring latents now, so the last stage never waits on it."""
+        buf = torch.empty((mb.ring_frames(),) + self.worker.latent_shape(mb.grid), device=self.device)
+        self._ring.append((mb, dist.irecv(buf, src=self.num_stages - 1, tag=RING_TAG), buf))
+
+    def _unpack_ring(self) -> bool:
+        """Stage 0: wait for the oldest ring message and unpack it into the store; False when none is posted."""
+        if not self._ring:
+            return False
+        mb, work, buf = self._ring.popleft()
+        work.wait()
+        self.worker.store.put(mb, buf)
+        return True
 
     # streams and rebalance: thin forwards to the worker
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
@@ -141,10 +184,22 @@ class StageActorBody:
         return self.worker.block_range
 
     def shutdown(self) -> None:
-        if self._send_work is not None:
-            self._send_work.wait()
+        for work, _ in self._sends:
+            work.wait(SHUTDOWN_WAIT)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@dataclass
+class DriverTraffic:
+    """What crosses between the driver and the stage actors (tests count it)."""
+
+    calls: int = 0
+    """Stage actor calls made for micro-batches."""
+    latent_bytes_out: int = 0
+    """Latent bytes sent with micro-batches (re-cache only)."""
+    latent_bytes_in: int = 0
+    """Latent bytes received: finished chunks' clean latents."""
 
 
 class RayExecutor(Executor):
@@ -154,7 +209,8 @@ class RayExecutor(Executor):
                  threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
                  device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None,
                  call_timeout_s: float = 30.0, placement_timeout_s: float = 120.0,
-                 placement_group=None, first_bundle: int = 0):
+                 placement_group=None, first_bundle: int = 0, dtype: torch.dtype = torch.float32,
+                 use_ema: bool = False):
         """``placement_group``: reserved by someone else (a Serve replica's placement_group_bundles); stage i
         runs in its bundle ``first_bundle + i`` and the group outlives this executor. Otherwise, with any
         resources per stage, the executor reserves its own STRICT_PACK group and removes it on kill."""
@@ -189,17 +245,21 @@ class RayExecutor(Executor):
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
                                                                                   self._first_bundle + i)
             self.actors.append(actor_cls.options(**options).remote(
-                model_cfg, rng, i, num_stages, rendezvous, threads_per_stage, device, weights_path))
+                model_cfg, rng, i, num_stages, rendezvous, threads_per_stage, device, weights_path, dtype, use_ema))
         self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
         self._stage_procs = self._get([a.locate.remote() for a in self.actors], timeout=30)
         self._inflight: deque = deque()  # (seq, [result ref per stage])
+        self.traffic = DriverTraffic()
 
     def submit(self, mb: MicroBatch) -> None:
-        light = replace(mb, latents=mb.latents[:0], texts={sid: torch.empty(0) for sid in mb.texts})
+        light = replace(mb, segments=[replace(w, inline=None) for w in mb.segments],
+                        texts={sid: torch.empty(0) for sid in mb.texts})
         refs = [actor.run.remote(mb if i == 0 else light) for i, actor in enumerate(self.actors)]
+        self.traffic.calls += len(refs)
+        self.traffic.latent_bytes_out += sum(w.inline.nbytes for w in mb.segments if w.inline is not None)
         self._inflight.append((mb.seq, refs))
 
-    def collect(self, wait: bool) -> list[tuple[int, torch.Tensor, list[StageStats]]]:
+    def collect(self, wait: bool) -> list[Finished]:
         out = []
         while self._inflight:
             seq, refs = self._inflight[0]
@@ -207,7 +267,9 @@ class RayExecutor(Executor):
                 break
             self._inflight.popleft()
             results = self._get(refs)
-            out.append((seq, results[-1][1], [r[2] for r in results]))
+            finished = results[-1][1]
+            self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
+            out.append(Finished(seq, finished, [r[2] for r in results]))
         return out
 
     def _wait_all(self, refs: list, block: bool) -> bool:

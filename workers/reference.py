@@ -11,11 +11,13 @@ from typing import Callable, Iterator
 import torch
 
 from orchestrator.config import GenerationConfig
+from workers import denoise
+from workers.batch import MicroBatch
 from workers.loader import load_weights
 from workers.model.dit import CausalWanModel, Segment
 from workers.model.text import build_text_encoder
 from workers.model.vae import build_vae, to_uint8
-from workers.stream import StreamProgram, Work
+from workers.stream import StreamProgram
 
 
 class ReferenceGenerator:
@@ -50,25 +52,37 @@ class ReferenceGenerator:
         program = StreamProgram(cfg.sampler, cfg.cache, seed, self.latent_shape)
         cache = self.model.new_stream_cache(cfg.cache)
         cache.set_context(self.model.embed_text(self.text_encoder(prompt).to(self.device)))
+        store = self.new_store()
         done = 0
         while True:
             if switches and done >= min(switches):  # every chunk before the switch has finished
                 cache.set_context(self.model.embed_text(self.text_encoder(switches.pop(min(switches))).to(self.device)))
                 program.restart_unfinished()
-            work = program.next_work()
-            for chunk, x0 in program.complete(work, self.run_work(work, cache)):
+            for chunk, x0 in self.step(program, cache, store):
                 done = chunk + 1  # one chunk finishes per forward, so a switch lands before chunk `done` does
                 yield chunk, x0
 
-    def run_work(self, work: Work, cache) -> torch.Tensor:
-        """One forward of one stream's work on its caches -> flow [F, C, h, w] (float32)."""
+    def new_store(self) -> denoise.LatentStore:
+        """The latents in flight of the streams this reference runs (one stream: ``stream_latents``)."""
+        store = denoise.LatentStore()
+        store.open("")
+        return store
+
+    def step(self, program: StreamProgram, cache, store: denoise.LatentStore) -> list[tuple[int, torch.Tensor]]:
+        """One forward of one stream on its caches: both ends of the ring in this process. Returns the
+        chunks it finished, (chunk, x0 [f, C, h, w])."""
+        work = program.next_work()
+        mb = MicroBatch(0, [work], self.grid)
+        latents, t = denoise.inputs(mb, store, self.latent_shape, self.device)
         if work.reset_cache:
             cache.reset()
         seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
-                      commit_frames=work.commit_frames, independent=work.independent,
-                      offsets=work.offsets)
-        flow = self.model.stream_forward(work.latents.to(self.device), [seg], self.grid, work.t.to(self.device))
-        return flow.float().cpu()
+                      commit_frames=work.commit_frames, independent=work.independent, offsets=work.offsets)
+        flow = self.model.stream_forward(latents, [seg], self.grid, t)
+        ring, finished = denoise.advance(mb, latents, flow)
+        if ring is not None:
+            store.put(mb, ring)
+        return program.complete(work, [(c, x0.cpu()) for c, x0 in finished[0]])
 
     def latents(self, prompt: str, seed: int, n_chunks: int, mode: str | None = None,
                 prompt_schedule: dict[int, str] | None = None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """StageWorker: one pipeline stage, a plain class (the Ray actor wraps it; tests use it directly).
 
 It owns blocks [a, b) of one model (and loads only those weights), the embeddings when it is the first
-stage and the head when it is the last, plus every stream's caches for its blocks.
+stage and the head when it is the last, plus every stream's caches for its blocks. The first stage also
+holds the ring's inbox (latents waiting for their next step), and the last stage computes x0 and the
+re-noise (``workers.denoise``), so latents never go back to the driver between steps.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import time
 import torch
 
 from orchestrator.config import CacheConfig, ModelConfig
-from workers.batch import MicroBatch, SegmentSpec, StageStats
+from workers import denoise
+from workers.batch import MicroBatch, StageStats, Work
 from workers.cache import BlockKVCache, StreamCache
 from workers.loader import load_weights
 from workers.model.dit import Activation, Block, CausalWanModel, Segment
@@ -31,6 +34,7 @@ class StageWorker:
         if weights_path:
             load_weights(self.model, weights_path, use_ema)
         self.streams: dict[str, StreamCache] = {}
+        self.store = denoise.LatentStore() if stage == 0 else None
         self._last_end: float | None = None
 
     @property
@@ -49,9 +53,13 @@ class StageWorker:
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already open on stage {self.stage}")
         self.streams[stream_id] = self.model.new_stream_cache(cache_cfg)
+        if self.store is not None:
+            self.store.open(stream_id)
 
     def close_stream(self, stream_id: str) -> int:
-        """Drop the stream's caches; returns the bytes released."""
+        """Drop the stream's caches (and ring latents); returns the bytes released."""
+        if self.store is not None:
+            self.store.close(stream_id)
         cache = self.streams.pop(stream_id, None)
         return 0 if cache is None else cache.nbytes()
 
@@ -60,14 +68,24 @@ class StageWorker:
 
     # the forward ------------------------------------------------------------------------------------
 
+    def latent_shape(self, grid: tuple[int, int]) -> tuple[int, int, int]:
+        cfg = self.model.cfg
+        return cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2]
+
+    def first_inputs(self, mb: MicroBatch, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``, on this stage's device. ``wait``
+        unpacks one more ring message into the store (see ``denoise.inputs``)."""
+        return denoise.inputs(mb, self.store, self.latent_shape(mb.grid), self.device, wait)
+
     @torch.no_grad()
-    def forward(self, mb: MicroBatch, inputs: Activation | None,
-                contexts: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor | Activation, dict, StageStats]:
+    def forward(self, mb: MicroBatch, inputs: torch.Tensor | Activation, contexts: dict[str, torch.Tensor] | None,
+                t: torch.Tensor | None = None) -> tuple[torch.Tensor | Activation, dict, StageStats]:
         """Run this slice over ``mb``.
 
-        inputs: None on the first stage (it embeds ``mb.latents``), else the previous stage's Activation.
-        contexts: embedded text per stream whose prompt changes (the first stage makes it from ``mb.texts``).
-        Returns (flow [F, C, h, w] on the last stage or the Activation for the next, contexts, stats).
+        inputs: the latents [F, C, h, w] with timesteps ``t`` [F] on the first stage, else the previous
+        stage's Activation. contexts: embedded text per stream whose prompt changes (the first stage
+        makes it from ``mb.texts``). Returns (flow [F, C, h, w] on the last stage or the Activation for
+        the next, contexts, stats).
         """
         start = time.perf_counter()
         idle = 0.0 if self._last_end is None else start - self._last_end
@@ -76,25 +94,23 @@ class StageWorker:
         for sid, ctx in (contexts or {}).items():
             self.streams[sid].set_context(ctx)
         segments = []
-        for spec in mb.segments:
-            cache = self.streams[spec.stream_id]
-            if spec.reset_cache:
+        for work in mb.segments:
+            cache = self.streams[work.stream_id]
+            if work.reset_cache:
                 cache.reset()
-            segments.append(Segment(spec.frames, cache, block_frames=spec.block_frames,
-                                    commit_frames=spec.commit_frames, independent=spec.independent,
-                                    offsets=spec.offsets))
+            segments.append(Segment(work.frames, cache, block_frames=work.chunk_frames,
+                                    commit_frames=work.commit_frames, independent=work.independent,
+                                    offsets=work.offsets))
         block_s = {} if mb.profile else None
-        if inputs is None:
-            out = self.model.stream_forward(mb.latents.to(self.device), segments, mb.grid, mb.t.to(self.device),
-                                            block_times=block_s)
-        else:
-            out = self.model.stream_forward(inputs, segments, mb.grid, block_times=block_s)
+        out = self.model.stream_forward(inputs, segments, mb.grid, t, block_times=block_s)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         self._last_end = end
-        sent = 0 if isinstance(out, torch.Tensor) else sum(t.nbytes for t in out) + \
-            sum(c.nbytes for c in (contexts or {}).values())
+        sent = 0
+        if not isinstance(out, torch.Tensor):  # the Activation, the forward's latents, new contexts
+            sent = sum(x.nbytes for x in out) + 4 * mb.frames * int(torch.Size(self.latent_shape(mb.grid)).numel()) \
+                + sum(c.nbytes for c in (contexts or {}).values())
         stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {})
         return out, contexts or {}, stats
 
@@ -111,15 +127,15 @@ class StageWorker:
             ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
             latents = torch.randn(frames, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
                                   generator=gen)
-            spec = SegmentSpec(sid, frames, frames)
-            mb = MicroBatch(-1, [spec], grid, latents, torch.full((frames,), 500.0),
-                            {sid: text} if self.stage == 0 else {}, profile=True)
-            act = None
+            work = Work(sid, 0, 0, ((0, 0),), (500.0,), (1.0,), frames)
+            mb = MicroBatch(-1, [work], grid, {sid: text} if self.stage == 0 else {}, profile=True)
+            t = torch.full((frames,), 500.0, device=self.device)
+            inputs = latents.to(self.device)
             if self.stage > 0:
-                act = Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
-                                   for s in ((frames, tokens, cfg.dim), (frames, cfg.dim), (frames, 6, cfg.dim))))
-            self.forward(mb, act, None if self.stage == 0 else {sid: ctx})  # warm-up
-            _, _, stats = self.forward(mb, act, None if self.stage == 0 else {sid: ctx})
+                inputs = Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
+                                      for s in ((frames, tokens, cfg.dim), (frames, cfg.dim), (frames, 6, cfg.dim))))
+            self.forward(mb, inputs, None if self.stage == 0 else {sid: ctx}, t)  # warm-up
+            _, _, stats = self.forward(mb, inputs, None if self.stage == 0 else {sid: ctx}, t)
             return stats
         finally:
             self.close_stream(sid)

@@ -85,34 +85,3 @@ def test_latency_model_fits_and_predicts():
     # 1 / (5 forwards x 11 ms) = 18.2 chunks/s x 12 frames = 218 frames/s -> 13 streams at 16 fps
     assert m.max_streams(16.0, 12, 5, 500) == 13
     assert not LatencyModel(num_stages=1).calibrated
-
-
-def test_planner_prefers_layer_split_without_communication_cost():
-    from workers.plan import PlanCosts, choose_plan
-
-    costs = PlanCosts(block_s=(1.0,) * 8, embed_s=0.1, head_s=0.1)
-    plan = choose_plan(costs, devices=4, num_steps=4, mode="sequential")
-    assert plan.step_groups == ((0, 1, 2, 3),) and len(plan.layer_splits[0]) == 4
-
-
-def test_planner_picks_step_split_or_grid_when_hand_offs_are_expensive():
-    from workers.plan import PlanCosts, choose_plan
-
-    costs = PlanCosts(block_s=(1.0,) * 8, hop_s=20.0)
-    plan = choose_plan(costs, devices=4, num_steps=4, mode="sequential")
-    assert len(plan.step_groups) == 4 and plan.devices == 4  # no hand-offs at all
-    moderate = PlanCosts(block_s=(1.0,) * 8, hop_s=1.2)  # 5 x 3.2 = 16, 3 x 5.2 = 15.6, 2 x 8 = 16
-    grid = choose_plan(moderate, devices=4, num_steps=4, mode="sequential")
-    assert [len(g) for g in grid.step_groups] == [2, 2] and len(grid.layer_splits[0]) == 2  # 2x2
-
-
-def test_planner_respects_memory_and_mode():
-    from workers.plan import PlanCosts, choose_plan
-
-    costs = PlanCosts(block_s=(1.0,) * 8, hop_s=20.0, block_bytes=100, kv_bytes_per_block=10)
-    tight = choose_plan(costs, devices=4, num_steps=4, mode="sequential", streams=2, device_bytes=300)
-    assert len(tight.step_groups) == 1 and tight.bytes_per_device <= 300  # only a full layer split fits
-    sb = choose_plan(costs, devices=4, num_steps=4, mode="stream_batch")
-    assert len(sb.step_groups) == 1
-    with pytest.raises(ValueError, match="no plan"):
-        choose_plan(costs, devices=2, num_steps=4, mode="sequential", device_bytes=10)

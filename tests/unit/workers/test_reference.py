@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
-from workers.model.scheduler import FlowMatchSchedule, chunk_noise
+from workers.model.schedule import FlowMatchSchedule, chunk_noise
 from workers.reference import ReferenceGenerator
 from workers.stream import StreamProgram
 
@@ -89,7 +89,8 @@ def test_recache_program_keeps_last_k_frames():
     work = prog.next_work()
     assert work.reset_cache and work.commit_frames == 4  # 5 frames -> 2 whole chunks of 2
     assert [c for c, _ in work.entries] == [2, 3]
-    assert torch.equal(work.t, torch.zeros(4))
+    assert torch.equal(work.t(), torch.zeros(4))
+    assert torch.equal(work.inline, torch.cat([torch.full((2, 16, 2, 2), float(c)) for c in (2, 3)]))
 
 
 def test_noise_is_counter_based():
@@ -109,16 +110,16 @@ def test_long_stream_has_constant_cache_memory(policy):
     program = StreamProgram(gen.cfg.sampler, cache_cfg, 0, gen.latent_shape)
     cache = gen.model.new_stream_cache(cache_cfg)
     cache.set_context(gen.model.embed_text(gen.text_encoder("an endless road")))
-    finished, sizes = 0, {}
+    finished, sizes, store = 0, {}, gen.new_store()
     with torch.no_grad():
         while finished < 2000:
-            work = program.next_work()
-            for chunk, x0 in program.complete(work, gen.run_work(work, cache)):
+            for chunk, x0 in gen.step(program, cache, store):
                 finished += 1
                 assert torch.isfinite(x0).all()
                 if finished in (50, 1000, 2000):
                     sizes[finished] = cache.nbytes()
             assert cache.frames <= cache_cfg.capacity_frames
+            assert len(store) <= 2  # ring latents in flight: the next step's entries (or context) only
     assert sizes[50] == sizes[1000] == sizes[2000] > 0
 
 

@@ -1,0 +1,113 @@
+"""The denoising ring's two ends, shared by every executor and the single-process reference.
+
+* ``inputs`` (stage 0): a micro-batch's latents from their sources: fresh noise for a chunk's first step,
+  the ring for later steps and context passes, or the driver's inline latents (re-cache).
+* ``advance`` (the last stage): x0 = x_t - sigma v, re-noise to the next step, or finish the chunk.
+  What goes on denoising, and every finished x0 (the next context pass), goes back to stage 0.
+
+So no latent returns to the driver between steps: it receives each chunk's clean latents once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from workers.batch import CONTEXT, MicroBatch, Work
+from workers.model.schedule import chunk_noise, renoise, to_x0
+
+Key = tuple[str, int, int, int]  # (stream, epoch, chunk, step or CONTEXT)
+
+
+class LatentStore:
+    """Stage 0's ring inbox: chunk latents [f, C, h, w] waiting for the forward that needs them."""
+
+    def __init__(self):
+        self._items: dict[Key, torch.Tensor] = {}
+        self._epoch: dict[str, int] = {}  # newest epoch seen per open stream
+
+    def open(self, stream_id: str) -> None:
+        self._epoch[stream_id] = 0
+
+    def close(self, stream_id: str) -> None:
+        self._epoch.pop(stream_id, None)
+        self._purge(stream_id, None)
+
+    def see(self, work: Work) -> None:
+        """A forward of ``work.epoch``: latents of older epochs of that stream are stale."""
+        if work.epoch > self._epoch.get(work.stream_id, -1):
+            self._epoch[work.stream_id] = work.epoch
+            self._purge(work.stream_id, work.epoch)
+
+    def put(self, mb: MicroBatch, latents: torch.Tensor) -> None:
+        """Unpack the ring latents [sum of ring entries * f, C, h, w] the last stage produced for ``mb``."""
+        i = 0
+        for work in mb.segments:
+            f = work.chunk_frames
+            for chunk, step in work.ring_entries():
+                if self._epoch.get(work.stream_id, -1) == work.epoch:  # else: closed or restarted meanwhile
+                    self._items[(work.stream_id, work.epoch, chunk, step)] = latents[i:i + f]
+                i += f
+
+    def take(self, key: Key) -> torch.Tensor | None:
+        return self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _purge(self, stream_id: str, keep_epoch: int | None) -> None:
+        for key in [k for k in self._items if k[0] == stream_id and k[1] != keep_epoch]:
+            del self._items[key]
+
+
+def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int], device: torch.device,
+           wait: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``.
+
+    ``wait`` blocks until one more ring message has been unpacked into ``store`` and returns False when none
+    is pending (then a missing entry is a bug: it was never going to come)."""
+    parts, ts = [], []
+    for work in mb.segments:
+        store.see(work)
+        ts.append(work.t())
+        if work.inline is not None:
+            parts.append(work.inline.to(device))
+            continue
+        f = work.chunk_frames
+        for chunk, step in work.entries:
+            if step == 0:
+                parts.append(chunk_noise(work.seed, chunk, 0, (f,) + latent_shape, device=device))
+                continue
+            key = (work.stream_id, work.epoch, chunk, step)
+            x = store.take(key)
+            while x is None:
+                if wait is None or not wait():
+                    raise RuntimeError(f"ring latents of stream {work.stream_id!r} chunk {chunk} step {step} "
+                                       "were never produced")
+                x = store.take(key)
+            parts.append(x)
+    return torch.cat(parts), torch.cat(ts).to(device)
+
+
+def advance(mb: MicroBatch, latents: torch.Tensor, flow: torch.Tensor
+            ) -> tuple[torch.Tensor | None, list[list[tuple[int, torch.Tensor]]]]:
+    """The last stage: latents [F, C, h, w] (the forward's input) and flow [F, C, h, w] ->
+    (ring latents for stage 0 in ``ring_entries`` order, or None; finished (chunk, x0) per segment)."""
+    ring, finished, f0 = [], [], 0
+    for work in mb.segments:
+        f, done = work.chunk_frames, []
+        for i, (chunk, step) in enumerate(work.entries):
+            if step == CONTEXT:
+                continue
+            rows = slice(f0 + i * f, f0 + (i + 1) * f)
+            x0 = to_x0(latents[rows].float(), flow[rows].float(), work.sigmas[step])
+            if step + 1 == len(work.sigmas):
+                done.append((chunk, x0))
+                ring.append(x0)  # the next forward's context entry
+            else:
+                noise = chunk_noise(work.seed, chunk, step + 1, tuple(x0.shape), device=x0.device)
+                ring.append(renoise(x0, noise, work.sigmas[step + 1]))
+        finished.append(done)
+        f0 += work.frames
+    return (torch.cat(ring) if ring else None), finished
