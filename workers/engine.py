@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from orchestrator.config import EngineConfig, GenerationConfig, SamplerConfig
+from workers.config import EngineConfig, GenerationConfig, SamplerConfig
 from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.executor import Executor
 from workers.model.text import TextEncoder

@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.plan import even_split
 from workers.stage import StageWorker

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers.batch import MicroBatch, StageStats
 from workers.executor import Executor, StageFailure, moves
 from workers.model.dit import Activation

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from orchestrator.config import GenerationConfig
+from workers.config import GenerationConfig
 from workers.loader import load_weights
 from workers.model.dit import CausalWanModel, Segment
 from workers.model.text import build_text_encoder

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers.batch import MicroBatch, SegmentSpec, StageStats
 from workers.cache import BlockKVCache, StreamCache
 from workers.loader import load_weights

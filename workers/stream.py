@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.config import CacheConfig, SamplerConfig
+from workers.config import CacheConfig, SamplerConfig
 from workers.model.scheduler import FlowMatchSchedule, chunk_noise, renoise, to_x0
 
 CONTEXT = -1  # step index of a context (cache-writing) entry
