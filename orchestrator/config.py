@@ -168,7 +168,7 @@ class ServiceConfig:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     """The gRPC front end: addresses, request limits, pacing and admission."""
     replicas: Annotated[int, Field(ge=1, le=4096)] = 1
-    """Pipeline replicas (a fixed fleet; with autoscaling, min_replicas is the floor)."""
+    """Pipeline replicas of a fixed fleet (with autoscaling, min_replicas is the floor instead)."""
     replica_host: Literal["driver", "serve"] = "driver"
     """Where each replica's engine loop runs: driver (an orchestrator thread) or serve (a Ray Serve replica)."""
     ray_address: str = ""
@@ -189,16 +189,14 @@ class ServiceConfig:
         return self
 
 
-def _dotted(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(root)"
-
-
 def _explain(err: ValidationError, where: str) -> ValueError:
     """One line per problem, each naming its dotted path (``server.listen``)."""
     lines = []
     for e in err.errors(include_url=False):
-        why = "unknown key" if e["type"] in ("unexpected_keyword_argument", "extra_forbidden") else e["msg"]
-        lines.append(f"{_dotted(e['loc'])}: {why}")
+        path = ".".join(str(part) for part in e["loc"])
+        why = "unknown key" if e["type"] in ("unexpected_keyword_argument", "extra_forbidden") else \
+            e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {why}" if path else why)
     return ValueError(f"{where}: " + "; ".join(lines))
 
 
