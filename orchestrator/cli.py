@@ -11,13 +11,123 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import logging
 import sys
 import time
+import types
 from dataclasses import replace
+from typing import Any, Literal, Union, get_args, get_origin
 
-from orchestrator.config import (AutoscalingConfig, CacheConfig, EngineConfig, GenerationConfig, SamplerConfig,
-                                 ServerConfig, ServiceConfig, get_config)
+from orchestrator.config import MODEL_CONFIGS, ServiceConfig, read_config_file, service_config_from
+
+# Each `serve` / `demo` flag sets the ServiceConfig field at its dotted path. Its type, choices and help
+# (the field's docstring) come from that field, its default is None ("not given"), so flags and config
+# cannot drift: the config's defaults are the only ones. A path that names no field fails at start-up.
+SERVICE_FLAGS: dict[str, str] = {
+    "listen": "server.listen",
+    "metrics-listen": "server.metrics_listen",
+    "reflection": "server.reflection",
+    "max-streams": "server.max_streams_per_replica",
+    "drain-timeout": "server.drain_timeout_s",
+    "model": "generation.model",
+    "checkpoint": "generation.model_path",
+    "text-encoder": "generation.text_encoder_path",
+    "vae": "generation.vae_path",
+    "mode": "generation.sampler.mode",
+    "chunk-frames": "generation.sampler.chunk_frames",
+    "stages": "parallel.stages",
+    "executor": "parallel.executor",
+    "device": "parallel.device",
+    "dtype": "parallel.dtype",
+    "gpus-per-stage": "parallel.gpus_per_stage",
+    "cpus-per-stage": "parallel.cpus_per_stage",
+    "stage-timeout": "parallel.stage_call_timeout_s",
+    "replicas": "replicas",
+    "max-replicas": "autoscaling.max_replicas",
+    "replica-host": "replica_host",
+    "address": "ray_address",
+}
+FLAG_NOTES = {
+    "replicas": "with autoscaling, sets its min_replicas",
+    "max-replicas": "autoscale between --replicas and this many; 0: a fixed fleet",
+}
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` -> X and ``Annotated[X, ...]`` -> X."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    while hasattr(annotation, "__metadata__"):
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def config_field(path: str):
+    """(field info, default value or None) of the ServiceConfig field at a dotted path; KeyError if none."""
+    cls, default = ServiceConfig, ServiceConfig()
+    for name in path.split("."):
+        fields = getattr(cls, "__pydantic_fields__", None)
+        if not fields or name not in fields:
+            raise KeyError(f"{path!r} names no ServiceConfig field")
+        info = fields[name]
+        default = getattr(default, name, None)
+        cls = _unwrap(info.annotation)
+    return info, default
+
+
+def _shown(default: Any) -> str:
+    if hasattr(default, "num_layers"):  # a model config: show its name
+        return next((name for name, cfg in MODEL_CONFIGS.items() if cfg == default), "custom")
+    return "not set" if default is None else repr(default) if default == "" else str(default)
+
+
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    for flag, path in SERVICE_FLAGS.items():
+        info, default = config_field(path)
+        kind = _unwrap(info.annotation)
+        help_text = info.description.rstrip(".")
+        if flag in FLAG_NOTES:
+            help_text += f"; {FLAG_NOTES[flag]}"
+        help_text = f"{help_text} (default: {_shown(default)}; config {path})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": path, "default": None, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = get_args(kind)
+        else:
+            kwargs["type"] = kind if kind in (int, float) else str
+            kwargs["metavar"] = flag.replace("-", "_").upper()
+        p.add_argument(f"--{flag}", **kwargs)
+
+
+def _put(data: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if not isinstance(data.get(name), dict):
+            data[name] = {}
+        data = data[name]
+    if path == "generation.model" and isinstance(data.get(leaf), dict):
+        data[leaf] = {**data[leaf], "name": value}  # the file's field overrides stay, on the named model
+    else:
+        data[leaf] = value
+
+
+def apply_flags(data: dict, given: dict[str, Any]) -> dict:
+    """A copy of a config mapping with each given ``{dotted path: value}`` laid over it."""
+    data = copy.deepcopy(data)
+    for path, value in given.items():
+        if path != "autoscaling.max_replicas":
+            _put(data, path, value)
+    if "autoscaling.max_replicas" in given:
+        if given["autoscaling.max_replicas"] == 0:
+            data["autoscaling"] = None
+        else:
+            _put(data, "autoscaling.max_replicas", given["autoscaling.max_replicas"])
+            data["autoscaling"].setdefault("min_replicas", data.get("replicas", ServiceConfig().replicas))
+    if "replicas" in given and isinstance(data.get("autoscaling"), dict):
+        data["autoscaling"]["min_replicas"] = given["replicas"]
+    return data
 
 
 class Progress:
@@ -40,26 +150,12 @@ class Progress:
 
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
-    if getattr(args, "config", None):  # the file carries every knob (deploy/streamgen.yaml)
-        from orchestrator.config import load_service_config
-
-        return load_service_config(args.config)
-    model = get_config(args.model)
-    sampler = SamplerConfig(chunk_frames=args.chunk_frames, mode=args.mode)
-    return ServiceConfig(
-        generation=GenerationConfig(model=model, sampler=sampler, cache=CacheConfig(),
-                                    model_path=args.checkpoint or "", text_encoder_path=args.text_encoder or "",
-                                    vae_path=args.vae or ""),
-        engine=EngineConfig(),
-        server=ServerConfig(listen=args.listen, metrics_listen=args.metrics_listen,
-                            reflection=args.reflection, max_streams_per_replica=args.max_streams,
-                            drain_timeout_s=args.drain_timeout),
-        stages=args.stages, replicas=args.replicas, executor=args.executor, ray_address=args.address or "",
-        replica_host=args.replica_host,
-        gpus_per_stage=args.gpus_per_stage, cpus_per_stage=args.cpus_per_stage,
-        stage_call_timeout_s=args.stage_timeout,
-        autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.max_replicas)
-        if args.max_replicas and args.max_replicas > args.replicas else None)
+    """The root from ``--config FILE`` (if given) with every explicitly given flag laid over it."""
+    data = read_config_file(args.config) if args.config else {}
+    given = {path: getattr(args, path) for path in SERVICE_FLAGS.values() if getattr(args, path) is not None}
+    where = "command line" if not args.config else f"{args.config} with command-line flags" if given \
+        else args.config
+    return service_config_from(apply_flags(data, given), where)
 
 
 async def _serve(cfg: ServiceConfig) -> int:
@@ -67,10 +163,10 @@ async def _serve(cfg: ServiceConfig) -> int:
 
     service = await Service(cfg).start()
     host = cfg.server.listen.rsplit(":", 1)[0]
-    ray = "in-process stages" if cfg.executor != "ray" else \
+    ray = "in-process stages" if cfg.parallel.executor != "ray" else \
         f"joined Ray cluster {cfg.ray_address!r}" if cfg.ray_address else "local Ray on 127.0.0.1"
     print(f"streamgen serving on {host}:{service.port} (model {cfg.generation.model.num_layers}-block, "
-          f"{cfg.stages} stages x {cfg.replicas} replicas, {ray}); metrics on {cfg.server.metrics_listen or 'off'}",
+          f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on {cfg.server.metrics_listen or 'off'}",
           flush=True)
     await service.serve_forever()
     return 0
@@ -119,7 +215,8 @@ async def _demo(args: argparse.Namespace) -> int:
 
     cfg = service_config(args)
     cfg = replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen=""))
-    print(f"starting streamgen: local Ray, model {args.model}, {cfg.stages} stages ...", flush=True)
+    print(f"starting streamgen: local Ray, a {cfg.generation.model.num_layers}-block model, "
+          f"{cfg.parallel.stages} stages ...", flush=True)
     started = time.monotonic()
     service = await Service(cfg).start()
     try:
@@ -136,31 +233,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
-def _service_flags(p: argparse.ArgumentParser, listen: str) -> None:
-    p.add_argument("--config", help="a service config file (deploy/streamgen.yaml); its values replace the flags")
-    p.add_argument("--listen", default=listen, help=f"gRPC HOST:PORT (default {listen})")
-    p.add_argument("--metrics-listen", default="127.0.0.1:9464", help="/metrics HOST:PORT; empty = off")
-    p.add_argument("--model", default="tiny", help="named model config (default: tiny)")
-    p.add_argument("--stages", type=int, default=2, help="pipeline stages per replica (default: 2)")
-    p.add_argument("--replicas", type=int, default=1, help="pipeline replicas (the minimum when autoscaling)")
-    p.add_argument("--max-replicas", type=int, default=0,
-                   help="autoscale between --replicas and this many replicas (0 = fixed --replicas)")
-    p.add_argument("--executor", choices=("ray", "inprocess"), default="ray")
-    p.add_argument("--replica-host", choices=("driver", "serve"), default="driver",
-                   help="where replica engine loops run: orchestrator threads, or Ray Serve replicas")
-    p.add_argument("--address", default="", help="Ray cluster to join ('auto' or an address); empty = local")
-    p.add_argument("--mode", choices=("sequential", "stream_batch"), default="sequential")
-    p.add_argument("--chunk-frames", type=int, default=3)
-    p.add_argument("--max-streams", type=int, default=8, help="streams per replica at most")
-    p.add_argument("--checkpoint", help="local DiT checkpoint (.pt / .safetensors)")
-    p.add_argument("--text-encoder", help="local umT5 directory (real models)")
-    p.add_argument("--vae", help="local Wan VAE directory (real models)")
-    p.add_argument("--reflection", action="store_true", help="serve gRPC reflection")
-    p.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs each stage reserves (1 on GPUs)")
-    p.add_argument("--cpus-per-stage", type=float, default=0.0, help="CPUs each stage reserves")
-    p.add_argument("--stage-timeout", type=float, default=10.0, help="seconds before a silent stage counts as dead")
-    p.add_argument("--drain-timeout", type=float, default=10.0,
-                   help="on SIGTERM / Drain: seconds streams may run on before they end UNAVAILABLE")
+def _service_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a service config file (deploy/streamgen.yaml); flags given as well override "
+                                    "its values")
+    add_service_flags(p)
 
 
 def _stream_flags(p: argparse.ArgumentParser, out: str, frames: int) -> None:
@@ -176,14 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Real-time video generation service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service")
-    _service_flags(serve, "127.0.0.1:50051")
+    _service_flags(serve)
     serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="stream a text-to-video stream into a video file")
     gen.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     _stream_flags(gen, "video.mp4", 48)
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="start the service locally, stream into out/demo.mp4, stop")
-    _service_flags(demo, "127.0.0.1:0")
+    _service_flags(demo)
     _stream_flags(demo, "out/demo.mp4", 48)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -19,7 +19,7 @@ from typing import Iterable
 import torch
 
 from kernels.reference import rope
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers.model.rope import temporal_shift_tables
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from orchestrator.config import EngineConfig, GenerationConfig, SamplerConfig
+from workers.config import EngineConfig, GenerationConfig, SamplerConfig
 from workers.batch import Finished, MicroBatch, StageStats, Work
 from workers.executor import Executor
 from workers.model.text import TextEncoder

@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers import denoise
 from workers.batch import Finished, MicroBatch, StageStats
 from workers.plan import even_split

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from orchestrator.config import ModelConfig
+from workers.config import ModelConfig
 
 PREFIXES = ("_fsdp_wrapped_module.", "model.", "diffusion_model.")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")

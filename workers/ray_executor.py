@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers import denoise
 from workers.batch import Finished, MicroBatch, StageStats
 from workers.executor import Executor, StageFailure, moves

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from orchestrator.config import GenerationConfig
+from workers.config import GenerationConfig
 from workers import denoise
 from workers.batch import MicroBatch
 from workers.loader import load_weights

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from orchestrator.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, ModelConfig
 from workers import denoise
 from workers.batch import MicroBatch, StageStats, Work
 from workers.cache import BlockKVCache, StreamCache

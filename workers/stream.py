@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orchestrator.config import CacheConfig, SamplerConfig
+from workers.config import CacheConfig, SamplerConfig
 from workers.batch import CONTEXT, Work
 from workers.model.schedule import FlowMatchSchedule
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import ops
-from orchestrator.config import ModelConfig
+from workers.config import ModelConfig
 from workers.model.rope import rope_tables
 
 if TYPE_CHECKING:  # workers.cache imports workers.model.rope

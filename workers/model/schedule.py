@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.config import SamplerConfig
+from workers.config import SamplerConfig
 
 
 class FlowMatchSchedule:

@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import torch
 
-from orchestrator.config import ModelConfig
+from workers.config import ModelConfig
 
 
 class TextEncoder(ABC):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.config import ModelConfig
+from workers.config import ModelConfig
 
 
 class StreamingDecoder(ABC):

@@ -1,32 +1,78 @@
-"""Model config validation and the named configs."""
+"""The service config (orchestrator/config.py) and the root it composes from the data-plane config.
+
+The model, sampler, cache, engine, generation and parallel schemas are tested in
+tests/unit/workers/test_config.py."""
+
+from dataclasses import dataclass
 
 import pytest
 
-from orchestrator.config import MODEL_CONFIGS, ModelConfig, get_config
+import workers.config
+from orchestrator import config
+from orchestrator.admission import validate
+from orchestrator.config import AutoscalingConfig, GenerationConfig, ServerConfig, ServiceConfig
+from orchestrator.types import RequestError
 
 
-def test_named_configs():
-    assert set(MODEL_CONFIGS) >= {"tiny", "small", "wan2.1-1.3b", "wan2.1-14b"}
-    c = get_config("wan2.1-1.3b")
-    assert (c.dim, c.num_layers, c.num_heads, c.head_dim, c.ffn_dim) == (1536, 30, 12, 128, 8960)
-    c = get_config("wan2.1-14b")
-    assert (c.dim, c.num_layers, c.num_heads, c.head_dim, c.ffn_dim) == (5120, 40, 40, 128, 13824)
-    assert get_config("tiny", num_layers=2).num_layers == 2
+def test_the_root_composes_the_data_plane_classes_themselves():
+    for name in ("ModelConfig", "SamplerConfig", "CacheConfig", "EngineConfig", "GenerationConfig",
+                 "ParallelConfig", "get_config", "MAX_STEPS"):
+        assert getattr(config, name) is getattr(workers.config, name)
+    root = ServiceConfig()
+    assert isinstance(root.parallel, workers.config.ParallelConfig)
+    assert isinstance(root.generation, workers.config.GenerationConfig)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"dim": 100, "num_heads": 3}, "divisible"),
-    ({"num_layers": 0}, "num_layers"),
-    ({"patch_size": (2, 2, 2)}, "patch_size"),
-    ({"kernel_backend": "cuda"}, "kernel_backend"),
-    ({"vae": "sdxl"}, "vae"),
-    ({"default_height": 100}, "height"),
+@pytest.mark.parametrize("kwargs,match", [
+    ({"listen": "127.0.0.1"}, "HOST:PORT"),
+    ({"listen": "127.0.0.1:70000"}, "HOST:PORT"),
+    ({"listen": "0.0.0.0:50051"}, "not loopback"),
+    ({"metrics_listen": "nowhere"}, "metrics_listen"),
+    ({"default_fps": 30.0, "max_fps": 20.0}, "default_fps"),
+    ({"admission_headroom": 1.5}, "admission_headroom"),
+    ({"max_streams_per_replica": 0}, "max_streams_per_replica"),
+    ({"listne": "127.0.0.1:1"}, "listne"),
 ])
-def test_invalid_model_configs_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        get_config("tiny", **kwargs)
+def test_server_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ServerConfig(**kwargs)
 
 
-def test_unknown_config_name():
-    with pytest.raises(ValueError, match="unknown model config"):
-        get_config("wan2.2")
+def test_server_config_accepts_what_it_documents():
+    assert ServerConfig(listen="0.0.0.0:1", allow_plaintext_non_loopback=True).listen == "0.0.0.0:1"
+    assert ServerConfig(listen="[::1]:0", metrics_listen="").metrics_listen == ""
+
+
+def test_autoscaling_bounds():
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        AutoscalingConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="target_utilisation"):
+        AutoscalingConfig(target_utilisation=0.0)
+    assert ServiceConfig(autoscaling=AutoscalingConfig(1, 4)).autoscaling.max_replicas == 4
+
+
+@dataclass
+class Req:
+    prompt: str = "a cat"
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    fps: float = 16.0
+    steps: int = 0
+    latency_budget_ms: int = 0
+    late_policy: int = 0
+    max_frames: int = 0
+    encoding: int = 0
+    jpeg_quality: int = 0
+
+
+def test_validate_checks_the_size_against_the_generation_config_not_the_model_defaults():
+    """A server configured for 192x128 with the tiny model (whose own default is 96x64) generates 192x128:
+    requests for that size, or 0, are accepted and filled in with it; the model's default size is not."""
+    gen = GenerationConfig(model="tiny", height=128, width=192)
+    server = ServerConfig()
+    spec = validate(Req(), server, gen)
+    assert (spec.width, spec.height, spec.steps) == (192, 128, gen.sampler.num_steps)
+    assert (validate(Req(width=192, height=128), server, gen).width) == 192
+    with pytest.raises(RequestError, match="width: this server generates 192x128"):
+        validate(Req(width=96, height=64), server, gen)
