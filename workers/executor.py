@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from workers.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, GenerationConfig, ModelConfig, ParallelConfig
 from workers import denoise
 from workers.batch import Finished, MicroBatch, StageStats
 from workers.plan import even_split
@@ -162,3 +162,22 @@ class InProcessExecutor(Executor):
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for src, dst, blocks in moves(self.split(), split):
             self.stages[dst].adopt_blocks(*self.stages[src].release_blocks(blocks))
+
+
+def build_executor(gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None,
+                   placement_group=None, first_bundle: int = 0) -> Executor:
+    """The one place an executor is made from config (engine core, benchmarks, tests): the layout, device and
+    dtype from ``parallel``, the weights (``use_ema`` included) from ``gen``. ``placement_group`` /
+    ``first_bundle``: stage slots reserved by the caller (a Serve replica's bundles)."""
+    device = parallel.stage_device(torch.cuda.is_available())
+    dtype = getattr(torch, parallel.dtype)
+    if parallel.executor == "ray":
+        from workers.ray_executor import RayExecutor
+
+        return RayExecutor(gen.model, parallel.stages, split, threads_per_stage=parallel.threads_per_stage,
+                           num_cpus_per_stage=parallel.cpus_per_stage, num_gpus_per_stage=parallel.gpus_per_stage,
+                           device=device, weights_path=gen.model_path, call_timeout_s=parallel.stage_call_timeout_s,
+                           placement_timeout_s=parallel.placement_timeout_s, placement_group=placement_group,
+                           first_bundle=first_bundle, dtype=dtype, use_ema=gen.use_ema)
+    return InProcessExecutor(gen.model, parallel.stages, split, device, dtype, gen.model_path, gen.use_ema)
+
