@@ -33,8 +33,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# The project root in place of bench/ on sys.path: Ray puts a script directory that is on the driver's sys.path
+# on every worker's, where bench/kernels.py would shadow the `kernels` package (from any other cwd than ROOT).
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 from bench.common import write_json  # noqa: E402
 
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         "service_settings": {
             "config": open(config_path).read(),
             "client_fps": fps_asked,
+            "client_fps_note": "the lowest over the repeats; each run's own is in service_runs (fps_requested), "
+                               "about the service's predicted frame rate of its one replica",
             "client_late_policy": "deliver_flagged",
             "why": "fps = the highest the latency model admits (GetCapacity), so pacing never holds a frame back "
                    "while the engine is slower than that per stream; admission_headroom raised so both streams "
@@ -283,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_frames_per_s": engine_fps,
         "service_frames_per_s": service_fps,
         "service_over_engine": ratio,
+        "service_over_engine_per_repeat": [s["frames_per_s"] / e["frames_per_s"]
+                                           for e, s in zip(engine_runs, service_runs, strict=True)],
         "jpeg_s_per_frame": jpeg_s,
         "jpeg_share_of_engine_frame_time": jpeg_s * engine_fps if args.encoding == "jpeg" else 0.0,
     }
