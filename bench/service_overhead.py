@@ -86,6 +86,8 @@ server:
   metrics_listen: ""
   admission_headroom: {float(args.streams) * 2}
 """)
+        if args.probe_period is not None:  # diagnosis only: the service default probes every 5 s
+            f.write(f"  probe_period_s: {args.probe_period}\n")
 
 
 def load_config(path: str):
@@ -240,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="chunks per stream left out at the start")
     parser.add_argument("--repeats", type=int, default=2, help="engine / service runs, alternating; medians count")
     parser.add_argument("--encoding", choices=("jpeg", "raw_rgb"), default="jpeg", help="what the clients ask for")
+    parser.add_argument("--probe-period", type=float, default=None,
+                        help="diagnosis: the service's readiness-probe period (0 = off); default: the service's")
     args = parser.parse_args(argv)
 
     workdir = tempfile.mkdtemp(prefix="streamgen-overhead-")
