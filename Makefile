@@ -4,25 +4,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.streamgen-installed
 
-PROTO_GEN := protos/streamgen/v1/stream_pb2.py
+.PHONY: setup lint test test-slow demo bench clean
 
-.PHONY: setup test test-slow demo bench clean
+setup: $(STAMP)
 
-setup: $(STAMP) $(PROTO_GEN)
-
-# Generated gRPC modules: rebuilt when the .proto changes, never edited by hand.
-$(PROTO_GEN): protos/streamgen/v1/stream.proto $(STAMP)
-	$(PY) protos/build.py --force
-
-# Idempotent: re-runs only when pyproject.toml changes. torch first, pinned, so the CPU wheel on
-# disk is taken instead of a multi-GB CUDA build pulled in by another package.
-$(STAMP): pyproject.toml
+# Idempotent: re-runs only when the packaging or the .proto changes. torch first, pinned, so the CPU wheel
+# on disk is taken instead of a multi-GB CUDA build pulled in by another package. The install's build step
+# (setup.py) generates the gRPC modules from the .proto, so there is no separate proto step.
+$(STAMP): pyproject.toml setup.py protos/streamgen/v1/stream.proto
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: setup
@@ -35,6 +33,7 @@ demo: setup
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json
 	$(PY) bench/pipeline_scaling.py --out bench/out/pipeline_scaling.json
+	$(PY) bench/service_overhead.py --out bench/out/service_overhead.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out out protos/streamgen/v1/*_pb2*

@@ -1,1 +1,1 @@
-"""Generated gRPC modules (built from protos/streamgen/v1/*.proto by `make setup`)."""
+"""Generated gRPC modules, built from protos/streamgen/v1/*.proto by the package build (setup.py)."""

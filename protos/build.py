@@ -1,6 +1,8 @@
 """Build the Python gRPC modules from protos/streamgen/v1/*.proto (grpcio-tools). Idempotent.
 
-Run by `make setup` and, if the modules are missing or stale, by the test suite's conftest.
+Run by the package build (setup.py's build_py, so `pip install .` and `pip install -e .` both generate them) and,
+if the modules are missing or older than their .proto, by the test suite's conftest. grpcio-tools is a build-time
+(and test-extra) dependency only: nothing imports this module at run time.
 """
 
 from __future__ import annotations
