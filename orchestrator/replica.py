@@ -21,7 +21,7 @@ from PIL import Image
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
 from orchestrator.types import Encoding, StreamSpec
-from workers.engine import PipelineEngine, StreamCheckpoint
+from workers.engine import PipelineEngine
 from workers.executor import InProcessExecutor, StageFailure
 from workers.model.text import build_text_encoder
 from workers.model.vae import build_vae

@@ -125,7 +125,7 @@ class InProcessExecutor(Executor):
         self._done: deque[Finished] = deque()
 
     def submit(self, mb: MicroBatch) -> None:
-        first, last = self.stages[0], self.stages[-1]
+        first = self.stages[0]
         latents, t = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
         act, contexts, stats = latents, None, []
         for stage in self.stages:
