@@ -16,14 +16,17 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The project root in place of bench/ on sys.path: Ray copies a script directory that is on the driver's
+# sys.path to its workers, where bench/kernels.py would shadow the kernels package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 import torch  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from orchestrator.config import get_config  # noqa: E402
+from workers.config import get_config  # noqa: E402
 from workers.model.rope import rope_tables  # noqa: E402
 
 PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}

@@ -21,13 +21,16 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The project root in place of bench/ on sys.path: Ray copies a script directory that is on the driver's
+# sys.path to its workers, where bench/kernels.py would shadow the kernels package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 import torch  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
 
-from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
+from workers.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
 from workers.model.text import build_text_encoder  # noqa: E402
 from workers.ray_executor import RayExecutor, start_local_ray  # noqa: E402

@@ -2,7 +2,7 @@
 
 import torch
 
-from orchestrator.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
+from workers.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
 from workers.engine import PipelineEngine
 from workers.model.text import build_text_encoder
 from workers.reference import ReferenceGenerator

@@ -6,7 +6,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kernels import reference, triton_ops  # noqa: E402
-from orchestrator.config import get_config  # noqa: E402
+from workers.config import get_config  # noqa: E402
 from workers.model.rope import rope_tables  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.reference import rope
-from orchestrator.config import CacheConfig, get_config
+from workers.config import CacheConfig, get_config
 from workers.cache import BlockKVCache, kv_bytes_per_frame
 from workers.model.rope import rope_tables
 

@@ -154,7 +154,7 @@ def test_stage_stats_and_latency_model_are_fed():
 
 
 def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
-    from orchestrator.config import EngineConfig
+    from workers.config import EngineConfig
 
     cfg = gen_config("sequential")
     executor = InProcessExecutor(cfg.model, 2, split=[(0, 1), (1, 4)])  # stage 1 does 3x the blocks

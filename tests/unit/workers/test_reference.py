@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from orchestrator.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
+from workers.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
 from workers.model.schedule import FlowMatchSchedule, chunk_noise
 from workers.reference import ReferenceGenerator
 from workers.stream import StreamProgram

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.config import CacheConfig
+from workers.config import CacheConfig
 from workers.model import CausalWanModel, Segment, get_config
 
 CFG = get_config("tiny")
