@@ -123,7 +123,7 @@ class ServeReplicaClient(ReplicaClient):
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - the replica process died or was restarted
-            log.warning("%s lost stream %s: %s", self.app, stream_id[:8], type(err).__name__)
+            log.warning("%s lost stream %s: %s", self.app, stream_id[:8], type(err).__name__, exc_info=True)
             now = time.monotonic()
             if now - self._last_loss > LOSS_INCIDENT_S:  # one incident, however many streams it took down
                 self.metrics.engine_errors.labels("replica_lost").inc()
@@ -151,7 +151,7 @@ class ServeReplicaClient(ReplicaClient):
         try:
             status = self.handle.status.remote().result(timeout_s=max(timeout_s, 1.0))
         except Exception as err:  # noqa: BLE001 - unreachable or restarting
-            log.info("%s: no status (%s)", self.app, type(err).__name__)
+            log.info("%s: no status (%s)", self.app, type(err).__name__, exc_info=True)
             self.healthy = False
             return False
         self._status = status
