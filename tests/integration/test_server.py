@@ -358,6 +358,20 @@ def test_a_steps_change_moves_the_streams_admission_load(server, stub):
     call.cancel()
 
 
+def test_a_client_deadline_mid_stream_ends_it_with_reason_deadline(server, stub):
+    def ended(reason):
+        return server.service.metrics.registry.get_sample_value("streamgen_streams_ended_total", {"reason": reason})
+
+    deadline, cancel = ended("deadline"), ended("client_cancel")
+    frames = []
+    with pytest.raises(grpc.RpcError) as err:
+        for f in stub.Generate(request(), timeout=2.0):
+            frames.append(f)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and frames
+    assert wait_for(lambda: ended("deadline") == deadline + 1, 5.0)
+    assert ended("client_cancel") == cancel
+
+
 def test_capacity_rpc(server, stub):
     reply = stub.GetCapacity(stream_pb2.CapacityRequest(fps=16.0))
     assert reply.streams_max == MAX_STREAMS and reply.replicas == 1 and not reply.draining

@@ -53,6 +53,9 @@ class _Core:
     def probe(self, timeout_s: float) -> bool:
         return self.forward_ok
 
+    def shutdown(self) -> None:
+        pass
+
 
 @pytest.mark.parametrize("forward_ok,recovering,passes", [(True, False, True), (False, True, True),
                                                           (False, False, False)])
