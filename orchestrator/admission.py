@@ -1,9 +1,11 @@
 """Request validation and admission (torch-free, unit-tested with fakes).
 
 ``validate`` turns a request (the proto message, read by attribute) into a StreamSpec or raises
-RequestError naming the field. ``Admission.decide`` picks the replica with the most headroom by the
-latency model, or refuses: capacity (RESOURCE_EXHAUSTED + retry hint), or a budget / fps no pipeline
-can meet (FAILED_PRECONDITION). Decisions are pure arithmetic: well inside the 100 ms bound.
+RequestError naming the field; ``validate_prompt`` and ``validate_steps`` are the same checks for a
+mid-stream Control. ``place`` is the one placement rule: the replica with the most headroom by the
+latency model, under the hard cap. Admission (``Admission.decide``) and re-homing a stream both use it;
+admission also refuses: capacity (RESOURCE_EXHAUSTED + retry hint), or a budget / fps no pipeline can
+meet (FAILED_PRECONDITION). Decisions are pure arithmetic: well inside the 100 ms bound.
 """
 
 from __future__ import annotations
@@ -25,13 +27,7 @@ def _invalid(field: str, why: str) -> RequestError:
 
 def validate(req, server: ServerConfig, model: ModelConfig, default_steps: int) -> StreamSpec:
     """Check every field of a GenerateRequest-like object; the error names the first bad field."""
-    prompt = req.prompt
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise _invalid("prompt", "must be non-empty text")
-    if len(prompt.encode("utf-8")) > server.max_prompt_bytes:
-        raise _invalid("prompt", f"longer than {server.max_prompt_bytes} bytes")
-    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in prompt):
-        raise _invalid("prompt", "contains control characters")
+    prompt = validate_prompt(req.prompt, server)
     width = int(req.width) or model.default_width
     height = int(req.height) or model.default_height
     for name, value, limit in (("width", width, server.max_width), ("height", height, server.max_height)):
@@ -43,9 +39,7 @@ def validate(req, server: ServerConfig, model: ModelConfig, default_steps: int) 
     fps = float(req.fps)
     if not math.isfinite(fps) or fps <= 0 or fps > server.max_fps:
         raise _invalid("fps", f"must be in (0, {server.max_fps}], got {req.fps!r}")
-    steps = int(req.steps) or default_steps
-    if not (1 <= steps <= MAX_STEPS):
-        raise _invalid("steps", f"must be in [1, {MAX_STEPS}], got {req.steps}")
+    steps = validate_steps(int(req.steps) or default_steps)
     budget_ms = int(req.latency_budget_ms) or server.default_latency_budget_ms
     max_frames = int(req.max_frames)
     if max_frames > server.max_frames:
@@ -65,6 +59,23 @@ def validate(req, server: ServerConfig, model: ModelConfig, default_steps: int) 
                       encoding, quality)
 
 
+def validate_prompt(prompt, server: ServerConfig) -> str:
+    """A prompt for Generate or Control: non-empty text within the byte limit, no control characters."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _invalid("prompt", "must be non-empty text")
+    if len(prompt.encode("utf-8")) > server.max_prompt_bytes:
+        raise _invalid("prompt", f"longer than {server.max_prompt_bytes} bytes")
+    if any(unicodedata.category(ch) == "Cc" and ch not in "\t\n" for ch in prompt):
+        raise _invalid("prompt", "contains control characters")
+    return prompt
+
+
+def validate_steps(steps: int) -> int:
+    if not (1 <= steps <= MAX_STEPS):
+        raise _invalid("steps", f"must be in [1, {MAX_STEPS}], got {steps}")
+    return steps
+
+
 class ReplicaView(Protocol):
     """What admission needs to know about one pipeline replica."""
 
@@ -77,6 +88,27 @@ class ReplicaView(Protocol):
 
     def active(self) -> int:
         """Streams open on the replica."""
+
+
+def stream_share(replica: ReplicaView, fps: float, steps: int) -> float:
+    """A stream's admission load on ``replica``: 1 / max_streams(fps, steps) (inf where it cannot run)."""
+    cap = replica.max_streams(fps, steps)
+    return 1.0 / cap if cap >= 1 else math.inf
+
+
+def place(fps: float, steps: int, replicas: list[ReplicaView], server: ServerConfig) -> "Decision | None":
+    """The placement rule: the replica with the most headroom left after the stream's share (headroom =
+    ``admission_headroom`` minus its load), among those under the hard cap with room; None if none has."""
+    best: Decision | None = None
+    best_room = -math.inf
+    for i, r in enumerate(replicas):
+        if r.active() >= server.max_streams_per_replica:  # the hard cap
+            continue
+        share = stream_share(r, fps, steps)
+        room = server.admission_headroom - (r.load() + share)
+        if room >= -1e-9 and room > best_room:
+            best, best_room = Decision(i, share), room
+    return best
 
 
 @dataclass(frozen=True)
@@ -99,21 +131,10 @@ class Admission:
         if latency > spec.latency_budget_s:
             raise RequestError(Rejection.BUDGET, f"latency_budget_ms: {spec.latency_budget_s * 1e3:.0f} ms is below "
                                                  f"the pipeline's {latency * 1e3:.0f} ms per chunk")
-        best, best_room, share_best = None, -1.0, 0.0
-        possible = False
-        for i, r in enumerate(replicas):
-            cap = r.max_streams(spec.fps, spec.steps)  # from the latency model
-            if cap >= 1:
-                possible = True
-            share = 1.0 / cap if cap >= 1 else math.inf
-            room = self.server.admission_headroom - (r.load() + share)
-            if r.active() >= self.server.max_streams_per_replica:  # the hard cap
-                continue
-            if room >= -1e-9 and room > best_room:
-                best, best_room, share_best = i, room, share
-        if best is None:
-            if not possible:
+        decision = place(spec.fps, spec.steps, replicas, self.server)
+        if decision is None:
+            if all(r.max_streams(spec.fps, spec.steps) < 1 for r in replicas):
                 raise RequestError(Rejection.BUDGET, f"fps: no pipeline sustains {spec.fps:g} fps at "
                                                      f"{spec.steps} steps")
             raise RequestError(Rejection.CAPACITY, "no capacity: try again later", self.server.retry_after_ms)
-        return Decision(best, share_best)
+        return decision

@@ -9,11 +9,13 @@ import asyncio
 import logging
 import signal
 
+from orchestrator.admission import place
+from orchestrator.autoscale import AutoscalePolicy
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
-from orchestrator.replica import EngineFailure, EngineHost
-from orchestrator.scheduler import AutoscalePolicy
+from orchestrator.replica_client import ReplicaClient, StreamRecord
 from orchestrator.server import start_server
+from workers.core_messages import StreamFailed
 
 log = logging.getLogger("streamgen.app")
 
@@ -27,7 +29,7 @@ class Service:
     def __init__(self, cfg: ServiceConfig):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.replicas: list[EngineHost] = []
+        self.replicas: list[ReplicaClient] = []
         self.server = None
         self.servicer = None
         self.port: int | None = None
@@ -82,31 +84,34 @@ class Service:
         loop = asyncio.get_running_loop()
         try:
             if self.cfg.replica_host == "serve":
-                from orchestrator.deployment import ServeReplica
+                from orchestrator.replica_client_serve import ServeReplicaClient
 
-                host = await loop.run_in_executor(None, ServeReplica, self.cfg, self.metrics, index, loop)
+                host = await loop.run_in_executor(None, ServeReplicaClient, self.cfg, self.metrics, index, loop)
             else:
-                host = await loop.run_in_executor(None, EngineHost, self.cfg, self.metrics, index)
+                from orchestrator.replica_client_local import LocalReplicaClient
+
+                host = await loop.run_in_executor(None, LocalReplicaClient, self.cfg, self.metrics, index)
         finally:
             self._starting -= 1
         host.rehome = self._rehome
         self.replicas.append(host)
         self._count_replicas()
 
-    def _rehome(self, failed: EngineHost, handoffs) -> None:
-        """Streams of a replica that could not be rebuilt: continue each on the replica with the most room
-        (re-cached from its recent clean latents), or end it UNAVAILABLE. Runs on the failed engine thread."""
-        cap = self.cfg.server.max_streams_per_replica
-        for h in handoffs:
-            candidates = [r for r in self.replicas if r is not failed and not r.draining and r.active() < cap]
-            if not candidates:
+    def _rehome(self, left: ReplicaClient, records: list[StreamRecord]) -> None:
+        """Streams that left a replica (drained, broken, or its process died): continue each where admission
+        would place it (re-cached from its checkpoint), or end it UNAVAILABLE. Runs on the thread that saw
+        them leave (an engine thread, or the event loop)."""
+        for record in records:
+            candidates = [r for r in self.replicas if r is not left and not r.draining and not r.broken]
+            decision = place(record.spec.fps, record.steps, candidates, self.cfg.server)
+            if decision is None:
                 self.metrics.stream_migrations.labels("failed").inc()
-                h.sink(EngineFailure("no replica left"))
+                record.sink(StreamFailed(record.stream_id, "no replica left"))
                 continue
-            target = min(candidates, key=lambda r: (r.active(), r.load()))
-            target.adopt(h)
+            target = candidates[decision.replica]
+            target.adopt(record)
             if self.servicer is not None:
-                self.servicer.rehome(h.stream_id, target)
+                self.servicer.rehome(record.stream_id, target)
             self.metrics.stream_migrations.labels("ok").inc()
 
     async def _tend_fleet(self) -> None:

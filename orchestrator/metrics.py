@@ -1,13 +1,19 @@
 """Every streamgen metric, declared here and nowhere else. Prefix streamgen_, base units, bounded labels
-(no stream ids, prompts or tenants). The server and the engine host feed them; /metrics serves them."""
+(no stream ids, prompts or tenants). The server feeds the stream metrics; the engine cores' measurements
+arrive as CoreStats structs with their outputs (wherever the core runs) and ``export_core_stats`` turns
+them into metrics; /metrics serves them."""
 
 from __future__ import annotations
 
 import platform
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from orchestrator.types import EndReason, FrameOutcome, Rejection
+
+if TYPE_CHECKING:
+    from workers.core_messages import CoreStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -39,8 +45,12 @@ class Metrics:
                                   registry=r)
         self.stage_latency = Histogram("streamgen_stage_latency_seconds", "One forward on one stage", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=r)
-        self.stage_queue_depth = Gauge("streamgen_stage_queue_depth", "Micro-batches in flight in a replica",
-                                       ["replica"], registry=r)
+        self.stage_microbatches_inflight = Gauge("streamgen_stage_microbatches_inflight",
+                                                 "Micro-batches in flight in a pipeline replica", ["replica"],
+                                                 registry=r)
+        # Deprecated alias of streamgen_stage_microbatches_inflight (same value): remove in the next release.
+        self.stage_queue_depth = Gauge("streamgen_stage_queue_depth",
+                                       "Deprecated: use streamgen_stage_microbatches_inflight", ["replica"], registry=r)
         self.stage_bytes_sent = Counter("streamgen_stage_bytes_sent", "Activation bytes to the next stage",
                                         ["stage"], registry=r)
         self.cache_bytes = Gauge("streamgen_cache_bytes", "KV + cross-attention cache bytes", ["stage"], registry=r)
@@ -89,6 +99,20 @@ class Metrics:
         host, _, port = listen.rpartition(":")
         return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 
+    def export_core_stats(self, stats: "CoreStats", replica: int) -> None:
+        """What an engine core measured (carried back with its outputs or its status) into the metrics."""
+        self.observe_stage_stats(stats.stage_stats)
+        for latency in stats.chunk_latency_s:
+            self.chunk_latency.observe(latency)
+        for kind, n in stats.stage_errors.items():
+            self.stage_errors.labels(kind).inc(n)
+        if stats.engine_errors:
+            self.engine_errors.labels("exception").inc(stats.engine_errors)
+        if stats.migrations:
+            self.stream_migrations.labels("ok").inc(stats.migrations)
+        self.stage_microbatches_inflight.labels(str(replica)).set(stats.inflight)
+        self.stage_queue_depth.labels(str(replica)).set(stats.inflight)
+
     def observe_stage_stats(self, stats) -> None:
         for s in stats:
             stage = str(s.stage)
@@ -105,7 +129,8 @@ CATALOGUE = (
     "streamgen_streams_ended_total", "streamgen_stream_duration_seconds", "streamgen_frames_total",
     "streamgen_frame_latency_seconds", "streamgen_time_to_first_frame_seconds", "streamgen_output_interval_seconds",
     "streamgen_output_freezes_total", "streamgen_stage_compute_seconds_total", "streamgen_stage_idle_seconds_total",
-    "streamgen_stage_latency_seconds", "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
+    "streamgen_stage_latency_seconds", "streamgen_stage_microbatches_inflight",
+    "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
     "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
     "streamgen_stage_errors_total", "streamgen_stream_migrations_total", "streamgen_replicas",
     "streamgen_replica_repairs_total",

@@ -10,22 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from orchestrator.admission import Admission, validate
+from orchestrator.admission import MAX_STEPS, Admission, validate, validate_prompt, validate_steps
 from orchestrator.clock import Clock
 from orchestrator.config import ServiceConfig
 from orchestrator.deadline import Pacer
 from orchestrator.metrics import Metrics
-from orchestrator.replica import EngineFailure
+from orchestrator.replica_client import ReplicaClient
 from orchestrator.session import Session, State
 from orchestrator.types import EndReason, FrameOutcome, Rejection, RequestError
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
+from workers.core_messages import FrameBatch, StreamFailed
 
 log = logging.getLogger("streamgen.server")
 SERVICE_NAME = "streamgen.v1.StreamService"
+HAND_OFF_SETTLE_S = 5.0  # a replica in its own process hands its streams back asynchronously
 
 STATUS = {
     Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,20 +39,36 @@ STATUS = {
 }
 
 
+@dataclass(slots=True)
+class LiveStream:
+    """A running stream as the server holds it."""
+
+    session: Session
+    outbox: asyncio.Queue
+    """Finished chunks (FrameBatch), a StreamFailed, or None (drain / cancel) for the stream's handler."""
+    replica: ReplicaClient
+    """The replica holding its caches (changes when the stream moves); controls and close go there."""
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while output may flow (not paused, or ended)."""
+
+
 class StreamService(stream_pb2_grpc.StreamServiceServicer):
-    def __init__(self, cfg: ServiceConfig, replicas: list, metrics: Metrics, health_servicer, clock: Clock | None = None):
+    def __init__(self, cfg: ServiceConfig, replicas: list[ReplicaClient], metrics: Metrics, health_servicer,
+                 clock: Clock | None = None):
         self.cfg = cfg
         self.replicas = replicas
         self.metrics = metrics
         self.health = health_servicer
         self.clock = clock or Clock()
         self.admission = Admission(cfg.server)
-        self.sessions: dict[str, Session] = {}
-        self._queues: dict[str, asyncio.Queue] = {}
+        self.streams: dict[str, LiveStream] = {}
         self.draining = False
         self._drained = asyncio.Event()
-        self._replica_of: dict[str, object] = {}  # stream -> the replica holding its caches
         self.capacity_refusals = 0  # the autoscaler reads it
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        return {sid: live.session for sid, live in self.streams.items()}
 
     # -- Generate ------------------------------------------------------------------------------------
 
@@ -76,41 +95,41 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         replica = serving[decision.replica]
         session = Session(stream_id, spec, replica.index, decision.utilisation, start)
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8)
+        live = LiveStream(session, asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8), replica)
+        live.resumed.set()
 
         def sink(item):  # engine thread -> this loop
-            loop.call_soon_threadsafe(_offer, out, item)
+            loop.call_soon_threadsafe(self._offer, live, item)
 
-        self.sessions[stream_id] = session
-        self._queues[stream_id] = out
-        self._replica_of[stream_id] = replica
+        self.streams[stream_id] = live
         self.metrics.streams_active.inc()
-        replica.open(stream_id, spec, decision.utilisation, sink)
-        reason = EndReason.INTERNAL
+        replica.open(stream_id, spec, sink)
+        reason = EndReason.INTERNAL  # stands if anything unexpected escapes
         try:
-            async for frame in self._frames(session, replica, out):
+            async for frame in self._frames(live):
                 yield frame
             reason = session.end_reason or EndReason.CLIENT_DONE
         except asyncio.CancelledError:
-            reason = session.end_reason or EndReason.CLIENT_CANCEL
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            reason = session.end_reason or (EndReason.DEADLINE if expired else EndReason.CLIENT_CANCEL)
             raise
         finally:
-            self._replica_of.get(stream_id, replica).close(stream_id)
+            live.replica.close(stream_id)
             session.end(reason)
-            self.sessions.pop(stream_id, None)
-            self._queues.pop(stream_id, None)
-            self._replica_of.pop(stream_id, None)
+            self.streams.pop(stream_id, None)
             self.metrics.streams_active.dec()
             self.metrics.streams_ended.labels(session.end_reason.value).inc()
             self.metrics.stream_duration.observe(self.clock.now() - start)
-            if self.draining and not self.sessions:
+            if self.draining and not self.streams:
                 self._drained.set()
         if session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
             context.set_trailing_metadata((("retry-after-ms", str(self.cfg.server.retry_after_ms)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[session.end_reason])
 
-    async def _frames(self, session: Session, replica, out: asyncio.Queue):
+    async def _frames(self, live: LiveStream):
         """Pace the stream's frames out; ends by returning (max_frames, drain) or by cancellation."""
+        session, out = live.session, live.outbox
         spec, server = session.spec, self.cfg.server
         pacer = Pacer(spec.fps, spec.late_policy, server.stall_frames)
         slot = 0  # generated frames (sent or dropped): the pacer's frame number; wire indices have no gaps
@@ -123,10 +142,10 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 return
             if item is None:  # drain or cancel
                 return
-            if isinstance(item, EngineFailure):
+            if isinstance(item, StreamFailed):
                 session.end(EndReason.WORKER_LOST)
                 return
-            self._replica_of.get(session.stream_id, replica).consumed(session.stream_id)
+            live.replica.consumed(session.stream_id)
             if item.prompt_revision < session.prompt_revision:  # made stale by a prompt change
                 session.count(FrameOutcome.DROPPED_STALE, len(item.frames))
                 self.metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc(len(item.frames))
@@ -135,8 +154,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 if session.done or session.state is State.ENDED:  # max_frames, or ended by drain / cancel
                     break
                 if session.state is State.PAUSED:  # output stops; the engine waits on its look-ahead bound
-                    while session.state is State.PAUSED:
-                        await asyncio.sleep(0.01)
+                    await live.resumed.wait()
+                    if session.state is State.ENDED:
+                        break
                     pacer.resume(slot, self.clock.now())
                 placement = pacer.place(slot, max(item.ready_at, self.clock.now()))
                 slot += 1
@@ -173,37 +193,63 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if session.done:
             session.end(EndReason.CLIENT_DONE)
 
-    def rehome(self, stream_id: str, replica) -> None:
+    def rehome(self, stream_id: str, replica: ReplicaClient) -> None:
         """The stream now lives on ``replica`` (a migration); controls and close go there. Thread-safe."""
-        if stream_id in self._replica_of:
-            self._replica_of[stream_id] = replica
+        live = self.streams.get(stream_id)
+        if live is not None:
+            live.replica = replica
+
+    def _offer(self, live: LiveStream, item) -> None:
+        """Put without blocking (on the loop). The engine's look-ahead bound keeps the queue from filling;
+        if it does fill, the oldest chunk goes: its frames are counted and its look-ahead slot given back."""
+        try:
+            live.outbox.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            dropped = live.outbox.get_nowait()
+            live.outbox.put_nowait(item)
+        if isinstance(dropped, FrameBatch):
+            live.session.count(FrameOutcome.DROPPED_OVERFLOW, len(dropped.frames))
+            self.metrics.frames.labels(FrameOutcome.DROPPED_OVERFLOW.value).inc(len(dropped.frames))
+            live.replica.consumed(live.session.stream_id)
+
+    def _end(self, live: LiveStream, reason: EndReason) -> None:
+        """End the stream from outside its handler (cancel, drain): the handler wakes and returns."""
+        live.session.end(reason)
+        live.resumed.set()
+        self._offer(live, None)
 
     # -- Control, capacity, drain ----------------------------------------------------------------------
 
     async def Control(self, request, context):
         if request is MALFORMED:
             await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
-        session = self.sessions.get(request.stream_id)
-        if session is None:
+        live = self.streams.get(request.stream_id)
+        if live is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "stream_id: no such running stream")
-        replica = self._replica_of[request.stream_id]
+        session = live.session
         if request.cancel:
-            session.end(EndReason.CLIENT_CANCEL)
-            _offer(self._queues[request.stream_id], None)
+            self._end(live, EndReason.CLIENT_CANCEL)
             return stream_pb2.ControlReply(stream_id=request.stream_id, prompt_revision=session.prompt_revision)
-        if request.HasField("prompt"):
-            prompt = request.prompt
-            if not prompt.strip() or len(prompt.encode()) > self.cfg.server.max_prompt_bytes:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must be non-empty and within the limit")
-        if request.HasField("steps") and not (1 <= request.steps <= 8):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "steps: must be in [1, 8]")
+        try:  # every change is checked before any is applied
+            if request.HasField("prompt"):
+                validate_prompt(request.prompt, self.cfg.server)
+            if request.HasField("steps"):
+                validate_steps(request.steps)
+        except RequestError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         if request.HasField("prompt"):
             session.prompt_revision += 1
-            replica.set_prompt(request.stream_id, request.prompt)
+            live.replica.set_prompt(request.stream_id, request.prompt)
         if request.HasField("steps"):
-            replica.set_steps(request.stream_id, request.steps)
+            live.replica.set_steps(request.stream_id, request.steps)
         if request.HasField("paused"):
-            session.pause() if request.paused else session.resume()
+            if request.paused:
+                session.pause()
+                live.resumed.clear()
+            else:
+                session.resume()
+                live.resumed.set()
         return stream_pb2.ControlReply(stream_id=request.stream_id, prompt_revision=session.prompt_revision)
 
     async def GetCapacity(self, request, context):
@@ -211,14 +257,14 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
         fps = request.fps or self.cfg.server.default_fps
         steps = request.steps or self.cfg.generation.sampler.num_steps
-        if fps <= 0 or fps != fps or not (1 <= steps <= 8):
+        if fps <= 0 or fps != fps or not (1 <= steps <= MAX_STEPS):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
         serving = [r for r in self.replicas if not r.draining and r.healthy]
         total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
         latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
         states = [stream_pb2.ReplicaState(index=r.index, streams_active=r.active(), draining=r.draining,
                                           healthy=r.healthy) for r in self.replicas]
-        return stream_pb2.CapacityReply(streams_active=len(self.sessions), streams_max=total,
+        return stream_pb2.CapacityReply(streams_active=len(self.streams), streams_max=total,
                                         predicted_chunk_latency_s=latency, replicas=len(self.replicas),
                                         draining=self.draining, replica_states=states)
 
@@ -232,24 +278,19 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no replica {request.replica} (GetCapacity lists them)")
             return stream_pb2.DrainReply(streams_active=await self.drain_replica(host, timeout))
         await self.drain(timeout)
-        return stream_pb2.DrainReply(streams_active=len(self.sessions))
+        return stream_pb2.DrainReply(streams_active=len(self.streams))
 
-    async def drain_replica(self, host, timeout: float) -> int:
+    async def drain_replica(self, host: ReplicaClient, timeout: float) -> int:
         """No new streams on ``host``; streams still on it after ``timeout`` move to other replicas
         (re-cached from their recent clean latents) or end UNAVAILABLE. Returns the streams left on it."""
         host.draining = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while host.active() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if host.active():
+        if not await loop.run_in_executor(None, host.wait_empty, timeout):
             try:
                 await loop.run_in_executor(None, host.hand_off, max(5.0, self.cfg.stage_call_timeout_s))
             except Exception:  # noqa: BLE001 - stuck or gone: the stage timeouts and recovery take over
-                log.warning("replica %d did not hand its streams off", host.index)
-            settle = loop.time() + 5.0  # a replica in its own process hands streams back asynchronously
-            while host.active() and loop.time() < settle:
-                await asyncio.sleep(0.05)
+                log.warning("replica %d did not hand its streams off", host.index, exc_info=True)
+            await loop.run_in_executor(None, host.wait_empty, HAND_OFF_SETTLE_S)
         return host.active()
 
     async def set_ready(self, ready: bool) -> None:
@@ -266,18 +307,17 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             self.metrics.draining.set(1)
             await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.health_status.labels(SERVICE_NAME).set(0)
-        if not self.sessions:
+        if not self.streams:
             return
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
         except asyncio.TimeoutError:
-            for sid, session in list(self.sessions.items()):
-                session.end(EndReason.DRAIN)
-                _offer(self._queues[sid], None)
+            for live in list(self.streams.values()):
+                self._end(live, EndReason.DRAIN)
             try:  # each stream's handler notices within one frame interval and ends UNAVAILABLE
                 await asyncio.wait_for(self._drained.wait(), 5.0)
             except asyncio.TimeoutError:
-                log.warning("%d streams still open after drain", len(self.sessions))
+                log.warning("%d streams still open after drain", len(self.streams))
 
     async def _refuse(self, context, code, message, retry_after_ms, reason) -> None:
         if retry_after_ms is not None:
@@ -300,7 +340,8 @@ def _parser(message_cls):
     def parse(data: bytes):
         try:
             return message_cls.FromString(data)
-        except Exception:  # noqa: BLE001 - DecodeError, invalid UTF-8, ...
+        except Exception:  # noqa: BLE001 - DecodeError, invalid UTF-8, ...: answered INTERNAL
+            log.debug("malformed %s", message_cls.__name__, exc_info=True)
             return MALFORMED
     return parse
 
@@ -318,18 +359,6 @@ def _handlers(service: StreamService) -> grpc.GenericRpcHandler:
             service.Drain, _parser(pb.DrainRequest), pb.DrainReply.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
-
-
-def _offer(queue: asyncio.Queue, item) -> None:
-    """Put without blocking; the engine's look-ahead bound keeps this from overflowing."""
-    try:
-        queue.put_nowait(item)
-    except asyncio.QueueFull:
-        try:
-            queue.get_nowait()  # latest wins
-        except asyncio.QueueEmpty:
-            pass
-        queue.put_nowait(item)
 
 
 async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics) -> tuple[grpc.aio.Server, StreamService, int]:

@@ -20,14 +20,12 @@ class EndReason(str, Enum):
     """Why a stream ended (the `reason` label of streamgen_streams_ended_total)."""
 
     CLIENT_DONE = "client_done"  # max_frames reached
-    CLIENT_CANCEL = "client_cancel"
-    DEADLINE = "deadline"
-    IDLE = "idle"
-    SLOW_CONSUMER = "slow_consumer"
-    WORKER_LOST = "worker_lost"
-    NO_OUTPUT = "no_output"
-    DRAIN = "drain"
-    INTERNAL = "internal"
+    CLIENT_CANCEL = "client_cancel"  # a cancel Control, or the client went away
+    DEADLINE = "deadline"  # the client's gRPC deadline expired mid-stream
+    WORKER_LOST = "worker_lost"  # its pipeline failed and no replica could continue it
+    NO_OUTPUT = "no_output"  # nothing came within no_output_timeout_s
+    DRAIN = "drain"  # the server drained
+    INTERNAL = "internal"  # an unexpected error in the server
 
 
 class FrameOutcome(str, Enum):
@@ -38,7 +36,7 @@ class FrameOutcome(str, Enum):
     DROPPED_DEADLINE = "dropped_deadline"
     DROPPED_STALE = "dropped_stale"  # generated under a prompt that was replaced before it was sent
     LOST = "lost"  # frame slots a stall (e.g. a stage rebuilt) left empty
-    FAILED = "failed"
+    DROPPED_OVERFLOW = "dropped_overflow"  # its chunk overflowed the server's output queue
 
 
 class Rejection(str, Enum):

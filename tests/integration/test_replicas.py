@@ -40,7 +40,7 @@ def test_streams_spread_over_replicas_and_a_dead_stage_spares_the_other_replica(
         frames[i].append(f)
         times[i].append(time.monotonic())
     assert [r.active() for r in replicas] == [2, 2]
-    owner = {i: next(r.index for r in replicas if f.stream_id in r._sinks) for i, f in enumerate(firsts)}
+    owner = {i: next(r.index for r in replicas if r.holds(f.stream_id)) for i, f in enumerate(firsts)}
 
     def read(i):
         for f in calls[i]:
@@ -51,7 +51,7 @@ def test_streams_spread_over_replicas_and_a_dead_stage_spares_the_other_replica(
     for t in readers:
         t.start()
     time.sleep(2.0)
-    ray.kill(replicas[0].executor.actors[0], no_restart=True)  # a stage of replica 0 dies
+    ray.kill(replicas[0].core.executor.actors[0], no_restart=True)  # a stage of replica 0 dies
     for t in readers:
         t.join(120)
     channel.close()
@@ -69,7 +69,7 @@ def test_streams_spread_over_replicas_and_a_dead_stage_spares_the_other_replica(
 def _fail_rebuilds(host):
     def refuse(split):
         raise RuntimeError("no slots for the replacement stages (injected)")
-    host._build_executor = refuse
+    host.core.build_executor = refuse
 
 
 def _collect(call, frames, times, errors):
@@ -89,7 +89,7 @@ def test_streams_of_a_replica_that_cannot_be_rebuilt_move_or_end_unavailable(ser
     # 3 streams: the doomed replica holds 2 (at most 2 each) and the other 1, so one stream finds room there
     calls = [stub.Generate(request(seed=i, max_frames=140), timeout=120) for i in range(3)]
     firsts = [next(c) for c in calls]
-    owner = {i: next(r for r in replicas if f.stream_id in r._sinks) for i, f in enumerate(firsts)}
+    owner = {i: next(r for r in replicas if r.holds(f.stream_id)) for i, f in enumerate(firsts)}
     doomed = max(replicas, key=lambda r: r.active())
     assert doomed.active() == 2
     results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(3)}
@@ -99,7 +99,7 @@ def test_streams_of_a_replica_that_cannot_be_rebuilt_move_or_end_unavailable(ser
     time.sleep(1.5)
     _fail_rebuilds(doomed)
     killed_at = time.monotonic()
-    ray.kill(doomed.executor.actors[1], no_restart=True)
+    ray.kill(doomed.core.executor.actors[1], no_restart=True)
     for t in readers:
         t.join(120)
     channel.close()
@@ -142,7 +142,7 @@ def test_operator_drain_of_a_replica_moves_its_streams_and_the_fleet_replaces_it
     stub = stream_pb2_grpc.StreamServiceStub(channel)
     calls = [stub.Generate(request(seed=i, max_frames=120), timeout=120) for i in range(2)]
     firsts = [next(c) for c in calls]
-    owner = [next(r for r in svc.replicas if f.stream_id in r._sinks) for f in firsts]
+    owner = [next(r for r in svc.replicas if r.holds(f.stream_id)) for f in firsts]
     results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(2)}
     readers = [threading.Thread(target=_collect, args=(calls[i], *results[i])) for i in range(2)]
     for t in readers:
@@ -156,7 +156,7 @@ def test_operator_drain_of_a_replica_moves_its_streams_and_the_fleet_replaces_it
     reply = stub.Drain(stream_pb2.DrainRequest(replica=owner[0].index, timeout_ms=300), timeout=30)
     assert reply.streams_active == 0
     other = next(r for r in svc.replicas if r is not owner[0])
-    assert all(f.stream_id in other._sinks for f in firsts)  # both go on there (whichever held them)
+    assert all(other.holds(f.stream_id) for f in firsts)  # both go on there (whichever held them)
     for t in readers:
         t.join(120)
     channel.close()

@@ -328,6 +328,50 @@ def test_control_pause_resume_and_unknown_stream(server, stub):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_control_refuses_what_generate_refuses(server, stub):
+    """A prompt with a control character, or steps out of range, is INVALID_ARGUMENT on Control as on
+    Generate, and leaves the stream's prompt revision where it was."""
+    call = stub.Generate(request(max_frames=40), timeout=60)
+    first = next(call)
+    for kw in (dict(prompt="a\x07bell"), dict(prompt=""), dict(steps=9)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Control(stream_pb2.ControlRequest(stream_id=first.stream_id, **kw))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+        assert err.value.details().startswith(next(iter(kw))), err.value.details()
+    reply = stub.Control(stream_pb2.ControlRequest(stream_id=first.stream_id, paused=False))
+    assert reply.prompt_revision == 0
+    call.cancel()
+
+
+def test_a_steps_change_moves_the_streams_admission_load(server, stub):
+    """Admission load is 1 / max_streams(fps, steps): a Control that changes steps changes it."""
+    replica = server.service.replicas[0]
+    assert wait_for(lambda: replica.active() == 0, 5.0)
+    call = stub.Generate(request(steps=4), timeout=60)
+    first = next(call)
+    # the latency model keeps learning while the stream runs: shares are compared within 20 %
+    four, one = 1 / replica.max_streams(16.0, 4), 1 / replica.max_streams(16.0, 1)
+    assert abs(four - one) > 0.2 * max(four, one)  # the model tells the two apart, or this shows nothing
+    assert replica.load() == pytest.approx(four, rel=0.2)
+    stub.Control(stream_pb2.ControlRequest(stream_id=first.stream_id, steps=1))
+    assert replica.load() == pytest.approx(one, rel=0.2)
+    call.cancel()
+
+
+def test_a_client_deadline_mid_stream_ends_it_with_reason_deadline(server, stub):
+    def ended(reason):
+        return server.service.metrics.registry.get_sample_value("streamgen_streams_ended_total", {"reason": reason})
+
+    deadline, cancel = ended("deadline"), ended("client_cancel")
+    frames = []
+    with pytest.raises(grpc.RpcError) as err:
+        for f in stub.Generate(request(), timeout=2.0):
+            frames.append(f)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and frames
+    assert wait_for(lambda: ended("deadline") == deadline + 1, 5.0)
+    assert ended("client_cancel") == cancel
+
+
 def test_capacity_rpc(server, stub):
     reply = stub.GetCapacity(stream_pb2.CapacityRequest(fps=16.0))
     assert reply.streams_max == MAX_STREAMS and reply.replicas == 1 and not reply.draining

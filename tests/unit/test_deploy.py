@@ -52,3 +52,18 @@ def test_alert_rules_load_and_name_only_served_metrics():
     for e in exprs:
         assert _balanced(e), e
         assert referenced(e) and all(known(n) for n in referenced(e)), e
+
+
+DEPRECATED = {"streamgen_stage_queue_depth": "streamgen_stage_microbatches_inflight"}
+"""Old name -> new name, kept as an alias for one release; dashboards and alerts use the new one."""
+
+
+def test_dashboard_and_rules_use_new_metric_names_and_the_aliases_still_exist():
+    dash = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yaml").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]] + \
+        [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = set().union(*(referenced(e) for e in exprs))
+    for old, new in DEPRECATED.items():
+        assert old not in used and new in used, (old, new)
+        assert old in CATALOGUE and new in CATALOGUE  # both served during the deprecation release

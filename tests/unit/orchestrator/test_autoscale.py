@@ -2,7 +2,7 @@
 
 from orchestrator.clock import FakeClock
 from orchestrator.config import AutoscalingConfig
-from orchestrator.scheduler import AutoscalePolicy
+from orchestrator.autoscale import AutoscalePolicy
 
 CFG = AutoscalingConfig(min_replicas=1, max_replicas=2, target_utilisation=0.5, upscale_delay_s=2,
                         downscale_delay_s=10)

@@ -1,0 +1,93 @@
+"""The server's per-stream output queue, driven through Generate with a fake replica and a fake gRPC
+context: what overflows it is counted and gives its look-ahead slot back."""
+
+import asyncio
+
+from orchestrator.metrics import Metrics
+from orchestrator.server import StreamService
+from protos.streamgen.v1 import stream_pb2
+from tests.integration.test_server import service_config
+from workers.core_messages import FrameBatch
+
+
+class FakeReplica:
+    index, draining, healthy, broken = 0, False, True, False
+
+    def __init__(self):
+        self.sinks, self.consumed_calls = {}, 0
+
+    def open(self, stream_id, spec, *rest):  # the sink is the last argument
+        self.sinks[stream_id] = rest[-1]
+
+    def close(self, stream_id):
+        self.sinks.pop(stream_id, None)
+
+    def consumed(self, stream_id):
+        self.consumed_calls += 1
+
+    def set_prompt(self, stream_id, prompt):
+        pass
+
+    def set_steps(self, stream_id, steps):
+        pass
+
+    def max_streams(self, fps, steps):
+        return 4
+
+    def predicted_chunk_latency(self, steps):
+        return 0.01
+
+    def load(self):
+        return 0.0
+
+    def active(self):
+        return len(self.sinks)
+
+
+class FakeContext:
+    def time_remaining(self):
+        return None
+
+    def set_trailing_metadata(self, md):
+        pass
+
+    async def abort(self, code, details):
+        raise RuntimeError(f"{code}: {details}")
+
+
+def batch(stream_id: str, chunk: int) -> FrameBatch:
+    return FrameBatch(stream_id, chunk, 0, [b"\0" * 12] * 12, 2, 2, 0.01, 0.0)
+
+
+def test_an_overflowing_output_queue_counts_the_dropped_chunk_and_frees_its_look_ahead_slot():
+    async def run():
+        cfg = service_config()
+        metrics, replica = Metrics(), FakeReplica()
+        service = StreamService(cfg, [replica], metrics, health_servicer=None)
+        gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), FakeContext())
+        reader = asyncio.ensure_future(gen.__anext__())
+        while not replica.sinks:
+            await asyncio.sleep(0)
+        (stream_id, sink), = replica.sinks.items()
+        await service.Control(stream_pb2.ControlRequest(stream_id=stream_id, paused=True), FakeContext())
+        sink(batch(stream_id, 0))  # taken off the queue, then output waits on the pause
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert replica.consumed_calls == 1
+        capacity = cfg.server.output_chunks_ahead + 8
+        for chunk in range(1, capacity + 3):  # the queue holds `capacity`: 2 overflow
+            sink(batch(stream_id, chunk))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        dropped = metrics.registry.get_sample_value("streamgen_frames_total", {"outcome": "dropped_overflow"})
+        reader.cancel()
+        try:
+            await reader
+        except (asyncio.CancelledError, StopAsyncIteration):
+            pass
+        await gen.aclose()
+        return replica.consumed_calls, dropped
+
+    consumed, dropped = asyncio.run(run())
+    assert dropped == 2 * 12  # both overflowing chunks' frames are counted
+    assert consumed == 1 + 2  # the taken chunk, and one look-ahead slot back per dropped chunk

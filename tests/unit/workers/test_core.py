@@ -1,0 +1,155 @@
+"""EngineCore with in-process stages: typed messages in, encoded frames and stats out, probes, recovery,
+and the one stream-move mechanism (evict with a checkpoint, restore elsewhere)."""
+
+import dataclasses
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from tests.integration.test_server import service_config
+from workers.core import EngineCore
+from workers.core_messages import (Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, RestoreStream,
+                                   StreamEvicted, StreamFailed)
+from workers.engine import PipelineEngine
+from workers.executor import InProcessExecutor, StageFailure
+from workers.model.text import build_text_encoder
+from workers.model.vae import build_vae
+
+RAW = OutputFormat("raw_rgb", 90)
+
+
+def config():
+    return dataclasses.replace(service_config(), executor="inprocess", stages=2)
+
+
+class Outputs:
+    """Collects a core's outputs (the emit callback runs on the engine thread)."""
+
+    def __init__(self):
+        self.items: queue.Queue = queue.Queue()
+
+    def __call__(self, item):
+        self.items.put(item)
+
+    def next(self, timeout=60.0):
+        return self.items.get(timeout=timeout)
+
+
+@pytest.fixture
+def core():
+    out = Outputs()
+    c = EngineCore(config(), out, max_ahead=2)
+    c.out = out
+    yield c
+    c.shutdown()
+
+
+def frames_of(batch: FrameBatch) -> np.ndarray:
+    return np.stack([np.frombuffer(f, np.uint8).reshape(batch.height, batch.width, 3) for f in batch.frames])
+
+
+def direct_frames(chunks: int) -> list[np.ndarray]:
+    gen = config().generation
+    engine = PipelineEngine(gen, InProcessExecutor(gen.model, 2), build_text_encoder(gen.model), build_vae(gen.model))
+    engine.add_stream("d", "a fox", 5)
+    return [o.frames.numpy() for o in engine.run_chunks({"d": chunks})["d"]]
+
+
+def test_a_stream_gets_encoded_frames_equal_to_the_engine_and_stats_travel_with_them(core):
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    batches, latencies = [], 0
+    for chunk in range(3):
+        batch = core.out.next()
+        assert isinstance(batch, FrameBatch) and isinstance(batch.stats, CoreStats)
+        latencies += len(batch.stats.chunk_latency_s)
+        batches.append(batch)
+        core.submit(Consumed("s"))
+    assert [b.chunk for b in batches] == [0, 1, 2]
+    assert latencies == 3  # each chunk's latency came back with an output
+    assert any(b.stats.stage_stats for b in batches)  # stage stats too
+    for got, want in zip(batches, direct_frames(3)):
+        assert np.abs(frames_of(got).astype(int) - want.astype(int)).max() == 0
+
+
+def test_the_look_ahead_bound_holds_until_chunks_are_consumed(core):
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    first, second = core.out.next(), core.out.next()
+    assert (first.chunk, second.chunk) == (0, 1)
+    # max_ahead = 2: the engine thread answers a call, and still no third chunk has come
+    core.call(lambda: None, 30.0)
+    core.call(lambda: None, 30.0)
+    assert core.out.items.empty()
+    core.submit(Consumed("s"))
+    assert core.out.next().chunk == 2
+
+
+def test_probe_passes_with_working_stages_and_fails_while_the_loop_is_stuck(core):
+    assert core.probe(30.0)
+    release = threading.Event()
+    threading.Thread(target=lambda: core.call(lambda: release.wait(30), 60), daemon=True).start()
+    try:
+        assert not core.probe(0.5)
+    finally:
+        release.set()
+    assert core.probe(30.0)
+
+
+def _fail_a_stage():
+    raise StageFailure("died", "injected")
+
+
+def test_a_stage_failure_rebuilds_the_stages_and_the_stream_goes_on(core):
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    assert core.out.next().chunk == 0
+    old = core.executor
+    with pytest.raises(StageFailure):
+        core.call(_fail_a_stage, 30.0)  # as a probe meeting a dead stage
+    core.submit(Consumed("s"))
+    batches = [core.out.next(), core.out.next()]
+    assert [b.chunk for b in batches] == [1, 2] and core.executor is not old
+    stats = [b.stats for b in batches] + [core.take_stats()]
+    assert sum(s.stage_errors.get("died", 0) for s in stats) == 1
+    assert sum(s.migrations for s in stats) == 1
+
+
+def test_stages_that_cannot_be_rebuilt_evict_streams_with_checkpoints_another_core_continues(core):
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    assert core.out.next().chunk == 0
+    core.submit(Consumed("s"))
+    assert core.out.next().chunk == 1
+
+    def refuse(split):
+        raise RuntimeError("no slots (injected)")
+
+    core.build_executor = refuse
+    with pytest.raises(StageFailure):
+        core.call(_fail_a_stage, 30.0)
+    evicted = core.out.next()
+    assert isinstance(evicted, StreamEvicted) and evicted.checkpoint.next_chunk == 2 and core.broken
+    core.submit(OpenStream("t", "an owl", 1, 16.0, 4, RAW))  # a broken core takes no stream
+    assert isinstance(core.out.next(), StreamFailed)
+
+    out = Outputs()
+    other = EngineCore(config(), out, max_ahead=2)
+    try:
+        other.submit(RestoreStream(evicted.checkpoint, RAW))
+        batch = out.next()
+        assert isinstance(batch, FrameBatch) and batch.chunk == 2
+        want = direct_frames(3)[2]
+        assert np.abs(frames_of(batch).astype(int) - want.astype(int)).max() <= 1
+    finally:
+        other.shutdown()
+
+
+def test_hand_off_finishes_in_flight_work_then_evicts_and_frees_the_caches(core):
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    assert core.out.next().chunk == 0
+    assert core.hand_off(30.0) == 1
+    items = [core.out.next()]
+    while not isinstance(items[-1], StreamEvicted):
+        items.append(core.out.next())
+    assert all(isinstance(i, FrameBatch) for i in items[:-1])
+    assert items[-1].checkpoint.stream_id == "s" and not core.broken
+    assert core.cache_bytes() == [0, 0]

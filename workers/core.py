@@ -1,0 +1,347 @@
+"""EngineCore: one pipeline replica's engine loop (one engine core with its P stages).
+
+One thread owns the PipelineEngine. Everything else talks to it through a bounded inbox of typed control
+messages (``workers.core_messages``) and gets typed outputs back through one ``emit`` callback, called on
+the engine thread: encoded frame batches, failed and evicted streams, each carrying the CoreStats
+measured since the last output. The core knows nothing of Prometheus, gRPC or Ray Serve: the same class
+runs in the orchestrator's process or inside a Serve replica, and the hosts (``orchestrator.replica_client*``)
+only move these structs.
+
+The loop:  apply inbox messages -> engine.step() (schedule, dispatch, collect) -> encode and emit finished
+chunks. A StageFailure (a dead or hung stage, met by a step or a probe) rebuilds the stages with the same
+split and every stream re-caches its recent clean latents on them; when the stages cannot be rebuilt the
+core is broken and evicts every stream with its checkpoint, for the orchestrator to continue elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+from orchestrator.config import ServiceConfig
+from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, FrameBatch, Message,
+                                   OpenStream, OutputFormat, RestoreStream, SetPrompt, SetSteps, Stop,
+                                   StreamEvicted, StreamFailed)
+from workers.encode import encode_frames
+from workers.engine import ChunkOutput, PipelineEngine
+from workers.executor import Executor, InProcessExecutor, StageFailure
+from workers.model.text import build_text_encoder
+from workers.model.vae import build_vae
+
+log = logging.getLogger("streamgen.core")
+MAX_RECOVERIES, RECOVERY_WINDOW_S = 3, 60
+INBOX_SIZE = 10_000
+MAX_STAGE_SAMPLES = 4_096  # stage stats kept for the next output (older ones dropped when nobody takes them)
+
+Emit = Callable[[CoreOutput], None]
+
+
+def build_executor(cfg: ServiceConfig, split, placement_group=None, first_bundle: int = 0) -> Executor:
+    """The one place that builds a pipeline's executor (``split``: block range per stage, or None)."""
+    gen = cfg.generation
+    if cfg.executor == "ray":
+        from workers.ray_executor import RayExecutor
+
+        return RayExecutor(gen.model, cfg.stages, split, threads_per_stage=cfg.threads_per_stage,
+                           num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
+                           device="cuda" if cfg.gpus_per_stage and _cuda() else "cpu",
+                           weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s,
+                           placement_timeout_s=cfg.placement_timeout_s, placement_group=placement_group,
+                           first_bundle=first_bundle)
+    return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
+
+
+def step_list(steps: int) -> tuple[float, ...]:
+    """Evenly spaced step list of ``steps`` entries from 1000 (warped by the sampler's shift)."""
+    return tuple(1000.0 * (steps - i) / steps for i in range(steps))
+
+
+class EngineCore:
+    def __init__(self, cfg: ServiceConfig, emit: Emit, index: int = 0, max_ahead: int | None = None,
+                 placement_group=None, first_bundle: int = 0, checkpoints: bool = False):
+        """Builds the stages (blocking: actors, weights, calibration) and starts the engine thread.
+
+        ``emit``: receives every output, on the engine thread. ``max_ahead``: finished chunks a stream may
+        have waiting for ``Consumed``. ``placement_group`` / ``first_bundle``: stage slots reserved by the
+        host (a Serve replica). ``checkpoints``: attach the stream's checkpoint to every frame batch."""
+        self.cfg, self.index, self.max_ahead, self.checkpoints = cfg, index, max_ahead, checkpoints
+        self._emit = emit
+        self.build_executor: Callable[[object], Executor] = \
+            lambda split: build_executor(cfg, split, placement_group, first_bundle)
+        self._init_engine()
+        self._init_state()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
+        self._thread.start()
+
+    def _init_engine(self) -> None:
+        gen = self.cfg.generation
+        self.executor = self.build_executor(None)
+        self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
+                                     build_vae(gen.model, gen.vae_path), self.cfg.engine)
+        self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
+
+    def _init_state(self) -> None:
+        self._inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
+        self._formats: dict[str, OutputFormat] = {}  # streams open here (engine thread only)
+        self._stats = CoreStats()
+        self._stats_lock = threading.Lock()
+        self.broken = False  # its stages could not be rebuilt: out of service
+        self.recovering = False  # rebuilding its stages (bounded by placement_timeout_s)
+        self._stage_failure: StageFailure | None = None  # met by a call on the engine thread (a probe)
+        self._probing = threading.Event()
+        self._recoveries: list[float] = []  # times of recent stage rebuilds
+
+    # any thread --------------------------------------------------------------------------------------
+
+    def submit(self, msg: Message) -> None:
+        """Queue a message for the engine thread (blocks only while the bounded inbox is full)."""
+        self._inbox.put(msg)
+
+    def call(self, fn, timeout_s: float):
+        """Run ``fn`` on the engine thread and return its result (or raise its exception); TimeoutError if
+        the thread does not answer within ``timeout_s`` (the call is then skipped, never run late)."""
+        call = Call(fn)
+        self._inbox.put(call)
+        if not call.done.wait(timeout_s):
+            call.given_up.set()
+            raise TimeoutError("engine thread did not answer")
+        if not call.ok:
+            raise call.value
+        return call.value
+
+    def probe(self, timeout_s: float) -> bool:
+        """Readiness: a real forward on every stage, run by the engine thread within ``timeout_s``. A stuck
+        loop or a hung stage fails it; a stage failure it meets starts a rebuild, as one met by a step."""
+        if self._probing.is_set():  # the last probe has not even started: not ready
+            return False
+        self._probing.set()
+        try:
+            stats = self.call(lambda: self.executor.profile(self.engine.grid, 1, self.cfg.generation.cache),
+                              timeout_s)
+        except (TimeoutError, StageFailure) as err:
+            log.warning("replica %d failed its probe: %s", self.index, err)
+            return False
+        except Exception:  # noqa: BLE001 - any other failure is "not ready" too
+            log.warning("replica %d: probe raised", self.index, exc_info=True)
+            return False
+        finally:
+            self._probing.clear()
+        return len(stats) == self.cfg.stages and all(s.compute_s > 0 for s in stats)
+
+    def hand_off(self, timeout_s: float) -> int:
+        """Finish what is in flight and deliver it, then evict every stream with its checkpoint (an
+        operator's drain). Returns the number of streams evicted."""
+        def move_all() -> int:
+            for out in self.engine.drain():
+                self._deliver(out)
+            return self._evict_all("hand-off")
+
+        return self.call(move_all, timeout_s)
+
+    def take_stats(self) -> CoreStats:
+        """The stats measured since the last call (or the last output), and start a new count."""
+        with self._stats_lock:
+            stats, self._stats = self._stats, CoreStats()
+        stats.inflight = self.engine.stats.inflight
+        return stats
+
+    def max_streams(self, fps: float, steps: int) -> int:
+        return self.engine.max_streams(fps, steps)
+
+    def predicted_chunk_latency(self, steps: int) -> float:
+        return self.engine.predicted_chunk_latency(steps)
+
+    def frame_rate(self, steps: int) -> float:
+        return self.engine.frame_rate(steps)
+
+    def cache_bytes(self, timeout_s: float = 10.0) -> list[int]:
+        """Cache bytes per stage (asks the stages; tests and the leak check)."""
+        return self.call(self.executor.cache_bytes, timeout_s)
+
+    def shutdown(self) -> None:
+        self._inbox.put(Stop())
+        self._thread.join(timeout=10)
+        self.executor.shutdown()
+
+    # the engine thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        idle = True
+        while True:
+            for msg in self._take_inbox(block=idle):
+                if isinstance(msg, Stop):
+                    return
+                self._apply(msg)
+            if self.broken:  # no stages: only messages (closes, calls) until shut down
+                idle = True
+                continue
+            outputs, progressed = self._step()
+            # block on the inbox only when a step neither dispatched nor collected anything and nothing is
+            # in flight: then only a message (a new stream, a consumed chunk, a control) can make progress
+            idle = not progressed and self.engine.idle
+            for out in outputs:
+                self._deliver(out)
+
+    def _take_inbox(self, block: bool) -> list[Message]:
+        try:
+            msgs = [self._inbox.get() if block else self._inbox.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                msgs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    def _step(self) -> tuple[list[ChunkOutput], bool]:
+        """One engine step: (finished chunks, whether it dispatched or collected anything). A failed step
+        counts as progress (recovery done, or the streams ended): the loop looks again."""
+        dispatched = self.engine.stats.micro_batches
+        try:
+            if self._stage_failure is not None:
+                failure, self._stage_failure = self._stage_failure, None
+                raise failure
+            outputs = self.engine.step(wait=True)
+        except StageFailure as err:
+            self._on_stage_failure(err)
+            return [], True
+        except Exception:  # noqa: BLE001 - fail the streams, keep serving
+            log.exception("replica %d: engine step failed", self.index)
+            with self._stats_lock:
+                self._stats.engine_errors += 1
+            self._fail_all("engine error")
+            return [], True
+        stage_stats = self.engine.stats.last_stage_stats  # set by every collected micro-batch
+        if stage_stats:
+            with self._stats_lock:
+                self._stats.stage_stats = (self._stats.stage_stats + stage_stats)[-MAX_STAGE_SAMPLES:]
+            self.engine.stats.last_stage_stats = []
+        return outputs, bool(outputs or stage_stats or self.engine.stats.micro_batches != dispatched)
+
+    def _apply(self, msg: Message) -> None:
+        engine = self.engine
+        match msg:
+            case OpenStream():
+                if self.broken:
+                    self._emit(StreamFailed(msg.stream_id, "replica out of service", self.take_stats()))
+                    return
+                sampler = engine.cfg.sampler
+                if msg.steps != sampler.num_steps:
+                    sampler = replace(sampler, denoising_steps=step_list(msg.steps))
+                engine.add_stream(msg.stream_id, msg.prompt, msg.seed, msg.fps, sampler, max_ahead=self.max_ahead)
+                self._formats[msg.stream_id] = msg.output
+            case RestoreStream():
+                sid = msg.checkpoint.stream_id
+                try:
+                    if self.broken:
+                        raise RuntimeError("replica out of service")
+                    engine.restore(replace(msg.checkpoint, max_ahead=self.max_ahead))
+                except Exception:  # noqa: BLE001 - e.g. this replica failed too: the stream ends
+                    log.exception("replica %d could not restore stream %s", self.index, sid[:8])
+                    self._emit(StreamFailed(sid, "restore failed", self.take_stats()))
+                    return
+                self._formats[sid] = msg.output
+            case CloseStream():
+                self._formats.pop(msg.stream_id, None)
+                if msg.stream_id in engine.streams:
+                    engine.remove_stream(msg.stream_id)
+            case SetPrompt() if msg.stream_id in self._formats:
+                engine.set_prompt(msg.stream_id, msg.prompt)
+            case SetSteps() if msg.stream_id in self._formats:
+                engine.set_steps(msg.stream_id, step_list(msg.steps))
+            case Consumed() if msg.stream_id in self._formats:
+                engine.consumed(msg.stream_id, msg.chunks)
+            case Call():
+                self._run_call(msg)
+
+    def _run_call(self, call: Call) -> None:
+        try:
+            if call.given_up.is_set():
+                return
+            call.value, call.ok = call.fn(), True
+        except StageFailure as err:  # a probe met a dead or hung stage: the loop rebuilds, as for a step
+            self._stage_failure = err
+            call.value = err
+        except Exception as err:  # noqa: BLE001 - not swallowed: Call.value is raised in the caller
+            call.value = err
+        finally:
+            call.done.set()
+
+    def _deliver(self, out: ChunkOutput) -> None:
+        fmt = self._formats.get(out.stream_id)
+        if fmt is None:  # closed meanwhile
+            return
+        frames = out.frames.numpy()  # [N, H, W, 3] uint8
+        data = encode_frames(frames, fmt.encoding, fmt.jpeg_quality)
+        with self._stats_lock:
+            self._stats.chunk_latency_s.append(out.latency_s)
+        checkpoint = self.engine.checkpoint(out.stream_id) if self.checkpoints else None
+        self._emit(FrameBatch(out.stream_id, out.chunk, out.prompt_revision, data, frames.shape[2], frames.shape[1],
+                              out.latency_s, time.monotonic(), checkpoint, self.take_stats()))
+
+    def _on_stage_failure(self, err: StageFailure) -> None:
+        log.warning("replica %d: %s; rebuilding its stages", self.index, err)
+        with self._stats_lock:
+            self._stats.stage_errors[err.kind] = self._stats.stage_errors.get(err.kind, 0) + 1
+        now = time.monotonic()
+        self._recoveries = [t for t in self._recoveries if now - t < RECOVERY_WINDOW_S] + [now]
+        if len(self._recoveries) > MAX_RECOVERIES:  # a failure that rebuilding does not cure
+            log.error("replica %d: %d failures in %d s; ending its streams", self.index, len(self._recoveries),
+                      RECOVERY_WINDOW_S)
+            self._fail_all("repeated stage failures")
+            return
+        self._recover()
+
+    def _recover(self) -> None:
+        """New stages with the same split; streams re-cache their recent clean latents on them and go on
+        from their first unfinished chunk. If the stages cannot be rebuilt, the core is broken and evicts
+        every stream."""
+        self.recovering = True
+        try:
+            split = self.executor.split()
+            self.executor.kill()  # every stage: survivors may be stuck in recv from the dead one, or stopped
+            try:
+                self.executor = self.build_executor(split)
+                self.engine.replace_executor(self.executor)
+            except Exception:  # noqa: BLE001 - no slots, or the new stages failed: move the streams
+                log.exception("replica %d: could not rebuild its stages; moving its streams", self.index)
+                self.broken = True
+                self.engine.abandon_inflight()
+                self._evict_all("stages could not be rebuilt")
+                return
+            with self._stats_lock:
+                self._stats.migrations += len(self.engine.streams)
+        finally:
+            self.recovering = False
+
+    def _evict_all(self, reason: str) -> int:
+        """Every stream leaves with its checkpoint; its caches here are freed by the next step (if any)."""
+        stream_ids = [sid for sid in self._formats if sid in self.engine.streams]
+        for sid in stream_ids:
+            checkpoint = self.engine.checkpoint(sid)
+            self._formats.pop(sid)
+            self.engine.remove_stream(sid)
+            self._emit(StreamEvicted(sid, checkpoint, reason, self.take_stats()))
+        return len(stream_ids)
+
+    def _fail_all(self, reason: str) -> None:
+        for sid in list(self._formats):
+            self._formats.pop(sid)
+            if sid in self.engine.streams:
+                self.engine.remove_stream(sid)
+            self._emit(StreamFailed(sid, reason, self.take_stats()))
+        try:
+            self.engine.drain()
+        except Exception:  # noqa: BLE001 - the executor is broken; nothing left to collect
+            log.warning("replica %d: nothing to collect after the failure", self.index, exc_info=True)
+            self.engine.abandon_inflight()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
