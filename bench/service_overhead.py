@@ -70,11 +70,12 @@ def steady_rate(deliveries: list[Delivery], streams: int, warmup: int) -> dict:
 def write_config(path: str, args: argparse.Namespace) -> None:
     """The one service config both measurements use (YAML, `streamgen serve --config`)."""
     with open(path, "w") as f:
-        f.write(f"""stages: {args.stages}
+        f.write(f"""parallel:
+  stages: {args.stages}
+  executor: ray
+  threads_per_stage: 1
 replicas: 1
-executor: ray
 replica_host: driver
-threads_per_stage: 1
 generation:
   model:
     name: {args.model}
@@ -107,15 +108,13 @@ def run_engine(cfg, streams: int, chunks: int, warmup: int) -> dict:
     from workers.engine import PipelineEngine
     from workers.model.text import build_text_encoder
     from workers.model.vae import build_vae
-    from workers.ray_executor import RayExecutor, start_local_ray
+    from workers.executor import build_executor
+    from workers.ray_executor import start_local_ray
 
     gen = cfg.generation
     start_local_ray()  # as the service starts its local Ray
     try:
-        executor = RayExecutor(gen.model, cfg.stages, threads_per_stage=cfg.threads_per_stage,
-                               num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
-                               weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s,
-                               placement_timeout_s=cfg.placement_timeout_s)
+        executor = build_executor(gen, cfg.parallel)  # as the engine core builds its stages
         try:
             engine = PipelineEngine(gen, executor, build_text_encoder(gen.model, gen.text_encoder_path),
                                     build_vae(gen.model, gen.vae_path), cfg.engine)
@@ -272,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count()},
         "load": {"model": args.model, "stages": args.stages, "streams": args.streams, "mode": "sequential",
                  "chunk_frames": args.chunk_frames, "steps": cfg.generation.sampler.num_steps,
-                 "warmup_chunks": args.warmup, "measured_chunks": args.chunks, "executor": cfg.executor,
-                 "threads_per_stage": cfg.threads_per_stage, "encoding": args.encoding},
+                 "warmup_chunks": args.warmup, "measured_chunks": args.chunks, "executor": cfg.parallel.executor,
+                 "threads_per_stage": cfg.parallel.threads_per_stage, "encoding": args.encoding},
         "service_settings": {
             "config": open(config_path).read(),
             "client_fps": fps_asked,

@@ -15,31 +15,29 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchestrator.config import ModelConfig, ServerConfig
+from orchestrator.config import MAX_STEPS, GenerationConfig, ServerConfig
 from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError, StreamSpec
-
-MAX_STEPS = 8
-
 
 def _invalid(field: str, why: str) -> RequestError:
     return RequestError(Rejection.INVALID, f"{field}: {why}")
 
 
-def validate(req, server: ServerConfig, model: ModelConfig, default_steps: int) -> StreamSpec:
-    """Check every field of a GenerateRequest-like object; the error names the first bad field."""
+def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
+    """Check every field of a GenerateRequest-like object against what this server generates (``gen``: its
+    size, and its step count when the request gives 0); the error names the first bad field."""
     prompt = validate_prompt(req.prompt, server)
-    width = int(req.width) or model.default_width
-    height = int(req.height) or model.default_height
+    width = int(req.width) or gen.width
+    height = int(req.height) or gen.height
     for name, value, limit in (("width", width, server.max_width), ("height", height, server.max_height)):
         if value > limit:
             raise _invalid(name, f"{value} exceeds the maximum {limit}")
-    if (width, height) != (model.default_width, model.default_height):
-        raise _invalid("width" if width != model.default_width else "height",
-                       f"this server generates {model.default_width}x{model.default_height} (or 0 for that)")
+    if (width, height) != (gen.width, gen.height):
+        raise _invalid("width" if width != gen.width else "height",
+                       f"this server generates {gen.width}x{gen.height} (or 0 for that)")
     fps = float(req.fps)
     if not math.isfinite(fps) or fps <= 0 or fps > server.max_fps:
         raise _invalid("fps", f"must be in (0, {server.max_fps}], got {req.fps!r}")
-    steps = validate_steps(int(req.steps) or default_steps)
+    steps = validate_steps(int(req.steps) or gen.sampler.num_steps)
     budget_ms = int(req.latency_budget_ms) or server.default_latency_budget_ms
     max_frames = int(req.max_frames)
     if max_frames > server.max_frames:

@@ -43,7 +43,7 @@ class Service:
 
     async def start(self) -> "Service":
         cfg = self.cfg
-        if cfg.executor == "ray":
+        if cfg.parallel.executor == "ray":
             self._start_ray()
         if cfg.replica_host == "serve":
             from ray import serve

@@ -83,8 +83,8 @@ class ServerConfig:
     """Tallest video a request may ask for, in pixels."""
     max_streams_per_replica: Annotated[int, Field(ge=1, le=4096)] = 8
     """Hard cap per pipeline replica; the latency model may admit fewer."""
-    admission_headroom: Annotated[float, Field(gt=0, le=1)] = 0.9
-    """Admit while the modelled utilisation stays at or below this fraction."""
+    admission_headroom: Annotated[float, Field(gt=0, le=8)] = 0.9
+    """Admit while the modelled utilisation stays at or below this fraction (above 1 overcommits: benchmarks)."""
     retry_after_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 1000
     """Hint sent with RESOURCE_EXHAUSTED / UNAVAILABLE."""
     output_chunks_ahead: Annotated[int, Field(ge=1, le=1024)] = 2
@@ -128,7 +128,7 @@ class ServerConfig:
 
 @dataclass(frozen=True, config=CONFIG)
 class AutoscalingConfig:
-    """Pipeline replicas between min and max on admitted-stream utilisation (orchestrator/scheduler.py)."""
+    """Pipeline replicas between min and max on admitted-stream utilisation (orchestrator/autoscale.py)."""
 
     min_replicas: Annotated[int, Field(ge=1, le=4096)] = 1
     """Replicas kept in service at least (the fleet's floor)."""

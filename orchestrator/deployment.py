@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from orchestrator.admission import MAX_STEPS
+from orchestrator.config import MAX_STEPS
 from orchestrator.config import ServiceConfig
 from workers.core import EngineCore
 from workers.core_messages import CloseStream, ControlMessage, CoreOutput, CoreStats, StreamEvicted, StreamFailed
@@ -60,7 +60,7 @@ class PipelineDeployment:
         self._routes: dict[str, object] = {}  # stream -> its call's put (engine thread -> that call's loop)
         self._held: deque[CoreStats] = deque(maxlen=MAX_HELD_STATS)
         self._lock = threading.Lock()
-        self.core = EngineCore(cfg, self._route, index, max_ahead=cfg.server.output_chunks_ahead,
+        self.core = EngineCore(cfg.generation, cfg.engine, cfg.parallel, self._route, index, max_ahead=cfg.server.output_chunks_ahead,
                                placement_group=get_current_placement_group(), first_bundle=1, checkpoints=True)
 
     def _route(self, item: CoreOutput) -> None:
@@ -146,19 +146,19 @@ def _log_with_timestamps() -> None:
 
 def deployment_options(cfg: ServiceConfig) -> dict:
     """Serve options of one pipeline replica: its P stage slots, health checks and limits."""
-    stage = {"CPU": cfg.cpus_per_stage or 0.001}  # a bundle may not be empty
-    if cfg.gpus_per_stage:
-        stage["GPU"] = cfg.gpus_per_stage
+    stage = {"CPU": cfg.parallel.cpus_per_stage or 0.001}  # a bundle may not be empty
+    if cfg.parallel.gpus_per_stage:
+        stage["GPU"] = cfg.parallel.gpus_per_stage
     server = cfg.server
     return dict(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0.001},
-        placement_group_bundles=[{"CPU": 0.001}] + [dict(stage) for _ in range(cfg.stages)],
+        placement_group_bundles=[{"CPU": 0.001}] + [dict(stage) for _ in range(cfg.parallel.stages)],
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=4 * server.max_streams_per_replica + 64,  # streams + their controls
         # a hung stage is first the core's to handle (stage_call_timeout_s, then a rebuild in place):
         # Serve restarts the replica only after 3 failed checks spaced at least that far apart
-        health_check_period_s=max(server.probe_period_s or 10.0, cfg.stage_call_timeout_s),
+        health_check_period_s=max(server.probe_period_s or 10.0, cfg.parallel.stage_call_timeout_s),
         health_check_timeout_s=max(server.probe_timeout_s * 4, 5.0),
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=3.0,

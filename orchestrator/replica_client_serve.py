@@ -37,7 +37,7 @@ class ServeReplicaClient(ReplicaClient):
         self._broken = False
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_loss = -1e9
-        self._deploy(cfg.placement_timeout_s)
+        self._deploy(cfg.parallel.placement_timeout_s)
         self.handle = serve.get_app_handle(self.app)
         self._status: CoreStatus = self.handle.status.remote().result(timeout_s=60)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from orchestrator.admission import MAX_STEPS, Admission, validate, validate_prompt, validate_steps
+from orchestrator.config import MAX_STEPS
+from orchestrator.admission import Admission, validate, validate_prompt, validate_steps
 from orchestrator.clock import Clock
 from orchestrator.config import ServiceConfig
 from orchestrator.deadline import Pacer
@@ -80,8 +81,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if remaining is not None and remaining <= 0.001:
             await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired", None, None)
         try:
-            spec = validate(request, self.cfg.server, self.cfg.generation.model,
-                            self.cfg.generation.sampler.num_steps)
+            spec = validate(request, self.cfg.server, self.cfg.generation)
             serving = [r for r in self.replicas if not r.draining and r.healthy]
             decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
@@ -287,7 +287,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, host.wait_empty, timeout):
             try:
-                await loop.run_in_executor(None, host.hand_off, max(5.0, self.cfg.stage_call_timeout_s))
+                await loop.run_in_executor(None, host.hand_off, max(5.0, self.cfg.parallel.stage_call_timeout_s))
             except Exception:  # noqa: BLE001 - stuck or gone: the stage timeouts and recovery take over
                 log.warning("replica %d did not hand its streams off", host.index, exc_info=True)
             await loop.run_in_executor(None, host.wait_empty, HAND_OFF_SETTLE_S)

@@ -22,13 +22,13 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from orchestrator.config import ServiceConfig
+from workers.config import EngineConfig, GenerationConfig, ParallelConfig
 from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, FrameBatch, Message,
                                    OpenStream, OutputFormat, RestoreStream, SetPrompt, SetSteps, Stop,
                                    StreamEvicted, StreamFailed)
 from workers.encode import encode_frames
 from workers.engine import ChunkOutput, PipelineEngine
-from workers.executor import Executor, InProcessExecutor, StageFailure
+from workers.executor import Executor, StageFailure, build_executor
 from workers.model.text import build_text_encoder
 from workers.model.vae import build_vae
 
@@ -40,48 +40,35 @@ MAX_STAGE_SAMPLES = 4_096  # stage stats kept for the next output (older ones dr
 Emit = Callable[[CoreOutput], None]
 
 
-def build_executor(cfg: ServiceConfig, split, placement_group=None, first_bundle: int = 0) -> Executor:
-    """The one place that builds a pipeline's executor (``split``: block range per stage, or None)."""
-    gen = cfg.generation
-    if cfg.executor == "ray":
-        from workers.ray_executor import RayExecutor
-
-        return RayExecutor(gen.model, cfg.stages, split, threads_per_stage=cfg.threads_per_stage,
-                           num_cpus_per_stage=cfg.cpus_per_stage, num_gpus_per_stage=cfg.gpus_per_stage,
-                           device="cuda" if cfg.gpus_per_stage and _cuda() else "cpu",
-                           weights_path=gen.model_path, call_timeout_s=cfg.stage_call_timeout_s,
-                           placement_timeout_s=cfg.placement_timeout_s, placement_group=placement_group,
-                           first_bundle=first_bundle)
-    return InProcessExecutor(gen.model, cfg.stages, split, weights_path=gen.model_path)
-
-
 def step_list(steps: int) -> tuple[float, ...]:
     """Evenly spaced step list of ``steps`` entries from 1000 (warped by the sampler's shift)."""
     return tuple(1000.0 * (steps - i) / steps for i in range(steps))
 
 
 class EngineCore:
-    def __init__(self, cfg: ServiceConfig, emit: Emit, index: int = 0, max_ahead: int | None = None,
-                 placement_group=None, first_bundle: int = 0, checkpoints: bool = False):
+    def __init__(self, generation: GenerationConfig, engine_cfg: EngineConfig, parallel: ParallelConfig, emit: Emit,
+                 index: int = 0, max_ahead: int | None = None, placement_group=None, first_bundle: int = 0,
+                 checkpoints: bool = False):
         """Builds the stages (blocking: actors, weights, calibration) and starts the engine thread.
 
         ``emit``: receives every output, on the engine thread. ``max_ahead``: finished chunks a stream may
         have waiting for ``Consumed``. ``placement_group`` / ``first_bundle``: stage slots reserved by the
         host (a Serve replica). ``checkpoints``: attach the stream's checkpoint to every frame batch."""
-        self.cfg, self.index, self.max_ahead, self.checkpoints = cfg, index, max_ahead, checkpoints
+        self.generation, self.engine_cfg, self.parallel = generation, engine_cfg, parallel
+        self.index, self.max_ahead, self.checkpoints = index, max_ahead, checkpoints
         self._emit = emit
         self.build_executor: Callable[[object], Executor] = \
-            lambda split: build_executor(cfg, split, placement_group, first_bundle)
+            lambda split: build_executor(generation, parallel, split, placement_group, first_bundle)
         self._init_engine()
         self._init_state()
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
         self._thread.start()
 
     def _init_engine(self) -> None:
-        gen = self.cfg.generation
+        gen = self.generation
         self.executor = self.build_executor(None)
         self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
-                                     build_vae(gen.model, gen.vae_path), self.cfg.engine)
+                                     build_vae(gen.model, gen.vae_path), self.engine_cfg)
         self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
 
     def _init_state(self) -> None:
@@ -120,7 +107,7 @@ class EngineCore:
             return False
         self._probing.set()
         try:
-            stats = self.call(lambda: self.executor.profile(self.engine.grid, 1, self.cfg.generation.cache),
+            stats = self.call(lambda: self.executor.profile(self.engine.grid, 1, self.generation.cache),
                               timeout_s)
         except (TimeoutError, StageFailure) as err:
             log.warning("replica %d failed its probe: %s", self.index, err)
@@ -130,7 +117,7 @@ class EngineCore:
             return False
         finally:
             self._probing.clear()
-        return len(stats) == self.cfg.stages and all(s.compute_s > 0 for s in stats)
+        return len(stats) == self.parallel.stages and all(s.compute_s > 0 for s in stats)
 
     def hand_off(self, timeout_s: float) -> int:
         """Finish what is in flight and deliver it, then evict every stream with its checkpoint (an
@@ -340,8 +327,3 @@ class EngineCore:
             log.warning("replica %d: nothing to collect after the failure", self.index, exc_info=True)
             self.engine.abandon_inflight()
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -18,7 +18,7 @@ def test_phased_load_scales_up_and_back_down_without_stream_errors(host):
 
     base = service_config()
     cfg = dataclasses.replace(
-        base, gpus_per_stage=1.0, local_ray_gpus=4.0, replica_host=host,
+        base, parallel=dataclasses.replace(base.parallel, gpus_per_stage=1.0), local_ray_gpus=4.0, replica_host=host,
         autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_utilisation=0.7, upscale_delay_s=0.5,
                                       downscale_delay_s=3.0, period_s=0.2),
         server=dataclasses.replace(base.server, max_streams_per_replica=2))

@@ -17,7 +17,7 @@ from protos.streamgen.v1 import stream_pb2_grpc
 @pytest.fixture(scope="module")
 def server():
     base = service_config()
-    cfg = dataclasses.replace(base, stage_call_timeout_s=2.0,
+    cfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, stage_call_timeout_s=2.0),
                               server=dataclasses.replace(base.server, probe_period_s=0.5, probe_timeout_s=0.5))
     running = Running(cfg)
     try:

@@ -17,7 +17,8 @@ from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 @pytest.fixture(scope="module")
 def server():
     base = service_config()
-    cfg = dataclasses.replace(base, replicas=2, gpus_per_stage=1.0, local_ray_gpus=4.0, stage_call_timeout_s=2.0,
+    cfg = dataclasses.replace(base, replicas=2, local_ray_gpus=4.0,
+                              parallel=dataclasses.replace(base.parallel, gpus_per_stage=1.0, stage_call_timeout_s=2.0),
                               repair_period_s=1.0, server=dataclasses.replace(base.server, max_streams_per_replica=2))
     running = Running(cfg)
     try:

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.app import Service
-from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, ServerConfig, \
-    ServiceConfig, get_config
+from orchestrator.config import CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig, \
+    ServerConfig, ServiceConfig, get_config
 from orchestrator.metrics import CATALOGUE
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 
@@ -32,7 +32,7 @@ def service_config() -> ServiceConfig:
     return ServiceConfig(generation=gen, engine=EngineConfig(),
                          server=ServerConfig(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
                                              max_streams_per_replica=MAX_STREAMS, no_output_timeout_s=20),
-                         stages=2, replicas=1, executor="ray")
+                         parallel=ParallelConfig(stages=2, executor="ray"), replicas=1)
 
 
 class Running:

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Torch-, Ray- and gRPC-free control-plane modules; "scheduler" is the autoscaling policy (any of its names).
-CORE = ["config", "types", "clock", "deadline", "admission", "scheduler", "autoscaling", "autoscaler", "session"]
+# Torch-, Ray- and gRPC-free control-plane modules; "autoscale" is the autoscaling policy (any of its names).
+CORE = ["config", "types", "clock", "deadline", "admission", "autoscale", "autoscaling", "autoscaler", "session"]
 HEAVY = {"torch", "ray", "grpc"}
 
 

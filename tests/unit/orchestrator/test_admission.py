@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import pytest
 
 from orchestrator.admission import Admission, validate
-from orchestrator.config import ServerConfig, get_config
+from orchestrator.config import GenerationConfig, ServerConfig, get_config
 from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError
 
 MODEL = get_config("tiny")
+GEN = GenerationConfig(model=MODEL)
 SERVER = ServerConfig(max_streams_per_replica=4)
 
 
@@ -30,7 +31,7 @@ class Req:
 
 
 def test_defaults_fill_in():
-    spec = validate(Req(), SERVER, MODEL, 4)
+    spec = validate(Req(), SERVER, GEN)
     assert (spec.width, spec.height, spec.fps, spec.steps) == (96, 64, 16.0, 4)
     assert spec.late_policy is LatePolicy.DROP and spec.encoding is Encoding.JPEG and spec.jpeg_quality == 90
 
@@ -43,7 +44,7 @@ def test_defaults_fill_in():
 ])
 def test_bad_fields_are_named(field, value):
     with pytest.raises(RequestError) as err:
-        validate(Req(**{field: value}), SERVER, MODEL, 4)
+        validate(Req(**{field: value}), SERVER, GEN)
     assert err.value.reason is Rejection.INVALID and err.value.message.startswith(field)
 
 
@@ -69,7 +70,7 @@ class FakeReplica:
 
 def test_picks_the_replica_with_most_headroom_and_refuses_when_full():
     adm = Admission(ServerConfig(max_streams_per_replica=8, admission_headroom=1.0))
-    spec = validate(Req(), SERVER, MODEL, 4)
+    spec = validate(Req(), SERVER, GEN)
     replicas = [FakeReplica(4, used=0.5), FakeReplica(4, used=0.25)]
     d = adm.decide(spec, replicas)
     assert d.replica == 1 and d.utilisation == pytest.approx(0.25)
@@ -83,24 +84,24 @@ def test_picks_the_replica_with_most_headroom_and_refuses_when_full():
 
 def test_budget_and_impossible_fps_are_failed_preconditions():
     adm = Admission(SERVER)
-    spec = validate(Req(latency_budget_ms=50), SERVER, MODEL, 4)
+    spec = validate(Req(latency_budget_ms=50), SERVER, GEN)
     with pytest.raises(RequestError) as err:
         adm.decide(spec, [FakeReplica(4, latency=0.2)])
     assert err.value.reason is Rejection.BUDGET and "latency_budget_ms" in err.value.message
     with pytest.raises(RequestError) as err:
-        adm.decide(validate(Req(), SERVER, MODEL, 4), [FakeReplica(0)])
+        adm.decide(validate(Req(), SERVER, GEN), [FakeReplica(0)])
     assert err.value.reason is Rejection.BUDGET and "fps" in err.value.message
 
 
 def test_draining_refuses_with_retry_hint():
     with pytest.raises(RequestError) as err:
-        Admission(SERVER).decide(validate(Req(), SERVER, MODEL, 4), [FakeReplica(4)], draining=True)
+        Admission(SERVER).decide(validate(Req(), SERVER, GEN), [FakeReplica(4)], draining=True)
     assert err.value.reason is Rejection.DRAINING and err.value.retry_after_ms
 
 
 def test_hard_cap_per_replica():
     adm = Admission(ServerConfig(max_streams_per_replica=2, admission_headroom=0.9))
-    spec = validate(Req(), SERVER, MODEL, 4)
+    spec = validate(Req(), SERVER, GEN)
     assert math.isclose(adm.decide(spec, [FakeReplica(100, used=0.01, streams=1)]).utilisation, 0.01)
     with pytest.raises(RequestError) as err:
         adm.decide(spec, [FakeReplica(100, used=0.02, streams=2)])
@@ -120,7 +121,7 @@ def test_validate_property_every_input_is_ok_or_a_named_invalid_argument():
                      encoding=st.integers(0, 3), jpeg_quality=st.integers(0, 2**32 - 1)))
     def check(req):
         try:
-            spec = validate(req, SERVER, MODEL, 4)
+            spec = validate(req, SERVER, GEN)
         except RequestError as err:
             assert err.reason is Rejection.INVALID
             assert err.message.split(":")[0] in {"prompt", "width", "height", "fps", "steps", "max_frames",

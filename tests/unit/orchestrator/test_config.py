@@ -29,7 +29,7 @@ def test_the_root_composes_the_data_plane_classes_themselves():
     ({"listen": "0.0.0.0:50051"}, "not loopback"),
     ({"metrics_listen": "nowhere"}, "metrics_listen"),
     ({"default_fps": 30.0, "max_fps": 20.0}, "default_fps"),
-    ({"admission_headroom": 1.5}, "admission_headroom"),
+    ({"admission_headroom": 9.0}, "admission_headroom"),
     ({"max_streams_per_replica": 0}, "max_streams_per_replica"),
     ({"listne": "127.0.0.1:1"}, "listne"),
 ])

@@ -39,7 +39,9 @@ def test_core_stats_cross_a_process_boundary_and_become_metrics():
 
 
 def test_serve_options_reserve_one_bundle_per_stage_behind_the_replica_process():
-    cfg = dataclasses.replace(service_config(), stages=3, gpus_per_stage=1.0, stage_call_timeout_s=7.0)
+    base = service_config()
+    cfg = dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, stages=3, gpus_per_stage=1.0,
+                                                                 stage_call_timeout_s=7.0))
     opts = deployment_options(cfg)
     assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["num_replicas"] == 1
     assert [b.get("GPU", 0) for b in opts["placement_group_bundles"]] == [0, 1, 1, 1]

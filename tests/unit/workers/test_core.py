@@ -21,7 +21,13 @@ RAW = OutputFormat("raw_rgb", 90)
 
 
 def config():
-    return dataclasses.replace(service_config(), executor="inprocess", stages=2)
+    base = service_config()
+    return dataclasses.replace(base, parallel=dataclasses.replace(base.parallel, executor="inprocess", stages=2))
+
+
+def make_core(out, cfg=None):
+    cfg = cfg or config()
+    return EngineCore(cfg.generation, cfg.engine, cfg.parallel, out, max_ahead=2)
 
 
 class Outputs:
@@ -40,7 +46,7 @@ class Outputs:
 @pytest.fixture
 def core():
     out = Outputs()
-    c = EngineCore(config(), out, max_ahead=2)
+    c = make_core(out)
     c.out = out
     yield c
     c.shutdown()
@@ -132,7 +138,7 @@ def test_stages_that_cannot_be_rebuilt_evict_streams_with_checkpoints_another_co
     assert isinstance(core.out.next(), StreamFailed)
 
     out = Outputs()
-    other = EngineCore(config(), out, max_ahead=2)
+    other = make_core(out)
     try:
         other.submit(RestoreStream(evicted.checkpoint, RAW))
         batch = out.next()
