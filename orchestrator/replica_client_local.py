@@ -16,7 +16,8 @@ class LocalReplicaClient(ReplicaClient):
         """Builds the core (blocking: stages and calibration): call it off the event loop."""
         super().__init__(index)
         self.cfg, self.metrics = cfg, metrics
-        self.core = EngineCore(cfg.generation, cfg.engine, cfg.parallel, self._on_output, index, max_ahead=cfg.server.output_chunks_ahead)
+        self.core = EngineCore(cfg.generation, cfg.engine, cfg.parallel, self._on_output, index,
+                               max_ahead=cfg.server.output_chunks_ahead)
 
     # streams ---------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The gRPC service on 127.0.0.1 with local Ray, the tiny model, 2 stages and a real gRPC client."""
 
 import asyncio
+import dataclasses
 import contextlib
 import os
 import re
@@ -33,6 +34,23 @@ def service_config() -> ServiceConfig:
                          server=ServerConfig(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
                                              max_streams_per_replica=MAX_STREAMS, no_output_timeout_s=20),
                          parallel=ParallelConfig(stages=2, executor="ray"), replicas=1)
+
+
+def stage_start_s(cfg: ServiceConfig, repeats: int = 2) -> float:
+    """Seconds this machine takes to start one pipeline's stage actors (fresh processes: Python, torch and the
+    model slice), measured with the service's own builder and no resources reserved: the floor of any stage
+    rebuild. Recovery bounds are this plus the service's own budget, since a torch import alone takes 2.5-3 s
+    on some of these 2-core machines and 0.5 s on others."""
+    from workers.executor import build_executor
+
+    parallel = dataclasses.replace(cfg.parallel, gpus_per_stage=0.0, cpus_per_stage=0.0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.monotonic()
+        executor = build_executor(cfg.generation, parallel)
+        best = min(best, time.monotonic() - start)
+        executor.shutdown()
+    return best
 
 
 class Running:
