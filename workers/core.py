@@ -80,6 +80,7 @@ class EngineCore:
         self.recovering = False  # rebuilding its stages (bounded by placement_timeout_s)
         self._stage_failure: StageFailure | None = None  # met by a call on the engine thread (a probe)
         self._probing = threading.Event()
+        self._completed_at_probe = 0  # engine micro-batches completed when the last probe passed
         self._recoveries: list[float] = []  # times of recent stage rebuilds
 
     # any thread --------------------------------------------------------------------------------------
@@ -101,8 +102,15 @@ class EngineCore:
         return call.value
 
     def probe(self, timeout_s: float) -> bool:
-        """Readiness: a real forward on every stage, run by the engine thread within ``timeout_s``. A stuck
-        loop or a hung stage fails it; a stage failure it meets starts a rebuild, as one met by a step."""
+        """Readiness: proof of real work through every stage since the last probe. Micro-batches of streams
+        that came back from every stage are that proof; an idle core runs a probe forward on every stage on
+        the engine thread within ``timeout_s`` (a stuck loop or a hung stage fails it, so a stall is caught
+        by the second probe after it at the latest; a stage failure it meets starts a rebuild, as one met
+        by a step). Serving streams thus costs no probe forwards."""
+        completed = self.engine.stats.completed
+        if completed > self._completed_at_probe and not self.recovering and not self.broken:
+            self._completed_at_probe = completed
+            return True
         if self._probing.is_set():  # the last probe has not even started: not ready
             return False
         self._probing.set()
@@ -117,6 +125,7 @@ class EngineCore:
             return False
         finally:
             self._probing.clear()
+        self._completed_at_probe = self.engine.stats.completed
         return len(stats) == self.parallel.stages and all(s.compute_s > 0 for s in stats)
 
     def hand_off(self, timeout_s: float) -> int:

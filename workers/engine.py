@@ -103,6 +103,8 @@ class EngineStats:
     ready_streams: int = 0
     """Streams that were ready but not scheduled at the last dispatch (the engine's queue depth)."""
     chained: int = 0
+    completed: int = 0
+    """Micro-batches that came back from every stage (proof of real work, for readiness)."""
     """Forwards issued while the forward they take latents from was still in flight."""
 
 
@@ -325,6 +327,7 @@ class PipelineEngine:
 
     def _update(self, done: Finished) -> list[ChunkOutput]:
         mb = self._inflight.pop(done.seq)
+        self.stats.completed += 1
         stats = done.stats
         for s in stats:
             self.latency.observe(s.stage, s.tokens, s.compute_s)

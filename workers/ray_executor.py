@@ -12,6 +12,7 @@ back through Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -53,6 +54,7 @@ def _rendezvous_file() -> str:
     return f"/tmp/streamgen-pg-{uuid.uuid4().hex}"
 
 
+log = logging.getLogger("streamgen.ray_executor")
 RING_TAG = 1
 """Tag of the last stage -> stage 0 messages; stage to stage activations use tag 0."""
 SHUTDOWN_WAIT = timedelta(seconds=5)
@@ -334,7 +336,8 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         try:
             self._ray.get([a.shutdown.remote() for a in self.actors], timeout=5)
-        except Exception:  # noqa: BLE001 - dead or hung stages: kill them the hard way
+        except (self._ray.exceptions.RayError, TimeoutError) as err:  # dead or hung stages: the hard way
+            log.info("stages did not shut down cleanly (%s); killing them", type(err).__name__)
             self.kill()
         else:
             self.kill(sigkill=False)  # they answered: Ray's kill ends them without a crash report
@@ -354,8 +357,8 @@ class RayExecutor(Executor):
         for a in self.actors:
             try:
                 self._ray.kill(a, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            except (ValueError, self._ray.exceptions.RayError):  # already gone
+                log.debug("stage actor already gone", exc_info=True)
         self._inflight.clear()
         try:  # the rendezvous file, where the stages ran on this node (a local Ray)
             os.remove(self._rendezvous)

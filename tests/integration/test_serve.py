@@ -231,7 +231,9 @@ def test_operator_drain_moves_streams_and_a_replacement_starts(server):
     reply = stub.Drain(stream_pb2.DrainRequest(replica=owner[0].index, timeout_ms=300), timeout=30)
     assert reply.streams_active == 0
     others = [r for r in svc.replicas if r is not owner[0]]
-    assert all(any(r.holds(f.stream_id) for r in others) for f in (results[0][0][0], results[1][0][0]))
+    # the drained replica holds nothing; its streams are re-opened on another one from their checkpoints
+    assert wait_for(lambda: all(any(r.holds(f.stream_id) for r in others)
+                                for f in (results[0][0][0], results[1][0][0])), 5)
     finish(channel, readers)
     for i in range(2):
         frames, times, errors = results[i]

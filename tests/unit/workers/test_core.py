@@ -102,6 +102,25 @@ def test_probe_passes_with_working_stages_and_fails_while_the_loop_is_stuck(core
     assert core.probe(30.0)
 
 
+def test_streams_that_get_through_every_stage_are_the_probe_and_an_idle_core_runs_one(core):
+    profiled = []
+    profile = core.executor.profile
+    core.executor.profile = lambda *a: profiled.append(1) or profile(*a)
+    assert core.probe(30.0) and len(profiled) == 1  # idle: a probe forward on every stage
+    assert core.probe(30.0) and len(profiled) == 2  # still idle: nothing else proves the stages work
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    core.out.next()
+    assert core.probe(30.0) and len(profiled) == 2  # the stream's micro-batches are the proof
+    release, stalled = threading.Event(), threading.Event()
+    threading.Thread(target=lambda: core.call(lambda: stalled.set() or release.wait(30), 60), daemon=True).start()
+    assert stalled.wait(30)
+    try:  # the loop stalls: at most one more probe passes on the work done before, the next one fails
+        passed = [core.probe(0.5), core.probe(0.5)]
+        assert passed[-1] is False and passed.count(True) <= 1
+    finally:
+        release.set()
+
+
 def _fail_a_stage():
     raise StageFailure("died", "injected")
 
