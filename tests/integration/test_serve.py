@@ -120,7 +120,9 @@ def test_dead_stage_inside_a_replica_resumes_and_spares_the_other_replica(server
         assert not errors and [f.index for f in frames] == list(range(120)), i
         if owner[i] is victim:
             after = [b - a for a, b in zip(times, times[1:]) if b > killed_at]
-            assert max(after) <= 2.0 + server.start_s, max(after)  # 2 s beyond starting new stage processes
+            # 2 s beyond starting new stage processes, which share the 2 cores with the other replica's two
+            # streams and the Serve processes (about half the CPU the idle measurement had)
+            assert max(after) <= 2.0 + 2 * server.start_s, (max(after), server.start_s)
         else:
             assert sum(not f.deadline_met for f in frames) <= 0.01 * len(frames)
     assert wait_for(lambda: metric(server, "streamgen_stage_errors_total", kind="died") > errors_before, 5)
