@@ -3,13 +3,13 @@
 The model, sampler, cache, engine, generation and parallel schemas are tested in
 tests/unit/workers/test_config.py."""
 
-from dataclasses import dataclass
 
 import pytest
 
 import workers.config
 from orchestrator import config
 from orchestrator.admission import validate
+from tests.unit.orchestrator.test_admission import Req
 from orchestrator.config import AutoscalingConfig, GenerationConfig, ServerConfig, ServiceConfig
 from orchestrator.types import RequestError
 
@@ -49,21 +49,6 @@ def test_autoscaling_bounds():
     with pytest.raises(ValueError, match="target_utilisation"):
         AutoscalingConfig(target_utilisation=0.0)
     assert ServiceConfig(autoscaling=AutoscalingConfig(1, 4)).autoscaling.max_replicas == 4
-
-
-@dataclass
-class Req:
-    prompt: str = "a cat"
-    seed: int = 0
-    width: int = 0
-    height: int = 0
-    fps: float = 16.0
-    steps: int = 0
-    latency_budget_ms: int = 0
-    late_policy: int = 0
-    max_frames: int = 0
-    encoding: int = 0
-    jpeg_quality: int = 0
 
 
 def test_validate_checks_the_size_against_the_generation_config_not_the_model_defaults():
