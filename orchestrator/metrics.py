@@ -56,6 +56,9 @@ class Metrics:
         self.cache_bytes = Gauge("streamgen_cache_bytes", "KV + cross-attention cache bytes", ["stage"], registry=r)
         self.chunk_latency = Histogram("streamgen_chunk_latency_seconds", "Chunk first dispatch to clean latents",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_rebuild = Histogram("streamgen_stage_rebuild_seconds",
+                                       "A replica's stage rebuild after a stage failure: old stages killed to new ones ready",
+                                       buckets=(0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60), registry=r)
         self.stage_errors = Counter("streamgen_stage_errors", "Stage failures", ["kind"], registry=r)
         self.stream_migrations = Counter("streamgen_stream_migrations", "Streams moved to rebuilt stages",
                                          ["result"], registry=r)
@@ -110,6 +113,8 @@ class Metrics:
             self.engine_errors.labels("exception").inc(stats.engine_errors)
         if stats.migrations:
             self.stream_migrations.labels("ok").inc(stats.migrations)
+        for seconds in stats.stage_rebuild_s:
+            self.stage_rebuild.observe(seconds)
         self.stage_microbatches_inflight.labels(str(replica)).set(stats.inflight)
         self.stage_queue_depth.labels(str(replica)).set(stats.inflight)
 
@@ -132,7 +137,7 @@ CATALOGUE = (
     "streamgen_stage_latency_seconds", "streamgen_stage_microbatches_inflight",
     "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
     "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
-    "streamgen_stage_errors_total", "streamgen_stream_migrations_total", "streamgen_replicas",
+    "streamgen_stage_errors_total", "streamgen_stage_rebuild_seconds", "streamgen_stream_migrations_total", "streamgen_replicas",
     "streamgen_replica_repairs_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
 )

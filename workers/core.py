@@ -299,6 +299,7 @@ class EngineCore:
         self.recovering = True
         try:
             split = self.executor.split()
+            started = time.monotonic()
             self.executor.kill()  # every stage: survivors may be stuck in recv from the dead one, or stopped
             try:
                 self.executor = self.build_executor(split)
@@ -311,6 +312,7 @@ class EngineCore:
                 return
             with self._stats_lock:
                 self._stats.migrations += len(self.engine.streams)
+                self._stats.stage_rebuild_s.append(time.monotonic() - started)
         finally:
             self.recovering = False
 

@@ -107,6 +107,8 @@ class CoreStats:
     """Engine loop exceptions (the core's streams end)."""
     migrations: int = 0
     """Streams moved onto rebuilt stages."""
+    stage_rebuild_s: list[float] = field(default_factory=list)
+    """Per stage rebuild that succeeded: killing the old stages to the new ones ready (process starts included)."""
     inflight: int = 0
     """Micro-batches in flight in the pipeline."""
 

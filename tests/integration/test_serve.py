@@ -105,6 +105,8 @@ def test_streams_spread_complete_in_order_and_metrics_reach_the_orchestrator(ser
 def test_dead_stage_inside_a_replica_resumes_and_spares_the_other_replica(server, how):
     settle(server)
     errors_before = metric(server, "streamgen_stage_errors_total", kind="died")
+    rebuilds_before = metric(server, "streamgen_stage_rebuild_seconds_count")
+    rebuild_s_before = metric(server, "streamgen_stage_rebuild_seconds_sum")
     channel, results, readers, owner = start_streams(server, 4, 120, late_policy=stream_pb2.DELIVER_FLAGGED)
     time.sleep(2.0)
     victim = server.service.replicas[0]
@@ -115,14 +117,16 @@ def test_dead_stage_inside_a_replica_resumes_and_spares_the_other_replica(server
     else:
         os.kill(ray.get(stage.pid.remote()), signal.SIGKILL)
     finish(channel, readers)
+    # the victim's rebuild, as the service measured it (new stage processes on 2 cores shared with the other
+    # replica's streams and the Serve processes); the resume budget is the service's own 2 s beyond it
+    assert metric(server, "streamgen_stage_rebuild_seconds_count") == rebuilds_before + 1
+    rebuild_s = metric(server, "streamgen_stage_rebuild_seconds_sum") - rebuild_s_before
     for i in range(4):
         frames, times, errors = results[i]
         assert not errors and [f.index for f in frames] == list(range(120)), i
         if owner[i] is victim:
             after = [b - a for a, b in zip(times, times[1:]) if b > killed_at]
-            # 2 s beyond starting new stage processes, which share the 2 cores with the other replica's two
-            # streams and the Serve processes (about half the CPU the idle measurement had)
-            assert max(after) <= 2.0 + 2 * server.start_s, (max(after), server.start_s)
+            assert max(after) <= 2.0 + rebuild_s, (max(after), rebuild_s, server.start_s)
         else:
             assert sum(not f.deadline_met for f in frames) <= 0.01 * len(frames)
     assert wait_for(lambda: metric(server, "streamgen_stage_errors_total", kind="died") > errors_before, 5)
@@ -240,6 +244,9 @@ def test_operator_drain_moves_streams_and_a_replacement_starts(server):
     for i in range(2):
         frames, times, errors = results[i]
         assert not errors and [f.index for f in frames] == list(range(100))
-        assert max(b - a for a, b in zip(times, times[1:])) <= 2.5
+        # 2 s beyond one stage-process start: the replacement replica's processes start on the same 2 cores
+        # while the moved stream re-caches on the other replica
+        gap = max(b - a for a, b in zip(times, times[1:]))
+        assert gap <= 2.0 + server.start_s, (gap, server.start_s)
     assert wait_for(lambda: owner[0] not in svc.replicas, 30)
     settle(server)  # the fixed fleet is back to 2
