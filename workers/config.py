@@ -316,23 +316,35 @@ class GenerationConfig:
 
 @dataclass(frozen=True, config=CONFIG)
 class ParallelConfig:
-    """How one pipeline replica's model is laid out: stages, where they run, device and dtype.
+    """How one pipeline replica is laid out: stages, decode workers, where they run, device and dtype.
 
     Topology only: frames equal the single-process reference for every setting here but ``dtype``.
+    GPU slots of a replica: 0..stages-1 hold the stages (slot 0 also the text encoder and the VAE
+    encoder), then one slot per dedicated decode worker (``workers/devicemap.py`` computes the map).
     """
 
     stages: Annotated[int, Field(ge=1, le=1024)] = 2
     """Pipeline stages per replica, each a contiguous range of blocks (at most the model's num_layers)."""
     plan: Literal["layers"] = "layers"
     """How the model is split over stages: layers (contiguous block ranges, re-balanced by profiling)."""
-    executor: Literal["ray", "inprocess"] = "ray"
-    """ray (one actor per stage) or inprocess (all stages in the server process)."""
+    backend: Literal["ray", "local"] = "ray"
+    """ray: one Ray actor per stage and decode worker; local: all in this process (never imports ray)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA where a stage has a GPU (Ray: gpus_per_stage > 0), else CPU; or force cpu / cuda."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and activations of the stages (the reference comparisons use float32)."""
+    """Weights and activations of the stages, text encoder and VAE (the reference comparisons use float32)."""
+    decode: Literal["shared", "dedicated"] = "shared"
+    """Decode workers share the last stage's GPU (their own CUDA stream) or each take a GPU of its own."""
+    decode_workers: Annotated[int, Field(ge=0, le=64)] = 1
+    """VAE decode (and JPEG encode) workers per replica; 0: no decode, latents only (DiT benchmarks)."""
+    cuda_graphs: Literal["auto", "off"] = "auto"
+    """auto: replay captured CUDA graphs of the DiT forward where a stage runs on CUDA; off: eager."""
+    gpu_memory_gib: Annotated[float, Field(gt=0, le=1 << 20)] | None = None
+    """Memory of each GPU slot the device map plans with; None: what the device reports (unchecked on CPU)."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of each GPU's memory the pieces and stream state may use (the rest: activations, workspace)."""
     threads_per_stage: Annotated[int, Field(ge=1, le=1024)] = 1
-    """Torch intra-op threads of each stage actor."""
+    """Torch intra-op threads of each stage actor (local backend: of the process, which runs every stage)."""
     cpus_per_stage: Annotated[float, Field(ge=0, le=1024)] = 0.0
     """CPUs each stage actor reserves (0 lets tests pack many actors on 2 cores)."""
     gpus_per_stage: Annotated[float, Field(ge=0, le=64)] = 0.0
@@ -344,17 +356,22 @@ class ParallelConfig:
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        if self.device == "cuda" and self.executor == "ray" and not self.gpus_per_stage:
-            raise ValueError("ParallelConfig.device 'cuda' with executor 'ray' needs gpus_per_stage > 0 "
+        if self.device == "cuda" and self.backend == "ray" and not self.gpus_per_stage:
+            raise ValueError("ParallelConfig.device 'cuda' with backend 'ray' needs gpus_per_stage > 0 "
                              "(a Ray actor without a GPU reservation sees no CUDA device)")
         return self
 
+    @property
+    def gpu_slots(self) -> int:
+        """GPU slots one replica takes: its stages, plus one per dedicated decode worker."""
+        return self.stages + (self.decode_workers if self.decode == "dedicated" else 0)
+
     def stage_device(self, cuda_available: bool) -> str:
-        """The torch device each stage runs on, given whether this process sees a CUDA device."""
+        """The torch device kind each stage runs on, given whether this process sees a CUDA device."""
         if self.device == "cuda" and not cuda_available:
             raise ValueError("ParallelConfig.device is 'cuda' but no CUDA device is available")
         if self.device == "auto":
-            has_gpu = self.executor == "inprocess" or self.gpus_per_stage > 0
+            has_gpu = self.backend == "local" or self.gpus_per_stage > 0
             return "cuda" if has_gpu and cuda_available else "cpu"
         return self.device
 

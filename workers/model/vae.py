@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.config import ModelConfig
+from workers.config import GenerationConfig, ModelConfig
 
 
 class StreamingDecoder(ABC):
@@ -76,7 +76,7 @@ class TinyVAE(nn.Module, StreamingDecoder):
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: dict) -> torch.Tensor:
         c = state["caches"]
-        x = latents.float().transpose(0, 1)[None]  # [1, z, F, h, w]
+        x = latents.to(self.conv_in.weight.dtype).transpose(0, 1)[None]  # [1, z, F, h, w]
         x, c[0] = self.conv_in(x, c[0])
         x, c[1] = self.conv_mid(F.silu(x), c[1])
         x = self.to_time(F.silu(x))  # [1, 16 * t_up, F, h, w]
@@ -130,7 +130,14 @@ class WanVAE(StreamingDecoder):
         return self.vae.decode(self._unnormalize(latents)).sample[0].transpose(0, 1).float()
 
 
-def build_vae(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu") -> StreamingDecoder:
+def build_vae(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> StreamingDecoder:
     if cfg.vae == "tiny":
-        return TinyVAE(cfg).to(device)
-    return WanVAE.from_path(path, device)
+        return TinyVAE(cfg).to(device, dtype)
+    return WanVAE.from_path(path, device, dtype)
+
+
+def build_decoder(gen: GenerationConfig, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StreamingDecoder:
+    """The decode workers' decoder for a generation config (its VAE, from its local path)."""
+    return build_vae(gen.model, gen.vae_path, device, dtype)
