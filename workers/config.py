@@ -93,6 +93,8 @@ class ModelConfig:
     """umt5 (real, local path) or hash (small, deterministic, no weights)."""
     vae: Literal["wan", "tiny"] = "wan"
     """wan (real Wan VAE, local path) or tiny (small causal VAE, seeded weights)."""
+    vae_decoder: Literal["wan", "taehv"] = "wan"
+    """Decoder: wan (the vae's own) or taehv (TAEW2.1 tiny decoder; the vae still encodes)."""
     init_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     """Seed for weights when no checkpoint is loaded (tiny / small configs and tests)."""
     kernel_backend: KernelBackend = "auto"
@@ -106,6 +108,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even and at least 6 for 3D RoPE")
         if self.patch_size[0] != 1:
             raise ValueError("ModelConfig.patch_size[0] must be 1 (one token belongs to one latent frame)")
+        if self.vae_decoder == "taehv" and self.vae_stride != (4, 8, 8):
+            raise ValueError(f"ModelConfig.vae_decoder 'taehv' needs vae_stride (4, 8, 8), got {self.vae_stride}")
         try:
             self.latent_grid(self.default_height, self.default_width)
         except ValueError as err:
@@ -287,6 +291,8 @@ class GenerationConfig:
     """Local directory of a umT5 encoder + tokenizer (text_encoder umt5)."""
     vae_path: str = ""
     """Local directory of a diffusers AutoencoderKLWan (vae wan)."""
+    taehv_path: str = ""
+    """Local TAEW2.1 weight file, .pth or .safetensors (vae_decoder taehv; empty: seeded, tiny vae only)."""
     use_ema: bool = False
     """Load generator_ema instead of generator from a Self-Forcing-style file."""
 

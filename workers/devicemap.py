@@ -25,6 +25,8 @@ WAN_VAE_DECODER_PARAMS = 73_000_000
 """The Wan2.1 VAE's decoder half (the whole VAE: about 127M parameters)."""
 WAN_VAE_STATE_BYTES_480P = int(1.8 * GIB)
 """Streaming Wan VAE decoder state of one 832x480 session in bf16 (vllm-omni#7074); scales with pixels."""
+TAEHV_DECODER_PARAMS = 9_844_611
+"""TAEW2.1's decoder (workers/model/taehv.py, the published layout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +169,15 @@ def decoder_bytes(gen: GenerationConfig, dtype_bytes: int) -> tuple[int, int]:
     """(weights, one stream's state) of the decode workers' decoder."""
     m = gen.model
     lh, lw = m.latent_grid(gen.height, gen.width)
-    if m.vae == "tiny":  # workers/model/vae.py TinyVAE, width 32: three causal convs keep 2 frames each
+    if m.vae == "tiny" and m.vae_decoder == "wan":  # workers/model/vae.py TinyVAE, width 32: three causal convs keep 2 frames each
         width, z, up = 32, m.out_channels, m.vae_stride[0]
         weights = (z * width * 27 + width) + (width * width * 27 + width) + (width * 16 * up + 16 * up) \
             + (16 * 16 * 27 + 16) + (16 * 3 + 3)
         state = 2 * lh * lw * (z + width + 16)
         return weights * dtype_bytes, state * dtype_bytes
+    if m.vae_decoder == "taehv":  # each MemBlock keeps its last input frame: 3 per level, 256/128/64 channels
+        state = 3 * lh * lw * (256 + 128 * 4 + 64 * 16)
+        return TAEHV_DECODER_PARAMS * dtype_bytes, state * dtype_bytes
     scale = (gen.height * gen.width) / (480 * 832)
     return WAN_VAE_DECODER_PARAMS * dtype_bytes, int(WAN_VAE_STATE_BYTES_480P * scale * dtype_bytes / 2)
 
@@ -203,7 +208,8 @@ def plan(gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int,
     for w in range(parallel.decode_workers):
         slot = last if parallel.decode == "shared" else parallel.stages + w
         # a stream's decoder state lives on one worker; counted on each (any may get the next stream)
-        pieces.append(Piece(f"decode worker {w} ({m.vae} VAE, {parallel.decode})", slot, dec_weights, dec_state))
+        name = "TAEHV" if m.vae_decoder == "taehv" else f"{m.vae} VAE"
+        pieces.append(Piece(f"decode worker {w} ({name}, {parallel.decode})", slot, dec_weights, dec_state))
     slots = parallel.gpu_slots
     if parallel.gpu_memory_gib is not None:
         capacity_bytes = [int(parallel.gpu_memory_gib * GIB)] * slots
