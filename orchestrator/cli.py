@@ -34,6 +34,8 @@ SERVICE_FLAGS: dict[str, str] = {
     "checkpoint": "generation.model_path",
     "text-encoder": "generation.text_encoder_path",
     "vae": "generation.vae_path",
+    "vae-decoder": "generation.model.vae_decoder",
+    "taehv": "generation.taehv_path",
     "mode": "generation.sampler.mode",
     "chunk-frames": "generation.sampler.chunk_frames",
     "stages": "parallel.stages",
@@ -108,7 +110,10 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
 def _put(data: dict, path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     for name in parents:
-        if not isinstance(data.get(name), dict):
+        if name == "model" and not isinstance(data.get(name), dict):  # a model field: keep (or name) the model
+            default = next(n for n, c in MODEL_CONFIGS.items() if c == ServiceConfig().generation.model)
+            data[name] = {"name": data.get(name) or default}
+        elif not isinstance(data.get(name), dict):
             data[name] = {}
         data = data[name]
     if path == "generation.model" and isinstance(data.get(leaf), dict):
@@ -162,15 +167,20 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
     return service_config_from(apply_flags(data, given), where)
 
 
+def host_of(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
 async def _serve(cfg: ServiceConfig) -> int:
     from orchestrator.app import Service
 
     service = await Service(cfg).start()
-    host = cfg.server.listen.rsplit(":", 1)[0]
+    host = host_of(cfg.server.listen)
     ray = "in-process stages, no Ray" if cfg.parallel.backend != "ray" else \
         f"joined Ray cluster {cfg.ray_address!r}" if cfg.ray_address else "local Ray on 127.0.0.1"
     print(f"streamgen serving on {host}:{service.port} (model {cfg.generation.model.num_layers}-block, "
-          f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on {cfg.server.metrics_listen or 'off'}",
+          f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on "
+          f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}",
           flush=True)
     await service.serve_forever()
     return 0
