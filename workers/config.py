@@ -246,7 +246,7 @@ class EngineConfig:
     profile_every: Annotated[int, Field(ge=0, le=1 << 20)] = 8
     """Every n-th micro-batch times each block (feeds the block planner); 0 = never."""
     rebalance_every: Annotated[int, Field(ge=0, le=1 << 20)] = 32
-    """Check the block split every n micro-batches; 0 = never re-plan."""
+    """Check the block split every n micro-batches; 0 = never re-plan (the split stays as built, even at start)."""
     rebalance_threshold: Annotated[float, Field(gt=0, lt=10)] = 0.15
     """Re-plan when the slowest stage is this much slower than the best split's slowest stage."""
     cost_decay: Annotated[float, Field(ge=0, lt=1)] = 0.8

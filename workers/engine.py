@@ -185,7 +185,7 @@ class PipelineEngine:
         """One iteration: controls, then fill the pipeline, then collect what finished."""
         self._apply_controls()
         self._maybe_rebalance()
-        while self._target_split is None and len(self._inflight) < self.executor.num_stages:
+        while self._target_split is None and len(self._inflight) < self.executor.max_inflight:
             mb = self._schedule()
             if mb is None:
                 break
@@ -389,8 +389,9 @@ class PipelineEngine:
     # block scheduler and latency model ----------------------------------------------------------------
 
     def calibrate(self) -> list[tuple[int, int]]:
-        """Time every block on one chunk, feed the latency model, and apply the best split now.
-        Call before streams are added (start-up); returns the split in use."""
+        """Time every block on one chunk, feed the latency model, and apply the best split now (unless
+        ``rebalance_every`` is 0: a fixed split). Call before streams are added (start-up); returns the split
+        in use."""
         if self._inflight:
             raise RuntimeError("calibrate with micro-batches in flight")
         stats = self.executor.profile(self.grid, self.cfg.sampler.chunk_frames, self.cfg.cache)
@@ -400,7 +401,7 @@ class PipelineEngine:
         decode_s = self.executor.profile_decode(self.latent_shape, self.cfg.sampler.chunk_frames)
         if decode_s is not None:
             self.latency.observe_decode(decode_s)
-        plan = self.planned_split()
+        plan = self.planned_split() if self.engine_cfg.rebalance_every else None  # 0: the split stays as built
         if plan is not None and plan[0] != self.executor.split():
             self.executor.rebalance(plan[0])
             self.rebalances += 1

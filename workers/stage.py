@@ -44,6 +44,8 @@ class StageWorker:
         self.store = denoise.LatentStore() if stage == 0 else None
         self.timesteps = denoise.TimestepTable(self.device) if stage == 0 else None
         self.graphs = ForwardGraphs(self.device, cuda_graphs)
+        self.sync = True  # CUDA: wait for each forward to time it; else time it with events (``last_events``)
+        self.last_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._last_end: float | None = None
 
     @property
@@ -99,6 +101,10 @@ class StageWorker:
         """
         start = time.perf_counter()
         idle = 0.0 if self._last_end is None else start - self._last_end
+        events = self.device.type == "cuda" and not self.sync and not mb.profile
+        if events:  # no host sync: the caller reads the time once the events have passed
+            self.last_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.last_events[0].record()
         if self.stage == 0:
             contexts = {sid: self.model.embed_text(self.text_encoder(prompt)) for sid, prompt in mb.prompts.items()}
         for sid, ctx in (contexts or {}).items():
@@ -116,7 +122,9 @@ class StageWorker:
         key = None if eager else graph_key(segments, [w.stream_id for w in mb.segments], inputs, self.block_range)
         out = self.graphs.run(key, lambda x, t_: self.model.stream_forward(x, segments, mb.grid, t_, block_s),
                               inputs, t)
-        if self.device.type == "cuda":
+        if events:
+            self.last_events[1].record()
+        elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         self._last_end = end
