@@ -70,9 +70,10 @@ class Executor(ABC):
 
     @abstractmethod
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
-                    warm: list[torch.Tensor] = ()) -> None:
-        """Create the stream's caches on every stage and its decoder state on a decode worker, warmed on
-        ``warm`` (recent clean latents [f, C, h, w], oldest first: a restored or rebuilt stream)."""
+                    warm: list[torch.Tensor] = (), video: bool = False) -> None:
+        """Create the stream's caches on every stage, its VAE encoder state on stage 0 (``video``) and its
+        decoder state on a decode worker, warmed on ``warm`` (recent clean latents [f, C, h, w], oldest first:
+        a restored or rebuilt stream)."""
 
     @abstractmethod
     def close_stream(self, stream_id: str) -> list[int]:
@@ -181,7 +182,7 @@ class InProcessExecutor(Executor):
 
     def submit(self, mb: MicroBatch) -> None:
         first, last = self.stages[0], self.stages[-1]
-        latents, t = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
+        latents, t, encoded = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
         act, contexts, stats, timings = latents, None, [], []
         for stage in self.stages:
             stage.last_events = None
@@ -201,7 +202,7 @@ class InProcessExecutor(Executor):
                                      x0)
         # queued on CUDA the clean latents stay there (history for re-cache): a copy out would wait for the device
         chunks = [[(c, x if self.queued else x.cpu()) for c, x in seg] for seg in finished]
-        self._done.append((Finished(mb.seq, chunks, stats), timings))
+        self._done.append((Finished(mb.seq, chunks, stats, encoded), timings))
 
     def collect(self, wait: bool) -> Collected:
         finished = []
@@ -222,9 +223,9 @@ class InProcessExecutor(Executor):
         return self.pool.pending if self.pool is not None else 0
 
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
-                    warm: list[torch.Tensor] = ()) -> None:
+                    warm: list[torch.Tensor] = (), video: bool = False) -> None:
         for stage in self.stages:
-            stage.open_stream(stream_id, cache_cfg)
+            stage.open_stream(stream_id, cache_cfg, video)
         if self.pool is not None:
             self.pool.open_stream(self.router.assign(stream_id), stream_id, output or OutputFormat(), list(warm))
 
