@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.engine_cases import assert_matches_reference, collect, gen_config, local_executor, make_engine
+from tests.engine_cases import assert_matches_reference, gen_config, local_executor, make_engine
 from workers.reference import ReferenceGenerator
 from workers.v2v import NoiseController, SimilarityFilter, VideoParams, first_step, to_unit, video_sampler
 
