@@ -125,10 +125,15 @@ class Ingress:
         if self._pending:
             self.count(InputOutcome.FILTERED_SIMILAR if repeated else InputOutcome.ACCEPTED, self._pending.popleft())
 
-    def finish(self) -> None:
-        """The stream ended: chunks still in the engine were accepted (their output did not come)."""
+    def finish_pending(self) -> None:
+        """The chunks the engine held will not come back (the stream ended or moved): their frames were
+        accepted (restyling them was under way)."""
         while self._pending:
             self.count(InputOutcome.ACCEPTED, self._pending.popleft())
+
+    def finish(self) -> None:
+        """The stream ended: what it held is counted."""
+        self.finish_pending()
         self.count(InputOutcome.DROPPED_BACKLOG, len(self.queue))
         self.queue.clear()
 

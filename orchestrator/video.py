@@ -59,6 +59,12 @@ def iter_video(path: str):
             yield frame.to_ndarray(format="rgb24"), float(frame.time or 0.0)
 
 
+def video_frames(path: str) -> int:
+    """Frames a video file holds, as its container says (0 when it does not say)."""
+    with av.open(path) as container:
+        return int(container.streams.video[0].frames or 0)
+
+
 def video_rate(path: str) -> float:
     """A video file's frame rate (frames per second)."""
     with av.open(path) as container:
