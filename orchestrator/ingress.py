@@ -97,16 +97,23 @@ class Ingress:
             self.count(InputOutcome.DROPPED_BACKLOG)
         return None
 
-    def take(self, now: float) -> tuple[np.ndarray, list[InputMeta]] | None:
-        """The next chunk (frames [N, H, W, 3], their metas) if one may be built now, else None."""
+    def take(self, now: float, final: bool = False) -> tuple[np.ndarray, list[InputMeta | None]] | None:
+        """The next chunk (frames [N, H, W, 3], their metas) if one may be built now, else None. ``final``:
+        the input ended; the frames left make a last chunk (now), padded with the last frame, whose padding
+        has no meta (no output goes out for it)."""
         n = self.frames_needed()
-        if len(self.queue) < n or len(self._pending) >= self.max_pending:
+        if len(self._pending) >= self.max_pending or not self.queue:
             return None
-        if self.next_at is not None and now < self.next_at:
+        if not final and (len(self.queue) < n or (self.next_at is not None and now < self.next_at)):
             return None
-        picks = evenly(len(self.queue), n)
         queued = list(self.queue)
         self.queue.clear()
+        if len(queued) < n:  # the input's last frames
+            self._pending.append(len(queued))
+            self.chunks += 1
+            pad = [(None, queued[-1][1])] * (n - len(queued))
+            return np.stack([frame for _, frame in queued + pad]), [meta for meta, _ in queued + pad]
+        picks = evenly(len(queued), n)
         self.count(InputOutcome.DROPPED_BACKLOG, len(queued) - n)
         chosen = [queued[i] for i in picks]
         self.chunks += 1

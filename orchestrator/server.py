@@ -1,7 +1,8 @@
 """The gRPC front end (grpc.aio): the one module that imports grpc.
 
 Generate: validate -> admit -> open on a replica -> pace frames out at the stream's fps -> close in
-``finally``. Errors are status codes with plain messages (never tracebacks or addresses), following
+``finally``. Transform (video-to-video): the same admission and end, with ``orchestrator/transform.py``
+between them (input frames in, restyled frames out). Errors are status codes with plain messages (never tracebacks or addresses), following
 RELIABILITY.md's contract; refusals carry a ``retry-after-ms`` trailer where a retry can help.
 """
 
@@ -16,13 +17,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator.config import MAX_STEPS
-from orchestrator.admission import Admission, validate, validate_prompt, validate_steps
+from orchestrator.admission import Admission, validate, validate_prompt, validate_steps, validate_transform
 from orchestrator.clock import Clock
 from orchestrator.config import ServiceConfig
 from orchestrator.deadline import Pacer
 from orchestrator.metrics import Metrics
 from orchestrator.replica_client import ReplicaClient
 from orchestrator.session import Session, State
+from orchestrator.transform import VideoStream
 from orchestrator.types import EndReason, FrameOutcome, Rejection, RequestError
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 from workers.core_messages import FrameBatch, StreamFailed
@@ -51,6 +53,8 @@ class LiveStream:
     """The replica holding its caches (changes when the stream moves); controls and close go there."""
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while output may flow (not paused, or ended)."""
+    video: VideoStream | None = None
+    """Video-to-video: its input side (orchestrator/transform.py)."""
 
 
 class StreamService(stream_pb2_grpc.StreamServiceServicer):
@@ -61,8 +65,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         self.metrics = metrics
         self.health = health_servicer
         self.clock = clock or Clock()
-        self.admission = Admission(cfg.server)
+        self.admission = Admission(cfg.server, cfg.generation.sampler.chunk_frames)
         self.streams: dict[str, LiveStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's (streams are opened on it)
         self.draining = False
         self._drained = asyncio.Event()
         self.capacity_refusals = 0  # the autoscaler reads it
@@ -77,11 +82,65 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if request is MALFORMED:
             await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
         start = self.clock.now()
+        live = await self._admit(context, lambda: validate(request, self.cfg.server, self.cfg.generation), start)
+        reason = EndReason.INTERNAL  # stands if anything unexpected escapes
+        try:
+            async for frame in self._frames(live):
+                yield frame
+            reason = live.session.end_reason or EndReason.CLIENT_DONE
+        except asyncio.CancelledError:
+            reason = self._cancelled(live, context)
+            raise
+        finally:
+            self._release(live, reason, start)
+        await self._end_status(live, context)
+
+    async def Transform(self, request_iterator, context):
+        """Video-to-video: the first request is the config; then input frames and controls (transform.py)."""
+        start = self.clock.now()
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is MALFORMED:
+            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+        if first is None or first.WhichOneof("kind") != "config":
+            self.metrics.stream_starts.labels("rejected").inc()
+            self.metrics.stream_rejections.labels(Rejection.INVALID.value).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be config")
+        live = await self._admit(context, lambda: validate_transform(first.config, self.cfg.server,
+                                                                     self.cfg.generation), start)
+        video = live.video = VideoStream(self, live, context, self.cfg.generation.sampler.chunk_frames, MALFORMED,
+                                         self.cfg.generation.model.vae_stride[0])
+        reader = asyncio.create_task(video.read(requests))
+        reason = EndReason.INTERNAL
+        try:
+            async for frame in video.frames():
+                yield frame
+            reason = live.session.end_reason or EndReason.CLIENT_DONE
+        except asyncio.CancelledError:
+            reason = self._cancelled(live, context)
+            raise
+        finally:
+            reader.cancel()
+            video.finish()
+            self._release(live, reason, start)
+            context.set_trailing_metadata(tuple((f"input-{k.value.replace('_', '-')}", str(n))
+                                                for k, n in sorted(video.totals.items())))
+        if video.ended is not None:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if video.ended.reason is EndReason.IDLE else \
+                grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, video.ended.message)
+        await self._end_status(live, context)
+
+    async def _admit(self, context, make_spec, start: float) -> LiveStream:
+        """Validate (``make_spec``), admit, and open the stream on the chosen replica; refusals abort the call."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0.001:
             await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired", None, None)
         try:
-            spec = validate(request, self.cfg.server, self.cfg.generation)
+            spec = make_spec()
             serving = [r for r in self.replicas if not r.draining and r.healthy]
             decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
@@ -94,7 +153,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         stream_id = uuid.uuid4().hex
         replica = serving[decision.replica]
         session = Session(stream_id, spec, replica.index, decision.utilisation, start)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         live = LiveStream(session, asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8), replica)
         live.resumed.set()
 
@@ -104,28 +163,29 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         self.streams[stream_id] = live
         self.metrics.streams_active.inc()
         replica.open(stream_id, spec, sink)
-        reason = EndReason.INTERNAL  # stands if anything unexpected escapes
-        try:
-            async for frame in self._frames(live):
-                yield frame
-            reason = session.end_reason or EndReason.CLIENT_DONE
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            reason = session.end_reason or (EndReason.DEADLINE if expired else EndReason.CLIENT_CANCEL)
-            raise
-        finally:
-            live.replica.close(stream_id)
-            session.end(reason)
-            self.streams.pop(stream_id, None)
-            self.metrics.streams_active.dec()
-            self.metrics.streams_ended.labels(session.end_reason.value).inc()
-            self.metrics.stream_duration.observe(self.clock.now() - start)
-            if self.draining and not self.streams:
-                self._drained.set()
-        if session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
+        return live
+
+    def _cancelled(self, live: LiveStream, context) -> EndReason:
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return live.session.end_reason or (EndReason.DEADLINE if expired else EndReason.CLIENT_CANCEL)
+
+    def _release(self, live: LiveStream, reason: EndReason, start: float) -> None:
+        """The stream's one end: its replica frees it, its session and metrics record why."""
+        session = live.session
+        live.replica.close(session.stream_id)
+        session.end(reason)
+        self.streams.pop(session.stream_id, None)
+        self.metrics.streams_active.dec()
+        self.metrics.streams_ended.labels(session.end_reason.value).inc()
+        self.metrics.stream_duration.observe(self.clock.now() - start)
+        if self.draining and not self.streams:
+            self._drained.set()
+
+    async def _end_status(self, live: LiveStream, context) -> None:
+        if live.session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
             context.set_trailing_metadata((("retry-after-ms", str(self.cfg.server.retry_after_ms)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[session.end_reason])
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[live.session.end_reason])
 
     async def _frames(self, live: LiveStream):
         """Pace the stream's frames out; ends by returning (max_frames, drain) or by cancellation."""
@@ -198,6 +258,8 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         live = self.streams.get(stream_id)
         if live is not None:
             live.replica = replica
+            if live.video is not None:  # the chunks the old replica held will not come back
+                self._loop.call_soon_threadsafe(live.video.moved)
 
     def _offer(self, live: LiveStream, item) -> None:
         """Put without blocking (on the loop). The engine's look-ahead bound keeps the queue from filling;
@@ -351,6 +413,8 @@ def _handlers(service: StreamService) -> grpc.GenericRpcHandler:
     methods = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             service.Generate, _parser(pb.GenerateRequest), pb.Frame.SerializeToString),
+        "Transform": grpc.stream_stream_rpc_method_handler(
+            service.Transform, _parser(pb.TransformRequest), pb.Frame.SerializeToString),
         "Control": grpc.unary_unary_rpc_method_handler(
             service.Control, _parser(pb.ControlRequest), pb.ControlReply.SerializeToString),
         "GetCapacity": grpc.unary_unary_rpc_method_handler(

@@ -45,6 +45,7 @@ class VideoStream:
         self.input_ended = False
         self.invalid_run = 0
         self.ended: Ended | None = None
+        self.totals: dict[InputOutcome, int] = {}  # every input frame's outcome, for the end's trailers
         self._last_input_at = live.session.started
 
     # -- the request side ------------------------------------------------------------------------------
@@ -54,19 +55,24 @@ class VideoStream:
         session, server = self.live.session, self.service.cfg.server
         idle = session.spec.video.idle_timeout_s
         it = requests.__aiter__()
+        nxt = None  # the pending read: kept across timeouts (cancelling a read would end the request stream)
         try:
             while session.state is not State.ENDED:
                 timeout = idle if self.ingress.next_at is None else \
                     max(0.0, min(idle, self.ingress.next_at - self.service.clock.now()))
-                try:
-                    request = await asyncio.wait_for(it.__anext__(), timeout=max(timeout, 0.001))
-                except asyncio.TimeoutError:
+                nxt = nxt or asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({nxt}, timeout=max(timeout, 0.001))
+                if not done:
                     if self.service.clock.now() - self._last_input_at >= idle:
-                        return self._end(Ended(EndReason.IDLE, f"no input frame for {idle:g} s"))
+                        return self._end(Ended(EndReason.IDLE, f"idle: no input frame for {idle:g} s"))
                     self._feed()  # a chunk whose time has come
                     continue
+                try:
+                    request = nxt.result()
                 except StopAsyncIteration:
                     break
+                finally:
+                    nxt = None
                 kind = request.WhichOneof("kind") if request is not self.malformed else None
                 if kind == "frame":
                     await self._frame(request.frame)
@@ -79,8 +85,11 @@ class VideoStream:
                     return self._end(Ended(EndReason.INVALID_INPUT,
                                            f"frame.data: {self.invalid_run} unusable frames in a row"))
         finally:
+            if nxt is not None:
+                nxt.cancel()
             self.input_ended = True
             if session.state is not State.ENDED:
+                self._feed()  # the frames left make a last chunk
                 self.live.replica.end_input(session.stream_id)
                 self.service._offer(self.live, None)  # wakes the frames loop: it may be done
 
@@ -102,15 +111,13 @@ class VideoStream:
             log.debug("stream %s: frame %d dropped: %s", session.stream_id[:8], frame.index, err)
             return
         self.invalid_run = 0
-        outcome = self.ingress.offer(InputMeta(int(frame.index), int(frame.capture_unix_ns), now), image)
-        if outcome is not None:
-            self._input(outcome)
+        self.ingress.offer(InputMeta(int(frame.index), int(frame.capture_unix_ns), now), image)  # counts a drop
         self._feed()
 
     def _feed(self) -> None:
-        """Push every chunk the ingress may build now."""
+        """Push every chunk the ingress may build now (after the input ended: its last frames too)."""
         while True:
-            got = self.ingress.take(self.service.clock.now())
+            got = self.ingress.take(self.service.clock.now(), final=self.input_ended)
             if got is None:
                 break
             frames, metas = got
@@ -159,6 +166,7 @@ class VideoStream:
         for outcome, n in self.ingress.counts.items():
             if n:
                 self.service.metrics.input_frames.labels(outcome.value).inc(n)
+                self.totals[outcome] = self.totals.get(outcome, 0) + n
         self.ingress.counts.clear()
 
     # -- the response side -----------------------------------------------------------------------------
@@ -193,6 +201,8 @@ class VideoStream:
             self._feed()
             stale = item.prompt_revision < session.prompt_revision
             for data, meta in zip(item.frames, item.input or []):
+                if meta is None:  # the padding of the input's last chunk
+                    continue
                 if stale:
                     session.count(FrameOutcome.DROPPED_STALE)
                     metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc()
