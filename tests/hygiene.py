@@ -27,7 +27,7 @@ EXCEPTION_CLASS = re.compile(r"\b[A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Inter
                              r"|<class '")
 PATH = re.compile(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*|\b[A-Za-z]:\\|\.py\b|site-packages")
 GRPC_METHOD = re.compile(r"^/[\w.]+\.[A-Z]\w*/[A-Z]\w*$")
-RAY_ID = re.compile(r"\b[0-9a-fA-F]{16,}\b|\b(?:ActorID|NodeID|WorkerID|TaskID|JobID|ObjectRef|PlacementGroupID)\b"
+RAY_ID = re.compile(r"(?<![\w.])(?=[0-9]*[a-fA-F])[0-9a-fA-F]{16,}(?!\w|[+-]\d)|\b(?:ActorID|NodeID|WorkerID|TaskID|JobID|ObjectRef|PlacementGroupID)\b"
                     r"|ray::")
 ADDRESS = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:ipv4|ipv6|unix|unix-abstract|dns):|\blocalhost\b"
                      r"|\[[0-9a-fA-F]*:[0-9a-fA-F:]*\]|\b[A-Za-z][\w.-]*:\d{2,5}\b")
