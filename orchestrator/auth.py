@@ -1,9 +1,10 @@
 """The first server interceptor: authentication, roles, the server-wide call limit, opaque errors.
 
 Every RPC of every service the server hosts passes ``ServiceGuard`` before any of its handler code runs
-(even before its request is parsed), except ``grpc.health.v1``, which stays open for probes. The guard is
-generic over methods and their cardinality, so an RPC added later (e.g. a bidirectional ``Transform``) is
-covered with no code of its own:
+(even before its request is parsed). ``grpc.health.v1`` stays open for probes, with a call limit of its own
+(``HEALTH_RPCS``), so unauthenticated Watch streams cannot crowd out the service. The guard is generic over
+methods and their cardinality, so an RPC added later (e.g. a bidirectional ``Transform``) is covered with no
+code of its own:
 
 1. a bearer token (``authorization: Bearer <token>``) is checked against the tokens file's hashes
    (``tokens.TokenTable``); missing or unknown -> UNAUTHENTICATED;
@@ -32,11 +33,13 @@ from orchestrator.clock import Clock
 from orchestrator.config import ServerConfig
 from orchestrator.metrics import Metrics
 from orchestrator.tls import CertificateFiles
-from orchestrator.tokens import OPEN, AuthFailure, Principal, TokenTable, bearer_token
+from orchestrator.tokens import ANONYMOUS, OPEN, AuthFailure, Principal, TokenTable, bearer_token
 
 log = logging.getLogger("streamgen.auth")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_RPCS = 32
+"""Health calls in progress at once (open to anyone: bounded apart from the service's calls)."""
 OPERATOR_METHODS = frozenset({"/streamgen.v1.StreamService/Drain"})
 """RPCs only the operator role may call (GetCapacity is open to clients, its replica details are not)."""
 REQUEST_ID = "request-id"
@@ -122,24 +125,34 @@ def _skip(data: bytes) -> None:
     return None
 
 
+class Slots:
+    """Calls in progress against a bound (the event loop is the only writer: no lock)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.inflight = limit, 0
+
+
 class ServiceGuard(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenTable | None, server: ServerConfig, metrics: Metrics, clock: Clock | None = None):
         self.tokens, self.metrics = tokens, metrics
-        self.max_rpcs, self.retry_after_ms = server.maximum_concurrent_rpcs, server.retry_after_ms
-        self.inflight = 0  # guarded calls running (the event loop is the only writer)
+        self.retry_after_ms = server.retry_after_ms
+        self.calls = Slots(server.maximum_concurrent_rpcs)
+        self.health_calls = Slots(HEALTH_RPCS)
         self._refusals = RateLimitedLog(log, clock or Clock())
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)  # a table lookup: no handler code runs
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
+        if handler is None:
+            return None
         request_id = new_request_id()
+        if details.method.startswith(HEALTH_PREFIX):
+            return self._guarded(handler, Caller(ANONYMOUS, request_id), self.health_calls)
         principal, failure = self._authenticate(details.invocation_metadata)
         if failure is None and details.method in OPERATOR_METHODS and not principal.operator:
             failure = AuthFailure.FORBIDDEN
         if failure is not None:
             return self._refusal(handler, details.method, failure, request_id)
-        return self._guarded(handler, Caller(principal, request_id))
+        return self._guarded(handler, Caller(principal, request_id), self.calls)
 
     def _authenticate(self, metadata) -> tuple[Principal | None, AuthFailure | None]:
         if self.tokens is None:
@@ -157,12 +170,12 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
             if failure is AuthFailure.FORBIDDEN else (grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
 
         async def refuse(request, context):
-            _CALLER.set(Caller(OPEN, request_id))  # only for the request-id trailer
+            _CALLER.set(Caller(ANONYMOUS, request_id))  # only for the request-id trailer
             await abort(context, code, message)
 
         return _handler_like(handler, refuse, _skip)
 
-    def _guarded(self, handler: grpc.RpcMethodHandler, caller: Caller) -> grpc.RpcMethodHandler:
+    def _guarded(self, handler: grpc.RpcMethodHandler, caller: Caller, slots: Slots) -> grpc.RpcMethodHandler:
         behavior = _behavior(handler)
         guard = self
 
@@ -170,7 +183,7 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
             async def run(request, context):
                 _CALLER.set(caller)
-                await guard._enter(context)
+                await guard._enter(context, slots)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -179,11 +192,11 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
                 except Exception as err:  # noqa: BLE001 - logged with the request id, answered opaquely
                     await guard._internal(context, caller, err)
                 finally:
-                    guard.inflight -= 1
+                    slots.inflight -= 1
         elif inspect.iscoroutinefunction(behavior):
             async def run(request, context):
                 _CALLER.set(caller)
-                await guard._enter(context)
+                await guard._enter(context, slots)
                 try:
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -191,17 +204,17 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
                 except Exception as err:  # noqa: BLE001 - logged with the request id, answered opaquely
                     await guard._internal(context, caller, err)
                 finally:
-                    guard.inflight -= 1
+                    slots.inflight -= 1
         else:
             raise TypeError(f"{behavior!r}: the grpc.aio server needs async handlers")
         return _handler_like(handler, run, handler.request_deserializer)
 
-    async def _enter(self, context) -> None:
-        if self.inflight >= self.max_rpcs:
+    async def _enter(self, context, slots: Slots) -> None:
+        if slots.inflight >= slots.limit:
             self.metrics.concurrent_rpc_refusals.inc()
             await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy: too many calls in progress",
                         self.retry_after_ms)
-        self.inflight += 1
+        slots.inflight += 1
 
     async def _internal(self, context, caller: Caller, err: Exception) -> NoReturn:
         log.error("internal error (request %s, tenant %r)", caller.request_id, caller.principal.tenant, exc_info=err)

@@ -73,7 +73,8 @@ class Metrics:
         self.auth_failures = Counter("streamgen_auth_failures", "Calls refused by the auth interceptor, by reason",
                                      ["reason"], registry=r)
         self.concurrent_rpc_refusals = Counter("streamgen_concurrent_rpc_refusals",
-                                               "Calls refused at server.maximum_concurrent_rpcs", registry=r)
+                                               "Calls refused at a concurrent-call limit (server.maximum_concurrent_rpcs; health has its own)",
+                                               registry=r)
         # Every bounded label value exists from the start (a 0 series beats a missing one in PromQL).
         for result in ("admitted", "rejected"):
             self.stream_starts.labels(result)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from orchestrator.config import MAX_STEPS
 from orchestrator.admission import Admission, validate, validate_prompt, validate_steps
 from orchestrator.audit import audit
-from orchestrator.auth import Security, ServiceGuard, abort, current_caller, load_security
+from orchestrator.auth import HEALTH_RPCS, Security, ServiceGuard, abort, current_caller, load_security
 from orchestrator.clock import Clock
 from orchestrator.config import ServiceConfig, message_limits
 from orchestrator.deadline import Pacer
@@ -35,7 +35,6 @@ from workers.core_messages import FrameBatch, StreamFailed
 log = logging.getLogger("streamgen.server")
 SERVICE_NAME = "streamgen.v1.StreamService"
 HAND_OFF_SETTLE_S = 5.0  # a replica in its own process hands its streams back asynchronously
-HEALTH_RPC_RESERVE = 32  # calls beyond maximum_concurrent_rpcs the library admits: health probes during a flood
 
 STATUS = {
     Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -139,9 +138,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             self.quotas.ended(tenant)
             self.metrics.streams_active.dec()
             self.metrics.streams_ended.labels(session.end_reason.value).inc()
-            self.metrics.stream_duration.observe(self.clock.now() - start)
-            audit("stream_end", caller.request_id, tenant, session.end_reason.value, self.clock.now() - start,
-                  stream_id)
+            duration = self.clock.now() - start
+            self.metrics.stream_duration.observe(duration)
+            audit("stream_end", caller.request_id, tenant, session.end_reason.value, duration, stream_id)
             if self.draining and not self.streams:
                 self._drained.set()
         if session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
@@ -416,11 +415,11 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
     """Build and start the grpc.aio server; returns (server, servicer, bound port). The TLS and tokens files
     are read before anything binds (``security``, or loaded here)."""
     security = security or load_security(cfg.server)
-    guard = ServiceGuard(security.tokens, cfg.server, metrics)
-    # The guard bounds the stream service's calls; the library's bound, a little higher, caps the rest
-    # (unauthenticated health Watch streams), so a health Check still answers at the guard's limit.
+    guard = ServiceGuard(security.tokens, cfg.server, metrics)  # first: interceptors added later go after it
+    # The guard bounds the service's calls and, apart, health's; the library's bound is their sum, so a health
+    # Check still answers while the service is at its limit, and no flood of health calls crowds the service.
     server = grpc.aio.server(interceptors=[guard], options=server_options(cfg),
-                             maximum_concurrent_rpcs=cfg.server.maximum_concurrent_rpcs + HEALTH_RPC_RESERVE)
+                             maximum_concurrent_rpcs=cfg.server.maximum_concurrent_rpcs + HEALTH_RPCS)
     health_servicer = health.aio.HealthServicer()
     service = StreamService(cfg, replicas, metrics, health_servicer)
     server.add_generic_rpc_handlers((_handlers(service),))
@@ -448,7 +447,7 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
 async def start_health_server(listen: str, health_servicer) -> tuple[grpc.aio.Server, int]:
     """A plaintext server with only grpc.health.v1 (``server.health_listen``), sharing the main server's
     statuses: for probes that present neither a certificate nor a token (kubelet, Docker HEALTHCHECK)."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_RPC_RESERVE)
+    server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_RPCS)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:

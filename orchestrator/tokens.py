@@ -47,6 +47,8 @@ class Principal:
 
 OPEN = Principal("open", "", Role.OPERATOR)
 """Every caller of a server without a tokens file: one tenant, every RPC allowed (loopback demos)."""
+ANONYMOUS = Principal("anonymous", "", Role.CLIENT)
+"""A caller nobody vouched for: health probes, and refused calls (for their request id only)."""
 
 
 class AuthFailure(str, Enum):

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator.auth import HEALTH_RPCS
 from protos.streamgen.v1 import stream_pb2
 from tests.secured import OWN_POOL, config, health, request, start, stub
 
@@ -79,6 +80,26 @@ def test_over_maximum_concurrent_rpcs_gets_resource_exhausted_while_health_answe
             with pytest.raises(grpc.RpcError):
                 next(streams[0])
             assert len(list(s.Generate(request(max_frames=1), timeout=30))) == 1  # slots come back
+    finally:
+        running.stop()
+
+
+def test_unauthenticated_health_watches_are_bounded_apart_from_the_service():
+    """Health is open to anyone, so it has its own call limit (HEALTH_RPCS): a flood of Watch streams is
+    refused past it and the service's calls still run."""
+    running = start(config(maximum_concurrent_rpcs=4))
+    try:
+        with grpc.insecure_channel(running.target) as ch:
+            health_stub = health_pb2_grpc.HealthStub(ch)
+            watches = [health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+                       for _ in range(HEALTH_RPCS)]
+            assert all(next(w).status == SERVING for w in watches)
+            with pytest.raises(grpc.RpcError) as err:
+                next(health_stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(list(stub(ch).Generate(request(max_frames=2), timeout=30))) == 2
+            for w in watches:
+                w.cancel()
     finally:
         running.stop()
 

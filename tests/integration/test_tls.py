@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from orchestrator.cli import main
+from tests.integration.test_server import serve_process
 from tests.secured import OWN_POOL, bearer, config, health, request, secure_channel, start, stub, write_tokens
 from tests.tls_certs import CA
 
@@ -125,3 +126,16 @@ def test_the_client_never_sends_a_token_in_plaintext_beyond_loopback():
     assert Connection("127.0.0.1:50051", token="secret").token == "secret"
     with pytest.raises(ValueError, match="go together"):
         Connection("127.0.0.1:50051", tls_ca="ca.pem", tls_cert="c.pem")
+
+
+def test_the_start_line_says_once_how_callers_are_checked(pki):
+    """Open (no tokens) is said in the start line, once; with TLS and tokens, so are they."""
+    small = ["--executor", "inprocess", "--stages", "1", "--model", "tiny"]
+    with serve_process(*small) as (proc, _, lines):
+        start = [line for line in lines if "serving on" in line]
+    assert len(start) == 1 and "transport off; auth OPEN" in start[0]
+    assert sum("OPEN" in line for line in lines) == 1
+    with serve_process(*small, "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+                       "--auth-tokens", str(pki.tokens)) as (proc, _, lines):
+        start = [line for line in lines if "serving on" in line]
+    assert "transport TLS; auth 1 tokens, 1 tenants" in start[0] and "OPEN" not in "".join(lines)
