@@ -2,8 +2,8 @@
 clients, in one run (default: model `small`, P=2 Ray stages, 2 streams, `sequential`).
 
 * engine: ``PipelineEngine`` on a ``RayExecutor`` built as the service builds its replica (same config object:
-  the one the CLI makes from the same file), with the VAE decode, 2 streams, each chunk consumed as it comes.
-  Measures decoded frames/s; JPEG encoding is not part of it (it is timed separately, see ``jpeg_*``).
+  the one the CLI makes from the same file), with its decode worker (VAE decode and the clients' encoding),
+  2 streams, each chunk consumed as it comes. Measures encoded frames/s.
 * service: ``streamgen serve --config FILE`` as a subprocess on 127.0.0.1, 2 concurrent clients
   (``orchestrator.client.StreamgenClient``), each receiving as many frames as one engine stream delivered.
   The service must run flat out, not at the requested fps: clients ask ``late_policy=deliver_flagged`` (a frame
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import platform
 import re
@@ -72,7 +71,7 @@ def write_config(path: str, args: argparse.Namespace) -> None:
     with open(path, "w") as f:
         f.write(f"""parallel:
   stages: {args.stages}
-  executor: ray
+  backend: ray
   threads_per_stage: 1
 replicas: 1
 replica_host: driver
@@ -100,14 +99,13 @@ def load_config(path: str):
 
 # -- (a) the engine alone ----------------------------------------------------------------------------------
 
-def run_engine(cfg, streams: int, chunks: int, warmup: int) -> dict:
+def run_engine(cfg, streams: int, chunks: int, warmup: int, encoding: str) -> dict:
     """The service's replica, built from the same config, driven directly: ``streams`` streams, each chunk
     consumed when it comes out (as the server does when it takes a chunk off the stream's queue)."""
     import ray
 
+    from workers.batch import OutputFormat
     from workers.engine import PipelineEngine
-    from workers.model.text import build_text_encoder
-    from workers.model.vae import build_vae
     from workers.executor import build_executor
     from workers.ray_executor import start_local_ray
 
@@ -116,20 +114,17 @@ def run_engine(cfg, streams: int, chunks: int, warmup: int) -> dict:
     try:
         executor = build_executor(gen, cfg.parallel)  # as the engine core builds its stages
         try:
-            engine = PipelineEngine(gen, executor, build_text_encoder(gen.model, gen.text_encoder_path),
-                                    build_vae(gen.model, gen.vae_path), cfg.engine)
+            engine = PipelineEngine(gen, executor, cfg.engine)
             engine.calibrate()
             ids = [f"s{i}" for i in range(streams)]
             for i, sid in enumerate(ids):
                 engine.add_stream(sid, PROMPT, i, cfg.server.default_fps,
-                                  max_ahead=cfg.server.output_chunks_ahead)
+                                  max_ahead=cfg.server.output_chunks_ahead, output=OutputFormat(encoding))
             deliveries: list[Delivery] = []
-            last_frames = []
 
             def on_output(out):
                 deliveries.append(Delivery(time.monotonic(), ids.index(out.stream_id), out.chunk, len(out.frames)))
                 engine.consumed(out.stream_id)
-                last_frames[:] = [out.frames.numpy()]  # [N, H, W, 3] uint8, for the JPEG timing
 
             engine.run_chunks({sid: warmup + chunks for sid in ids}, on_output=on_output)
             engine.drain()
@@ -139,18 +134,7 @@ def run_engine(cfg, streams: int, chunks: int, warmup: int) -> dict:
         ray.shutdown()
     frames_per_stream = [sum(d.frames for d in deliveries if d.stream == s) for s in range(streams)]
     return dict(steady_rate(deliveries, streams, warmup), frames_per_stream=frames_per_stream,
-                predicted_frame_rate=engine.frame_rate(), sample_frames=last_frames[0])
-
-
-def jpeg_seconds_per_frame(frames, quality: int = 90, rounds: int = 5) -> float:
-    """What the service's JPEG encoding (PIL, as the replica encodes) costs per frame."""
-    from PIL import Image
-
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for frame in frames:
-            Image.fromarray(frame).save(io.BytesIO(), format="JPEG", quality=quality)
-    return (time.perf_counter() - started) / (rounds * len(frames))
+                predicted_frame_rate=engine.frame_rate())
 
 
 # -- (b) the service ---------------------------------------------------------------------------------------
@@ -250,12 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_config(config_path, args)
     cfg = load_config(config_path)
     engine_runs, service_runs = [], []
-    jpeg_s = None
     for rep in range(args.repeats):
-        eng = run_engine(cfg, args.streams, args.chunks, args.warmup)
-        if jpeg_s is None:
-            jpeg_s = jpeg_seconds_per_frame(eng["sample_frames"])
-        del eng["sample_frames"]
+        eng = run_engine(cfg, args.streams, args.chunks, args.warmup, args.encoding)
         engine_runs.append(eng)
         print(f"-- repeat {rep + 1}/{args.repeats}: engine {eng['frames_per_s']:.2f} frames/s", flush=True)
         svc = run_service(config_path, args.streams, eng["frames_per_stream"], args.warmup, args.encoding,
@@ -271,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count()},
         "load": {"model": args.model, "stages": args.stages, "streams": args.streams, "mode": "sequential",
                  "chunk_frames": args.chunk_frames, "steps": cfg.generation.sampler.num_steps,
-                 "warmup_chunks": args.warmup, "measured_chunks": args.chunks, "executor": cfg.parallel.executor,
+                 "warmup_chunks": args.warmup, "measured_chunks": args.chunks, "backend": cfg.parallel.backend,
                  "threads_per_stage": cfg.parallel.threads_per_stage, "encoding": args.encoding},
         "service_settings": {
             "config": open(config_path).read(),
@@ -293,8 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
         "service_over_engine": ratio,
         "service_over_engine_per_repeat": [s["frames_per_s"] / e["frames_per_s"]
                                            for e, s in zip(engine_runs, service_runs, strict=True)],
-        "jpeg_s_per_frame": jpeg_s,
-        "jpeg_share_of_engine_frame_time": jpeg_s * engine_fps if args.encoding == "jpeg" else 0.0,
     }
     write_json(args.out, result)
     print(f"service/engine frames/s = {ratio:.3f}")

@@ -21,9 +21,11 @@ from workers.core_messages import StreamFailed
 log = logging.getLogger("streamgen.app")
 
 
+VERSION = "0.1.0"
+
+
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
-VERSION = "0.1.0"
 
 
 class Service:
@@ -48,7 +50,10 @@ class Service:
     async def start(self) -> "Service":
         cfg = self.cfg
         self.security = load_security(cfg.server)  # a bad TLS or tokens file fails before Ray starts or anything binds
-        if cfg.parallel.executor == "ray":
+        from workers.executor import replica_device_map
+
+        replica_device_map(cfg.generation, cfg.parallel).check()  # a piece that cannot fit fails before anything starts
+        if cfg.parallel.backend == "ray":
             self._start_ray()
         if cfg.replica_host == "serve":
             from ray import serve

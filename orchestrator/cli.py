@@ -41,12 +41,18 @@ SERVICE_FLAGS: dict[str, str] = {
     "checkpoint": "generation.model_path",
     "text-encoder": "generation.text_encoder_path",
     "vae": "generation.vae_path",
+    "vae-decoder": "generation.model.vae_decoder",
+    "taehv": "generation.taehv_path",
     "mode": "generation.sampler.mode",
     "chunk-frames": "generation.sampler.chunk_frames",
     "stages": "parallel.stages",
-    "executor": "parallel.executor",
+    "backend": "parallel.backend",
     "device": "parallel.device",
     "dtype": "parallel.dtype",
+    "decode": "parallel.decode",
+    "decode-workers": "parallel.decode_workers",
+    "cuda-graphs": "parallel.cuda_graphs",
+    "gpu-memory-gib": "parallel.gpu_memory_gib",
     "gpus-per-stage": "parallel.gpus_per_stage",
     "cpus-per-stage": "parallel.cpus_per_stage",
     "stage-timeout": "parallel.stage_call_timeout_s",
@@ -111,7 +117,10 @@ def add_service_flags(p: argparse.ArgumentParser) -> None:
 def _put(data: dict, path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     for name in parents:
-        if not isinstance(data.get(name), dict):
+        if name == "model" and not isinstance(data.get(name), dict):  # a model field: keep (or name) the model
+            default = next(n for n, c in MODEL_CONFIGS.items() if c == ServiceConfig().generation.model)
+            data[name] = {"name": data.get(name) or default}
+        elif not isinstance(data.get(name), dict):
             data[name] = {}
         data = data[name]
     if path == "generation.model" and isinstance(data.get(leaf), dict):
@@ -165,23 +174,45 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
     return service_config_from(apply_flags(data, given), where)
 
 
+def host_of(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
 async def _serve(cfg: ServiceConfig) -> int:
     from orchestrator.app import Service
 
     service = await Service(cfg).start()
-    host = cfg.server.listen.rsplit(":", 1)[0]
-    ray = "in-process stages" if cfg.parallel.executor != "ray" else \
+    host = host_of(cfg.server.listen)
+    ray = "in-process stages, no Ray" if cfg.parallel.backend != "ray" else \
         f"joined Ray cluster {cfg.ray_address!r}" if cfg.ray_address else "local Ray on 127.0.0.1"
     print(f"streamgen serving on {host}:{service.port} (model {cfg.generation.model.num_layers}-block, "
-          f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on {cfg.server.metrics_listen or 'off'}; "
+          f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on "
+          f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}; "
           f"{service.security.describe()}", flush=True)
     await service.serve_forever()
     return 0
 
 
+def dry_run(cfg: ServiceConfig) -> int:
+    """Print each replica's device map (which piece sits on which GPU slot, its memory) and check it."""
+    from workers.executor import replica_device_map
+
+    dmap = replica_device_map(cfg.generation, cfg.parallel)
+    p = cfg.parallel
+    print(f"each of {cfg.replicas} replica(s): {p.stages} stages, {p.decode_workers} decode worker(s) ({p.decode}), "
+          f"backend {p.backend}, {p.dtype}, {p.gpu_slots} GPU slot(s)")
+    print(dmap.describe())
+    dmap.check()  # raises ValueError naming the piece that does not fit
+    print("the plan fits")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = service_config(args)
+    if args.dry_run:
+        return dry_run(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return asyncio.run(_serve(service_config(args)))
+    return asyncio.run(_serve(cfg))
 
 
 async def _generate(target: str, args: argparse.Namespace) -> int:
@@ -304,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service")
     _service_flags(serve)
+    serve.add_argument("--dry-run", action="store_true",
+                       help="print each replica's device map (pieces per GPU slot, memory) and exit")
     serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="stream a text-to-video stream into a video file")
     add_connection_flags(gen)

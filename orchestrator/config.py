@@ -230,7 +230,7 @@ class ServiceConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     """How each replica's engine batches and re-plans."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
-    """Each replica's pipeline layout: stages, executor, device, dtype, resources and stage timeouts."""
+    """Each replica's pipeline layout: stages, decode workers, backend, device, dtype, resources and timeouts."""
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     """The gRPC front end: addresses, request limits, pacing and admission."""
     replicas: Annotated[int, Field(ge=1, le=4096)] = 1
@@ -256,8 +256,8 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.server.max_receive_message_bytes must hold one raw "
                              f"{self.generation.width}x{self.generation.height} frame ({frame} bytes) plus "
                              f"message_overhead_bytes ({self.server.message_overhead_bytes})")
-        if self.replica_host == "serve" and self.parallel.executor != "ray":
-            raise ValueError("ServiceConfig.replica_host 'serve' needs parallel.executor 'ray' "
+        if self.replica_host == "serve" and self.parallel.backend != "ray":
+            raise ValueError("ServiceConfig.replica_host 'serve' needs parallel.backend 'ray' "
                              "(stage actors in its bundles)")
         return self
 

@@ -145,7 +145,8 @@ def _log_with_timestamps() -> None:
 
 
 def deployment_options(cfg: ServiceConfig) -> dict:
-    """Serve options of one pipeline replica: its P stage slots, health checks and limits."""
+    """Serve options of one pipeline replica: its GPU slots (P stages, then dedicated decode workers), health
+    checks and limits."""
     stage = {"CPU": cfg.parallel.cpus_per_stage or 0.001}  # a bundle may not be empty
     if cfg.parallel.gpus_per_stage:
         stage["GPU"] = cfg.parallel.gpus_per_stage
@@ -153,7 +154,7 @@ def deployment_options(cfg: ServiceConfig) -> dict:
     return dict(
         num_replicas=1,
         ray_actor_options={"num_cpus": 0.001},
-        placement_group_bundles=[{"CPU": 0.001}] + [dict(stage) for _ in range(cfg.parallel.stages)],
+        placement_group_bundles=[{"CPU": 0.001}] + [dict(stage) for _ in range(cfg.parallel.gpu_slots)],
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=4 * server.max_streams_per_replica + 64,  # streams + their controls
         # a hung stage is first the core's to handle (stage_call_timeout_s, then a rebuild in place):

@@ -55,7 +55,11 @@ class Metrics:
         self.stage_bytes_sent = Counter("streamgen_stage_bytes_sent", "Activation bytes to the next stage",
                                         ["stage"], registry=r)
         self.cache_bytes = Gauge("streamgen_cache_bytes", "KV + cross-attention cache bytes", ["stage"], registry=r)
-        self.chunk_latency = Histogram("streamgen_chunk_latency_seconds", "Chunk first dispatch to clean latents",
+        self.gpu_memory = Gauge("streamgen_gpu_memory_bytes", "CUDA memory of a stage's device: used (allocated) "
+                                "and reserved (by the caching allocator)", ["stage", "kind"], registry=r)
+        self.decode_latency = Histogram("streamgen_decode_seconds", "One chunk's VAE decode plus encode on a "
+                                        "decode worker", buckets=STAGE_BUCKETS, registry=r)
+        self.chunk_latency = Histogram("streamgen_chunk_latency_seconds", "Chunk first dispatch to its encoded frames",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.stage_rebuild = Histogram("streamgen_stage_rebuild_seconds",
                                        "A replica's stage rebuild after a stage failure: old stages killed to new ones ready",
@@ -97,13 +101,19 @@ class Metrics:
             self.replica_repairs.labels(result)
 
     def set_build_info(self, version: str) -> None:
-        import grpc
-        import ray
-        import torch
+        """Versions from the installed distributions: nothing is imported (the local backend never loads ray)."""
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        def of(dist: str) -> str:
+            try:
+                return installed(dist)
+            except PackageNotFoundError:
+                return "none"
 
         self.build_info.info({"version": version, "python_version": platform.python_version(),
-                              "torch_version": torch.__version__, "ray_version": ray.__version__,
-                              "grpc_version": grpc.__version__})
+                              "torch_version": of("torch"), "ray_version": of("ray"),
+                              "grpc_version": of("grpcio")})
 
     def serve(self, listen: str):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""
@@ -115,6 +125,8 @@ class Metrics:
         self.observe_stage_stats(stats.stage_stats)
         for latency in stats.chunk_latency_s:
             self.chunk_latency.observe(latency)
+        for seconds in stats.decode_s:
+            self.decode_latency.observe(seconds)
         for kind, n in stats.stage_errors.items():
             self.stage_errors.labels(kind).inc(n)
         if stats.engine_errors:
@@ -134,6 +146,9 @@ class Metrics:
             self.stage_latency.labels(stage).observe(s.compute_s)
             self.stage_bytes_sent.labels(stage).inc(s.bytes_sent)
             self.cache_bytes.labels(stage).set(s.cache_bytes)
+            if s.gpu_reserved_bytes:  # CUDA stages only
+                self.gpu_memory.labels(stage, "used").set(s.gpu_used_bytes)
+                self.gpu_memory.labels(stage, "reserved").set(s.gpu_reserved_bytes)
 
 
 # What the README's metric table lists; a test scrapes /metrics and checks each is present.
@@ -144,9 +159,12 @@ CATALOGUE = (
     "streamgen_output_freezes_total", "streamgen_stage_compute_seconds_total", "streamgen_stage_idle_seconds_total",
     "streamgen_stage_latency_seconds", "streamgen_stage_microbatches_inflight",
     "streamgen_stage_queue_depth", "streamgen_stage_bytes_sent_total",
-    "streamgen_cache_bytes", "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
+    "streamgen_cache_bytes", "streamgen_gpu_memory_bytes", "streamgen_decode_seconds",
+    "streamgen_chunk_latency_seconds", "streamgen_engine_errors_total",
     "streamgen_stage_errors_total", "streamgen_stage_rebuild_seconds", "streamgen_stream_migrations_total", "streamgen_replicas",
     "streamgen_replica_repairs_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
     "streamgen_auth_failures_total", "streamgen_concurrent_rpc_refusals_total",
 )
+CUDA_ONLY = ("streamgen_gpu_memory_bytes",)
+"""Declared (and in the scrape's HELP/TYPE lines) everywhere, with series only where stages run on CUDA."""

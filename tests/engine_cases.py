@@ -2,9 +2,9 @@
 
 import torch
 
-from workers.config import CacheConfig, GenerationConfig, SamplerConfig, get_config
+from workers.config import CacheConfig, GenerationConfig, ParallelConfig, SamplerConfig, get_config
 from workers.engine import PipelineEngine
-from workers.model.text import build_text_encoder
+from workers.executor import InProcessExecutor
 from workers.reference import ReferenceGenerator
 
 STREAMS = {"a": ("a cat on a sofa", 1), "b": ("a dog in the rain", 2), "c": ("an owl at night", 3)}
@@ -19,7 +19,21 @@ def gen_config(mode: str, lanes: int = 1, steps=(1000, 750, 500, 250), attention
 
 
 def make_engine(cfg: GenerationConfig, executor) -> PipelineEngine:
-    return PipelineEngine(cfg, executor, build_text_encoder(cfg.model))
+    return PipelineEngine(cfg, executor)
+
+
+def local_executor(cfg: GenerationConfig, stages: int = 1, split=None, decode_workers: int = 0,
+                   **parallel) -> InProcessExecutor:
+    """In-process stages (latents only unless ``decode_workers``)."""
+    return InProcessExecutor(cfg, ParallelConfig(stages=stages, backend="local", decode_workers=decode_workers,
+                                                 **parallel), split)
+
+
+def ray_executor(cfg: GenerationConfig, stages: int = 1, split=None, decode_workers: int = 0, **parallel):
+    """Ray stage actors (latents only unless ``decode_workers``); needs a running Ray."""
+    from workers.ray_executor import RayExecutor
+
+    return RayExecutor(cfg, ParallelConfig(stages=stages, decode_workers=decode_workers, **parallel), split)
 
 
 def collect(engine: PipelineEngine, n: dict[str, int]) -> dict[str, dict[int, torch.Tensor]]:

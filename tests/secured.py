@@ -23,7 +23,7 @@ def config(tenants: TenantsConfig | None = None, **server) -> ServiceConfig:
     gen = GenerationConfig(model=get_config("tiny"), sampler=SamplerConfig(chunk_frames=3), cache=CacheConfig())
     base = dict(listen="127.0.0.1:0", metrics_listen="", probe_period_s=0, max_streams_per_replica=8)
     return ServiceConfig(generation=gen, server=ServerConfig(**{**base, **server}),
-                         parallel=ParallelConfig(stages=1, executor="inprocess"),
+                         parallel=ParallelConfig(stages=1, backend="local"),
                          tenants=tenants or TenantsConfig())
 
 

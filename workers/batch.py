@@ -75,10 +75,12 @@ class MicroBatch:
     seq: int
     segments: list[Work]
     grid: tuple[int, int]
-    texts: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Text-encoder output [L, text_dim] of streams whose prompt changes with this micro-batch."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """Prompts of streams whose context changes with this micro-batch (stage 0 encodes and embeds them)."""
     profile: bool = False
     """Stages time each block (feeds the block scheduler)."""
+    decode_to: dict[str, int] = field(default_factory=dict)
+    """Stream -> the decode worker its finished chunks go to (set by the executor; empty: no decode)."""
 
     @property
     def frames(self) -> int:
@@ -91,6 +93,36 @@ class MicroBatch:
     def ring_frames(self) -> int:
         """Latent frames the last stage sends back to stage 0 for this micro-batch."""
         return sum(len(w.ring_entries()) * w.chunk_frames for w in self.segments)
+
+
+@dataclass(slots=True)
+class OutputFormat:
+    """How a stream's frames are encoded: ``jpeg`` (at ``jpeg_quality``) or ``raw_rgb``."""
+
+    encoding: str = "jpeg"
+    jpeg_quality: int = 90
+
+
+@dataclass(slots=True)
+class DecodeJob:
+    """One finished chunk for a decode worker: its latents [frames, C, h, w] come from the last stage."""
+
+    stream_id: str
+    chunk: int
+    frames: int
+
+
+@dataclass(slots=True)
+class DecodedChunk:
+    """A finished chunk's video frames, encoded next to the decode: what reaches the orchestrator."""
+
+    stream_id: str
+    chunk: int
+    frames: list[bytes]
+    width: int
+    height: int
+    decode_s: float
+    """Decode plus encode seconds on the decode worker."""
 
 
 @dataclass(slots=True)
@@ -108,13 +140,30 @@ class StageStats:
     tokens: int
     block_s: dict[int, float] = field(default_factory=dict)
     """Per-block seconds, on profiled micro-batches only."""
+    gpu_used_bytes: int = 0
+    """CUDA memory allocated by this stage's process (0 on CPU)."""
+    gpu_reserved_bytes: int = 0
+    """CUDA memory reserved by its caching allocator (0 on CPU)."""
 
 
 @dataclass(slots=True)
 class Finished:
-    """What comes back to the driver for one micro-batch: clean latents of the chunks it finished."""
+    """What comes back to the driver for one micro-batch: clean latents of the chunks it finished (kept for
+    re-cache and checkpoints; their frames come separately, as DecodedChunks from the decode workers)."""
 
     seq: int
     chunks: list[list[tuple[int, torch.Tensor]]]
     """Per segment (micro-batch order): (chunk, x0 [f, C, h, w] float32 on CPU)."""
     stats: list[StageStats]
+
+
+@dataclass(slots=True)
+class Collected:
+    """What an executor's ``collect`` returns: completed micro-batches in submission order, and the chunks
+    the decode workers finished since the last call (in order per stream)."""
+
+    finished: list[Finished] = field(default_factory=list)
+    decoded: list[DecodedChunk] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.decoded)

@@ -108,6 +108,7 @@ class StreamCache:
         self.cfg = cfg
         self.kv: dict[int, BlockKVCache] = {i: BlockKVCache(cfg, head_dim) for i in block_ids}
         self.context: torch.Tensor | None = None  # [L, dim] text embedded by the model
+        self.context_version = 0  # bumped with each new context (a CUDA graph bakes in its cross-attention K/V)
         self.xattn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (k, v) [L, C]
 
     @property
@@ -121,6 +122,7 @@ class StreamCache:
     def set_context(self, context: torch.Tensor) -> None:
         """A new prompt's embedded text [L, dim]: cross-attention K/V are recomputed lazily per block."""
         self.context = context
+        self.context_version += 1
         self.xattn.clear()
 
     def reset(self, keep_sink: bool = False) -> None:

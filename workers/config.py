@@ -93,6 +93,8 @@ class ModelConfig:
     """umt5 (real, local path) or hash (small, deterministic, no weights)."""
     vae: Literal["wan", "tiny"] = "wan"
     """wan (real Wan VAE, local path) or tiny (small causal VAE, seeded weights)."""
+    vae_decoder: Literal["wan", "taehv"] = "wan"
+    """Decoder: wan (the vae's own) or taehv (TAEW2.1 tiny decoder; the vae still encodes)."""
     init_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     """Seed for weights when no checkpoint is loaded (tiny / small configs and tests)."""
     kernel_backend: KernelBackend = "auto"
@@ -106,6 +108,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig head dim ({self.head_dim}) must be even and at least 6 for 3D RoPE")
         if self.patch_size[0] != 1:
             raise ValueError("ModelConfig.patch_size[0] must be 1 (one token belongs to one latent frame)")
+        if self.vae_decoder == "taehv" and self.vae_stride != (4, 8, 8):
+            raise ValueError(f"ModelConfig.vae_decoder 'taehv' needs vae_stride (4, 8, 8), got {self.vae_stride}")
         try:
             self.latent_grid(self.default_height, self.default_width)
         except ValueError as err:
@@ -287,6 +291,8 @@ class GenerationConfig:
     """Local directory of a umT5 encoder + tokenizer (text_encoder umt5)."""
     vae_path: str = ""
     """Local directory of a diffusers AutoencoderKLWan (vae wan)."""
+    taehv_path: str = ""
+    """Local TAEW2.1 weight file, .pth or .safetensors (vae_decoder taehv; empty: seeded, tiny vae only)."""
     use_ema: bool = False
     """Load generator_ema instead of generator from a Self-Forcing-style file."""
 
@@ -316,23 +322,35 @@ class GenerationConfig:
 
 @dataclass(frozen=True, config=CONFIG)
 class ParallelConfig:
-    """How one pipeline replica's model is laid out: stages, where they run, device and dtype.
+    """How one pipeline replica is laid out: stages, decode workers, where they run, device and dtype.
 
     Topology only: frames equal the single-process reference for every setting here but ``dtype``.
+    GPU slots of a replica: 0..stages-1 hold the stages (slot 0 also the text encoder and the VAE
+    encoder), then one slot per dedicated decode worker (``workers/devicemap.py`` computes the map).
     """
 
     stages: Annotated[int, Field(ge=1, le=1024)] = 2
     """Pipeline stages per replica, each a contiguous range of blocks (at most the model's num_layers)."""
     plan: Literal["layers"] = "layers"
     """How the model is split over stages: layers (contiguous block ranges, re-balanced by profiling)."""
-    executor: Literal["ray", "inprocess"] = "ray"
-    """ray (one actor per stage) or inprocess (all stages in the server process)."""
+    backend: Literal["ray", "local"] = "ray"
+    """ray: one Ray actor per stage and decode worker; local: all in this process (never imports ray)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA where a stage has a GPU (Ray: gpus_per_stage > 0), else CPU; or force cpu / cuda."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and activations of the stages (the reference comparisons use float32)."""
+    """Weights and activations of the stages, text encoder and VAE (the reference comparisons use float32)."""
+    decode: Literal["shared", "dedicated"] = "shared"
+    """Decode workers share the last stage's GPU (their own CUDA stream) or each take a GPU of its own."""
+    decode_workers: Annotated[int, Field(ge=0, le=64)] = 1
+    """VAE decode (and JPEG encode) workers per replica; 0: no decode, latents only (DiT benchmarks)."""
+    cuda_graphs: Literal["auto", "off"] = "auto"
+    """auto: replay captured CUDA graphs of the DiT forward where a stage runs on CUDA; off: eager."""
+    gpu_memory_gib: Annotated[float, Field(gt=0, le=1 << 20)] | None = None
+    """Memory of each GPU slot the device map plans with; None: what the device reports (unchecked on CPU)."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    """Share of each GPU's memory the pieces and stream state may use (the rest: activations, workspace)."""
     threads_per_stage: Annotated[int, Field(ge=1, le=1024)] = 1
-    """Torch intra-op threads of each stage actor."""
+    """Torch intra-op threads of each stage actor (local backend: of the process, which runs every stage)."""
     cpus_per_stage: Annotated[float, Field(ge=0, le=1024)] = 0.0
     """CPUs each stage actor reserves (0 lets tests pack many actors on 2 cores)."""
     gpus_per_stage: Annotated[float, Field(ge=0, le=64)] = 0.0
@@ -344,17 +362,22 @@ class ParallelConfig:
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        if self.device == "cuda" and self.executor == "ray" and not self.gpus_per_stage:
-            raise ValueError("ParallelConfig.device 'cuda' with executor 'ray' needs gpus_per_stage > 0 "
+        if self.device == "cuda" and self.backend == "ray" and not self.gpus_per_stage:
+            raise ValueError("ParallelConfig.device 'cuda' with backend 'ray' needs gpus_per_stage > 0 "
                              "(a Ray actor without a GPU reservation sees no CUDA device)")
         return self
 
+    @property
+    def gpu_slots(self) -> int:
+        """GPU slots one replica takes: its stages, plus one per dedicated decode worker."""
+        return self.stages + (self.decode_workers if self.decode == "dedicated" else 0)
+
     def stage_device(self, cuda_available: bool) -> str:
-        """The torch device each stage runs on, given whether this process sees a CUDA device."""
+        """The torch device kind each stage runs on, given whether this process sees a CUDA device."""
         if self.device == "cuda" and not cuda_available:
             raise ValueError("ParallelConfig.device is 'cuda' but no CUDA device is available")
         if self.device == "auto":
-            has_gpu = self.executor == "inprocess" or self.gpus_per_stage > 0
+            has_gpu = self.backend == "local" or self.gpus_per_stage > 0
             return "cuda" if has_gpu and cuda_available else "cpu"
         return self.device
 

@@ -7,10 +7,11 @@ measured since the last output. The core knows nothing of Prometheus, gRPC or Ra
 runs in the orchestrator's process or inside a Serve replica, and the hosts (``orchestrator.replica_client*``)
 only move these structs.
 
-The loop:  apply inbox messages -> engine.step() (schedule, dispatch, collect) -> encode and emit finished
-chunks. A StageFailure (a dead or hung stage, met by a step or a probe) rebuilds the stages with the same
-split and every stream re-caches its recent clean latents on them; when the stages cannot be rebuilt the
-core is broken and evicts every stream with its checkpoint, for the orchestrator to continue elsewhere.
+The loop:  apply inbox messages -> engine.step() (schedule, dispatch, collect) -> emit finished chunks (their
+frames already encoded by the decode workers). A StageFailure (a dead or hung stage or decode worker, met by
+a step or a probe) rebuilds them with the same split and every stream re-caches its recent clean latents on
+them; when they cannot be rebuilt the core is broken and evicts every stream with its checkpoint, for the
+orchestrator to continue elsewhere.
 """
 
 from __future__ import annotations
@@ -22,15 +23,12 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from workers import devicemap
 from workers.config import EngineConfig, GenerationConfig, ParallelConfig
 from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, FrameBatch, Message,
-                                   OpenStream, OutputFormat, RestoreStream, SetPrompt, SetSteps, Stop,
-                                   StreamEvicted, StreamFailed)
-from workers.encode import encode_frames
+                                   OpenStream, RestoreStream, SetPrompt, SetSteps, Stop, StreamEvicted, StreamFailed)
 from workers.engine import ChunkOutput, PipelineEngine
 from workers.executor import Executor, StageFailure, build_executor
-from workers.model.text import build_text_encoder
-from workers.model.vae import build_vae
 
 log = logging.getLogger("streamgen.core")
 MAX_RECOVERIES, RECOVERY_WINDOW_S = 3, 60
@@ -65,15 +63,16 @@ class EngineCore:
         self._thread.start()
 
     def _init_engine(self) -> None:
-        gen = self.generation
         self.executor = self.build_executor(None)
-        self.engine = PipelineEngine(gen, self.executor, build_text_encoder(gen.model, gen.text_encoder_path),
-                                     build_vae(gen.model, gen.vae_path), self.engine_cfg)
+        self.engine = PipelineEngine(self.generation, self.executor, self.engine_cfg)
         self.engine.calibrate()  # block split from measured costs, and a calibrated latency model
+        # memory: each stream's caches and decoder state against what the slots have free after loading
+        self.device_map = devicemap.plan(self.generation, self.parallel, self.executor.split())
+        self.memory_streams = self.device_map.max_streams(self.executor.free_memory())
 
     def _init_state(self) -> None:
         self._inbox: queue.Queue[Message] = queue.Queue(maxsize=INBOX_SIZE)
-        self._formats: dict[str, OutputFormat] = {}  # streams open here (engine thread only)
+        self._open: set[str] = set()  # streams open here (engine thread only)
         self._stats = CoreStats()
         self._stats_lock = threading.Lock()
         self.broken = False  # its stages could not be rebuilt: out of service
@@ -146,7 +145,10 @@ class EngineCore:
         return stats
 
     def max_streams(self, fps: float, steps: int) -> int:
-        return self.engine.max_streams(fps, steps)
+        """Streams of ``fps`` at ``steps`` this replica sustains: by time (the latency model) and by memory
+        (every stream's caches and decoder state must fit on every slot)."""
+        by_time = self.engine.max_streams(fps, steps)
+        return by_time if self.memory_streams is None else min(by_time, self.memory_streams)
 
     def predicted_chunk_latency(self, steps: int) -> float:
         return self.engine.predicted_chunk_latency(steps)
@@ -228,28 +230,29 @@ class EngineCore:
                 sampler = engine.cfg.sampler
                 if msg.steps != sampler.num_steps:
                     sampler = replace(sampler, denoising_steps=step_list(msg.steps))
-                engine.add_stream(msg.stream_id, msg.prompt, msg.seed, msg.fps, sampler, max_ahead=self.max_ahead)
-                self._formats[msg.stream_id] = msg.output
+                engine.add_stream(msg.stream_id, msg.prompt, msg.seed, msg.fps, sampler, max_ahead=self.max_ahead,
+                                  output=msg.output)
+                self._open.add(msg.stream_id)
             case RestoreStream():
                 sid = msg.checkpoint.stream_id
                 try:
                     if self.broken:
                         raise RuntimeError("replica out of service")
-                    engine.restore(replace(msg.checkpoint, max_ahead=self.max_ahead))
+                    engine.restore(replace(msg.checkpoint, max_ahead=self.max_ahead, output=msg.output))
                 except Exception:  # noqa: BLE001 - e.g. this replica failed too: the stream ends
                     log.exception("replica %d could not restore stream %s", self.index, sid[:8])
                     self._emit(StreamFailed(sid, "restore failed", self.take_stats()))
                     return
-                self._formats[sid] = msg.output
+                self._open.add(sid)
             case CloseStream():
-                self._formats.pop(msg.stream_id, None)
+                self._open.discard(msg.stream_id)
                 if msg.stream_id in engine.streams:
                     engine.remove_stream(msg.stream_id)
-            case SetPrompt() if msg.stream_id in self._formats:
+            case SetPrompt() if msg.stream_id in self._open:
                 engine.set_prompt(msg.stream_id, msg.prompt)
-            case SetSteps() if msg.stream_id in self._formats:
+            case SetSteps() if msg.stream_id in self._open:
                 engine.set_steps(msg.stream_id, step_list(msg.steps))
-            case Consumed() if msg.stream_id in self._formats:
+            case Consumed() if msg.stream_id in self._open:
                 engine.consumed(msg.stream_id, msg.chunks)
             case Call():
                 self._run_call(msg)
@@ -268,15 +271,13 @@ class EngineCore:
             call.done.set()
 
     def _deliver(self, out: ChunkOutput) -> None:
-        fmt = self._formats.get(out.stream_id)
-        if fmt is None:  # closed meanwhile
+        if out.stream_id not in self._open:  # closed meanwhile
             return
-        frames = out.frames.numpy()  # [N, H, W, 3] uint8
-        data = encode_frames(frames, fmt.encoding, fmt.jpeg_quality)
         with self._stats_lock:
             self._stats.chunk_latency_s.append(out.latency_s)
+            self._stats.decode_s.append(out.decode_s)
         checkpoint = self.engine.checkpoint(out.stream_id) if self.checkpoints else None
-        self._emit(FrameBatch(out.stream_id, out.chunk, out.prompt_revision, data, frames.shape[2], frames.shape[1],
+        self._emit(FrameBatch(out.stream_id, out.chunk, out.prompt_revision, out.frames or [], out.width, out.height,
                               out.latency_s, time.monotonic(), checkpoint, self.take_stats()))
 
     def _on_stage_failure(self, err: StageFailure) -> None:
@@ -318,17 +319,17 @@ class EngineCore:
 
     def _evict_all(self, reason: str) -> int:
         """Every stream leaves with its checkpoint; its caches here are freed by the next step (if any)."""
-        stream_ids = [sid for sid in self._formats if sid in self.engine.streams]
+        stream_ids = [sid for sid in self._open if sid in self.engine.streams]
         for sid in stream_ids:
             checkpoint = self.engine.checkpoint(sid)
-            self._formats.pop(sid)
+            self._open.discard(sid)
             self.engine.remove_stream(sid)
             self._emit(StreamEvicted(sid, checkpoint, reason, self.take_stats()))
         return len(stream_ids)
 
     def _fail_all(self, reason: str) -> None:
-        for sid in list(self._formats):
-            self._formats.pop(sid)
+        for sid in list(self._open):
+            self._open.discard(sid)
             if sid in self.engine.streams:
                 self.engine.remove_stream(sid)
             self._emit(StreamFailed(sid, reason, self.take_stats()))

@@ -11,16 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from workers.batch import OutputFormat as OutputFormat  # re-exported: how a client names a stream's encoding
 from workers.batch import StageStats
 from workers.engine import StreamCheckpoint
-
-
-@dataclass(slots=True)
-class OutputFormat:
-    """How a stream's frames are encoded: ``jpeg`` (at ``jpeg_quality``) or ``raw_rgb``."""
-
-    encoding: str = "jpeg"
-    jpeg_quality: int = 90
 
 
 # -- control messages (the core's inbox) -----------------------------------------------------------
@@ -100,7 +93,9 @@ class CoreStats:
 
     stage_stats: list[StageStats] = field(default_factory=list)
     chunk_latency_s: list[float] = field(default_factory=list)
-    """Per finished chunk: its first dispatch to its clean latents."""
+    """Per finished chunk: its first dispatch to its encoded frames."""
+    decode_s: list[float] = field(default_factory=list)
+    """Per finished chunk: decode plus encode seconds on its decode worker."""
     stage_errors: dict[str, int] = field(default_factory=dict)
     """StageFailure kind ("died" | "timeout" | "error") -> count."""
     engine_errors: int = 0

@@ -10,6 +10,7 @@ So no latent returns to the driver between steps: it receives each chunk's clean
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -61,16 +62,37 @@ class LatentStore:
             del self._items[key]
 
 
+class TimestepTable:
+    """Per-frame timesteps [F] of a micro-batch's layout, made on the device once per layout and reused, so a
+    steady stream of forwards copies nothing from the host (a CUDA graph's inputs stay put, too)."""
+
+    def __init__(self, device: torch.device, size: int = 256):
+        self.device, self.size = device, size
+        self._tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def __call__(self, mb: MicroBatch) -> torch.Tensor:
+        key = tuple((w.timesteps, w.chunk_frames) for w in mb.segments)
+        t = self._tables.get(key)
+        if t is None:
+            t = torch.cat([w.t() for w in mb.segments]).to(self.device)
+            self._tables[key] = t
+            if len(self._tables) > self.size:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return t
+
+
 def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int], device: torch.device,
-           wait: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``.
+           wait: Callable[[], bool] | None = None, timesteps: TimestepTable | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``, both on ``device``.
 
     ``wait`` blocks until one more ring message has been unpacked into ``store`` and returns False when none
     is pending (then a missing entry is a bug: it was never going to come)."""
-    parts, ts = [], []
+    parts = []
     for work in mb.segments:
         store.see(work)
-        ts.append(work.t())
         if work.inline is not None:
             parts.append(work.inline.to(device))
             continue
@@ -87,7 +109,8 @@ def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int
                                        "were never produced")
                 x = store.take(key)
             parts.append(x)
-    return torch.cat(parts), torch.cat(ts).to(device)
+    t = timesteps(mb) if timesteps is not None else torch.cat([w.t() for w in mb.segments]).to(device)
+    return torch.cat(parts), t
 
 
 def advance(mb: MicroBatch, latents: torch.Tensor, flow: torch.Tensor

@@ -3,10 +3,11 @@
     step():  apply controls -> schedule (EDF micro-batches) -> dispatch (<= P in flight) -> collect -> update
 
 Executors (``workers.executor``) share one contract: in-process (all stages in this process) and Ray
-(one actor per stage, torch.distributed between them). The engine owns the per-stream sampling
-programs (bookkeeping), text and decode; stages own weights, caches and the latents in flight: the last
-stage sends each next step's latents to stage 0, so a micro-batch comes back to the engine only with the
-clean latents of the chunks it finished.
+(one actor per stage and decode worker, torch.distributed between them). The engine owns the per-stream
+sampling programs (bookkeeping only); stages own weights, caches, the text encoder (stage 0) and the
+latents in flight: the last stage sends each next step's latents to stage 0 and finished chunks to the
+decode workers, so a micro-batch comes back to the engine only with the clean latents of the chunks it
+finished, and their frames come back encoded from the decode workers.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from typing import Callable
 import torch
 
 from workers.config import EngineConfig, GenerationConfig, SamplerConfig
-from workers.batch import Finished, MicroBatch, StageStats, Work
+from workers.batch import DecodedChunk, Finished, MicroBatch, OutputFormat, StageStats, Work
 from workers.executor import Executor
-from workers.model.text import TextEncoder
-from workers.model.vae import StreamingDecoder, to_uint8
 from workers.plan import LatencyModel, balanced_split, stage_costs
 from workers.stream import StreamProgram
 
@@ -36,11 +35,17 @@ class ChunkOutput:
     chunk: int
     latents: torch.Tensor
     """Clean latents [f, C, h, w]."""
-    frames: torch.Tensor | None
-    """Decoded uint8 frames [N, H, W, 3] (None when the engine runs without a decoder)."""
+    frames: list[bytes] | None
+    """Its video frames, encoded per the stream's output format (None: the executor has no decode workers)."""
     prompt_revision: int
     latency_s: float = 0.0
-    """From the dispatch of the chunk's first denoising step to its clean latents."""
+    """From the dispatch of the chunk's first denoising step to its frames (or clean latents without decode)."""
+    width: int = 0
+    height: int = 0
+    decode_s: float = 0.0
+    """Decode plus encode seconds on its decode worker."""
+    started: float | None = None
+    """When its first denoising step was dispatched (the engine's clock)."""
 
 
 @dataclass
@@ -50,7 +55,8 @@ class _Stream:
     prompt: str
     fps: float
     started: float
-    decoder_state: object
+    output: OutputFormat = field(default_factory=OutputFormat)
+    frames_per_latent: int = 4  # video frames per latent frame (the VAE's temporal stride)
     revision: int = 0
     send_text: bool = True  # the next micro-batch carries this stream's text to every stage
     pending: list = field(default_factory=list)  # controls waiting for the stream to drain
@@ -60,10 +66,11 @@ class _Stream:
     consumed: int = 0
     outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
     chunk_started: dict[int, float] = field(default_factory=dict)  # chunk -> dispatch time of its step 0
+    decoding: dict[int, ChunkOutput] = field(default_factory=dict)  # finished chunks waiting for their frames
 
     def due(self) -> float:
         """When the stream's next unfinished chunk is due (earliest deadline first)."""
-        frames_per_chunk = 4 * self.program.f
+        frames_per_chunk = self.frames_per_latent * self.program.f
         return self.started + self.program.next_chunk * frames_per_chunk / self.fps
 
 
@@ -86,6 +93,7 @@ class StreamCheckpoint:
     history: list[tuple[int, torch.Tensor]]
     """Recent clean latents (chunk, [f, C, h, w]), at most ``cache.recache_frames`` frames."""
     max_ahead: int | None = None
+    output: OutputFormat | None = None
 
 
 @dataclass
@@ -109,21 +117,18 @@ class EngineStats:
 
 
 class PipelineEngine:
-    def __init__(self, cfg: GenerationConfig, executor: Executor, text_encoder: TextEncoder,
-                 decoder: StreamingDecoder | None = None, engine_cfg: EngineConfig | None = None,
+    def __init__(self, cfg: GenerationConfig, executor: Executor, engine_cfg: EngineConfig | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.engine_cfg = engine_cfg or EngineConfig()
         self.executor = executor
-        self.text_encoder = text_encoder
-        self.decoder = decoder
         self.clock = clock
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
         self.latent_shape = (cfg.model.in_channels, lh, lw)
         self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])
         self.streams: dict[str, _Stream] = {}
         self.controls: deque[tuple[str, str, object]] = deque()
-        self.latency = LatencyModel(executor.num_stages)
+        self.latency = LatencyModel(executor.num_stages, executor.decode_workers, executor.decode_shared)
         self.stats = EngineStats(compute_s=[0.0] * executor.num_stages, idle_s=[0.0] * executor.num_stages,
                                  bytes_sent=[0] * executor.num_stages)
         self._seq = 0
@@ -138,15 +143,18 @@ class PipelineEngine:
     # control plane ---------------------------------------------------------------------------------
 
     def add_stream(self, stream_id: str, prompt: str, seed: int, fps: float = 16.0,
-                   sampler: SamplerConfig | None = None, max_ahead: int | None = None) -> None:
+                   sampler: SamplerConfig | None = None, max_ahead: int | None = None,
+                   output: OutputFormat | None = None) -> None:
         """Open a stream. With ``max_ahead`` it stops being scheduled while that many finished chunks
-        are waiting for ``consumed`` (the consumer's pace bounds the work done ahead of it)."""
+        are waiting for ``consumed`` (the consumer's pace bounds the work done ahead of it). ``output``:
+        how its frames are encoded (default JPEG)."""
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} already exists")
         program = StreamProgram(sampler or self.cfg.sampler, self.cfg.cache, seed, self.latent_shape)
-        self.executor.open_stream(stream_id, self.cfg.cache)
-        self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(),
-                                          self.decoder.new_state() if self.decoder else None, max_ahead=max_ahead)
+        output = output or OutputFormat()
+        self.executor.open_stream(stream_id, self.cfg.cache, output)
+        self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(), output,
+                                          self.cfg.model.vae_stride[0], max_ahead=max_ahead)
 
     def consumed(self, stream_id: str, chunks: int = 1) -> None:
         """The consumer took ``chunks`` finished chunks of the stream (frees its look-ahead)."""
@@ -156,8 +164,8 @@ class PipelineEngine:
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight."""
-        return not self._inflight
+        """Nothing in flight, nothing being decoded."""
+        return not self._inflight and not self.executor.decoding
 
     def remove_stream(self, stream_id: str) -> None:
         """Control: end the stream now; its in-flight results are discarded, caches freed on every stage."""
@@ -182,9 +190,17 @@ class PipelineEngine:
             if mb is None:
                 break
             self._dispatch(mb)
+        return self._collect(wait=wait and not self.idle)
+
+    def _collect(self, wait: bool) -> list[ChunkOutput]:
+        got = self.executor.collect(wait)
         outputs = []
-        for done in self.executor.collect(wait=wait and bool(self._inflight)):
+        for done in got.finished:
             outputs += self._update(done)
+        for decoded in got.decoded:
+            out = self._decoded(decoded)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def run_chunks(self, n_chunks: dict[str, int], on_output: Callable[[ChunkOutput], None] | None = None,
@@ -214,18 +230,26 @@ class PipelineEngine:
             stream.outstanding.clear()
             stream.chunk_started.clear()
             stream.program.restart_unfinished(lost=True)
-            stream.produced = stream.delivered
+            stream.produced = stream.delivered + len(stream.decoding)
             stream.send_text = True
-            executor.open_stream(stream.stream_id, self.cfg.cache)
+            # the decoder state is rebuilt on the chunks already decoded; chunks whose frames were lost with
+            # the old decode workers are decoded again from the latents kept here
+            lost = set(stream.decoding)
+            executor.open_stream(stream.stream_id, self.cfg.cache, stream.output,
+                                 warm=[x0 for c, x0 in stream.program.history if c not in lost])
+            for chunk in sorted(lost):
+                executor.redecode(stream.stream_id, chunk, stream.decoding[chunk].latents)
         self.recoveries += 1
 
     def checkpoint(self, stream_id: str) -> StreamCheckpoint:
-        """The stream's recovery point now (cheap: references to immutable clean latents)."""
+        """The stream's recovery point now (cheap: references to immutable clean latents). It resumes at the
+        oldest chunk whose frames have not come out: a chunk finished but still decoding is done again."""
         stream = self.streams[stream_id]
         prog = stream.program
+        next_chunk = min([prog.first_unfinished(), *stream.decoding])
+        history = [(c, x0) for c, x0 in prog.history if c < next_chunk]
         return StreamCheckpoint(stream_id, stream.prompt, stream.revision, stream.fps, self.clock() - stream.started,
-                                prog.sampler, prog.seed, prog.first_unfinished(), list(prog.history),
-                                stream.max_ahead)
+                                prog.sampler, prog.seed, next_chunk, history, stream.max_ahead, stream.output)
 
     def restore(self, ckpt: StreamCheckpoint) -> None:
         """Continue a stream from a checkpoint taken by another engine: re-cache its recent clean latents
@@ -234,15 +258,12 @@ class PipelineEngine:
             raise ValueError(f"stream {ckpt.stream_id!r} already exists")
         program = StreamProgram(ckpt.sampler, self.cfg.cache, ckpt.seed, self.latent_shape,
                                 start_chunk=ckpt.next_chunk, history=list(ckpt.history))
-        decoder_state = None
-        if self.decoder is not None:  # causal convolutions: warm their caches on the recent latents
-            decoder_state = self.decoder.new_state()
-            for _, x0 in ckpt.history:
-                self.decoder.decode_chunk(x0, decoder_state)
-        self.executor.open_stream(ckpt.stream_id, self.cfg.cache)
+        output = ckpt.output or OutputFormat()
+        # causal convolutions: the decoder's caches are warmed on the recent latents
+        self.executor.open_stream(ckpt.stream_id, self.cfg.cache, output, warm=[x0 for _, x0 in ckpt.history])
         self.streams[ckpt.stream_id] = _Stream(ckpt.stream_id, program, ckpt.prompt, ckpt.fps,
-                                               self.clock() - ckpt.age_s, decoder_state, revision=ckpt.revision,
-                                               max_ahead=ckpt.max_ahead)
+                                               self.clock() - ckpt.age_s, output, self.cfg.model.vae_stride[0],
+                                               revision=ckpt.revision, max_ahead=ckpt.max_ahead)
 
     def abandon_inflight(self) -> None:
         """Forget micro-batches that will never come back (their stages are gone)."""
@@ -250,11 +271,10 @@ class PipelineEngine:
         self.stats.inflight = 0
 
     def drain(self) -> list[ChunkOutput]:
-        """Collect every in-flight micro-batch without dispatching more."""
+        """Collect every in-flight micro-batch and every decode without dispatching more."""
         outputs = []
-        while self._inflight:
-            for done in self.executor.collect(wait=True):
-                outputs += self._update(done)
+        while not self.idle:
+            outputs += self._collect(wait=True)
         return outputs
 
     # helpers ----------------------------------------------------------------------------------------
@@ -299,7 +319,7 @@ class PipelineEngine:
         ready.sort(key=lambda s: (s.program.chained(), s.due(), s.stream_id))
         size = max(1, min(self.engine_cfg.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
         self.stats.ready_streams = max(0, len(ready) - size)
-        works, texts, now = [], {}, self.clock()
+        works, prompts, now = [], {}, self.clock()
         for stream in ready[:size]:
             self.stats.chained += stream.program.chained()
             work = stream.program.next_work(stream.stream_id)
@@ -310,10 +330,10 @@ class PipelineEngine:
                     stream.chunk_started.setdefault(chunk, now)
             works.append(work)
             if stream.send_text:
-                texts[stream.stream_id] = self.text_encoder(stream.prompt)
+                prompts[stream.stream_id] = stream.prompt
                 stream.send_text = False
         every = self.engine_cfg.profile_every
-        mb = MicroBatch(self._seq, works, self.grid, texts, profile=bool(every) and self._seq % every == 0)
+        mb = MicroBatch(self._seq, works, self.grid, prompts, profile=bool(every) and self._seq % every == 0)
         self._seq += 1
         return mb
 
@@ -342,15 +362,29 @@ class PipelineEngine:
             if stream is None or stream.outstanding.pop(done.seq, None) is None:  # removed or lost meanwhile
                 continue
             for chunk, x0 in stream.program.complete(work, finished):
-                frames = None
-                if self.decoder is not None:
-                    frames = to_uint8(self.decoder.decode_chunk(x0, stream.decoder_state)).cpu()
-                started = stream.chunk_started.pop(chunk, None)
-                latency = 0.0 if started is None else self.clock() - started
-                outputs.append(ChunkOutput(stream.stream_id, chunk, x0, frames, stream.revision, latency))
-                stream.delivered += 1
-                self.stats.chunks += 1
+                out = ChunkOutput(stream.stream_id, chunk, x0, None, stream.revision,
+                                  started=stream.chunk_started.pop(chunk, None))
+                if self.executor.decode_workers:  # its frames come from the decode worker
+                    stream.decoding[chunk] = out
+                    continue
+                outputs.append(self._finish(stream, out))
         return outputs
+
+    def _decoded(self, decoded: DecodedChunk) -> ChunkOutput | None:
+        stream = self.streams.get(decoded.stream_id)
+        out = stream.decoding.pop(decoded.chunk, None) if stream is not None else None
+        if out is None:  # removed meanwhile
+            return None
+        out.frames, out.width, out.height, out.decode_s = decoded.frames, decoded.width, decoded.height, \
+            decoded.decode_s
+        self.latency.observe_decode(decoded.decode_s)
+        return self._finish(stream, out)
+
+    def _finish(self, stream: _Stream, out: ChunkOutput) -> ChunkOutput:
+        out.latency_s = 0.0 if out.started is None else self.clock() - out.started
+        stream.delivered += 1
+        self.stats.chunks += 1
+        return out
 
     # block scheduler and latency model ----------------------------------------------------------------
 
@@ -363,6 +397,9 @@ class PipelineEngine:
         self._observe_costs(stats)
         for s in stats:
             self.latency.observe(s.stage, s.tokens, s.compute_s)
+        decode_s = self.executor.profile_decode(self.latent_shape, self.cfg.sampler.chunk_frames)
+        if decode_s is not None:
+            self.latency.observe_decode(decode_s)
         plan = self.planned_split()
         if plan is not None and plan[0] != self.executor.split():
             self.executor.rebalance(plan[0])
@@ -378,24 +415,28 @@ class PipelineEngine:
         return 1.0, (num_steps + 1) * tokens  # one forward per tick: context + one entry per step
 
     def predicted_chunk_latency(self, num_steps: int | None = None) -> float:
-        """Seconds from a chunk's first forward to its clean latents, from the latency model."""
+        """Seconds from a chunk's first forward to its frames (decode included), from the latency model."""
         steps = num_steps or self.cfg.sampler.num_steps
         forwards, tokens = self._forwards_and_tokens(steps)
         if self.cfg.sampler.mode == "stream_batch":  # a chunk waits `steps` ticks of its lane
-            return steps * self.latency.forward_latency(tokens)
+            return steps * self.latency.forward_latency(tokens) + self.latency.decode_time()
         return self.latency.chunk_latency(forwards, tokens)
 
+    @property
+    def video_frames_per_chunk(self) -> int:
+        return self.cfg.model.vae_stride[0] * self.cfg.sampler.chunk_frames
+
     def frame_rate(self, num_steps: int | None = None) -> float:
-        """Video frames per second this pipeline sustains over all its streams, from the latency model."""
+        """Video frames per second this pipeline sustains over all its streams (decode included), from the
+        latency model."""
         forwards, tokens = self._forwards_and_tokens(num_steps or self.cfg.sampler.num_steps)
-        return self.latency.frame_rate(4 * self.cfg.sampler.chunk_frames, forwards, tokens)
+        return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens)
 
     def max_streams(self, fps: float, num_steps: int | None = None) -> int:
         """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model."""
         steps = num_steps or self.cfg.sampler.num_steps
         forwards, tokens = self._forwards_and_tokens(steps)
-        return self.latency.max_streams(fps, 4 * self.cfg.sampler.chunk_frames, forwards, tokens)
-
+        return self.latency.max_streams(fps, self.video_frames_per_chunk, forwards, tokens)
 
     def _observe_costs(self, stats: list[StageStats]) -> None:
         d = self.engine_cfg.cost_decay
@@ -418,6 +459,9 @@ class PipelineEngine:
         costs = [self.block_cost[b] for b in range(n)]
         first = self.stage_overhead.get(0, 0.0)
         last = self.stage_overhead.get(self.executor.num_stages - 1, 0.0)
+        if self.executor.decode_shared:  # decode shares the last stage's device: its time per token counts there
+            forwards, tokens = self._forwards_and_tokens(self.cfg.sampler.num_steps)
+            last += self.latency.decode_time() / forwards / tokens
         split = balanced_split(costs, self.executor.num_stages, first, last)
         best = max(stage_costs(split, costs, first, last))
         return split, best, max(stage_costs(self.executor.split(), costs, first, last))

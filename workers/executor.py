@@ -1,10 +1,13 @@
 """Executors run micro-batches through a pipeline's stages. One contract, two implementations:
 
-* ``InProcessExecutor``: every stage in this process, no communication (tests, the Ray-free backend);
-* ``RayExecutor`` (``workers.ray_executor``): one Ray actor per stage, activations over torch.distributed.
+* ``InProcessExecutor``: every stage in this process, no communication (tests, the Ray-free ``local``
+  backend); decode workers on their own threads;
+* ``RayExecutor`` (``workers.ray_executor``): one Ray actor per stage and per decode worker, tensors over
+  torch.distributed.
 
 Both close the denoising ring without the driver: the last stage's next-step latents go straight to stage 0
-(``workers.denoise``); the driver gets back only the clean latents of the chunks a micro-batch finished.
+(``workers.denoise``) and finished chunks' latents to the decode workers (``workers.decode``); the driver
+gets back the clean latents of the chunks a micro-batch finished (kept for re-cache) and encoded frames.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from collections import deque
 
 import torch
 
-from workers.config import CacheConfig, GenerationConfig, ModelConfig, ParallelConfig
+from workers.config import CacheConfig, GenerationConfig, ParallelConfig
 from workers import denoise
-from workers.batch import Finished, MicroBatch, StageStats
+from workers.batch import Collected, DecodeJob, Finished, MicroBatch, OutputFormat, StageStats
+from workers.decode import DecodePool, DecodeRouter, DecodeWorker
+from workers import devicemap
+from workers.devicemap import DeviceMap, local_slots
+from workers.model.dit import Activation
 from workers.plan import even_split
 from workers.stage import StageWorker
 
@@ -30,28 +37,45 @@ class StageFailure(RuntimeError):
 
 
 class Executor(ABC):
-    """Runs micro-batches through P stages, in submission order."""
+    """Runs micro-batches through P stages, in submission order, and hands finished chunks to its decode
+    workers (``decode_workers`` of them; 0: latents only)."""
 
     num_stages: int
+    decode_workers: int = 0
+    decode_shared: bool = True
+    """Decode workers share the last stage's device (its time counts in the last stage's tick)."""
 
     @abstractmethod
     def submit(self, mb: MicroBatch) -> None:
         """Start ``mb`` on stage 0; it flows through every stage, and the last stage sends the latents of
-        its unfinished entries back to stage 0. Called with at most P in flight, in issue order: a work
-        whose latents come from an earlier micro-batch's ring may be submitted before that one completes."""
+        its unfinished entries back to stage 0 and those of its finished chunks to the streams' decode
+        workers. Called with at most P in flight, in issue order: a work whose latents come from an earlier
+        micro-batch's ring may be submitted before that one completes."""
 
     @abstractmethod
-    def collect(self, wait: bool) -> list[Finished]:
-        """Completed micro-batches in submission order: the clean latents of the chunks each finished (CPU)
-        and per-stage stats. With ``wait`` block until at least one is done (if any is in flight)."""
+    def collect(self, wait: bool) -> Collected:
+        """Completed micro-batches in submission order (the clean latents of the chunks each finished, on the
+        CPU, and per-stage stats), and the chunks decoded since the last call (in order per stream). With
+        ``wait`` block until at least one of either is there (if any is outstanding)."""
+
+    @property
+    @abstractmethod
+    def decoding(self) -> int:
+        """Chunks handed to decode workers and not yet collected."""
 
     @abstractmethod
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
-        """Create the stream's caches on every stage."""
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
+                    warm: list[torch.Tensor] = ()) -> None:
+        """Create the stream's caches on every stage and its decoder state on a decode worker, warmed on
+        ``warm`` (recent clean latents [f, C, h, w], oldest first: a restored or rebuilt stream)."""
 
     @abstractmethod
     def close_stream(self, stream_id: str) -> list[int]:
-        """Free the stream's caches on every stage; bytes released per stage."""
+        """Free the stream's caches on every stage (and its decoder state); bytes released per stage."""
+
+    @abstractmethod
+    def redecode(self, stream_id: str, chunk: int, latents: torch.Tensor) -> None:
+        """Decode a finished chunk from latents the driver sends (a rebuild lost its decode in flight)."""
 
     @abstractmethod
     def cache_bytes(self) -> list[int]:
@@ -68,6 +92,14 @@ class Executor(ABC):
     @abstractmethod
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
         """Per-stage block timings on random inputs of one chunk (the block scheduler's start-up costs)."""
+
+    @abstractmethod
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
+        """Seconds one decode worker takes to decode and encode a chunk (None without decode workers)."""
+
+    def free_memory(self) -> list[int | None]:
+        """Free device bytes per GPU slot after loading (None: a CPU slot, not bounded)."""
+        return [None] * self.num_stages
 
     def shutdown(self) -> None:
         """Release processes and resources."""
@@ -111,44 +143,73 @@ def moves(old: list[tuple[int, int]], new: list[tuple[int, int]]) -> list[tuple[
 
 
 class InProcessExecutor(Executor):
-    """All stages in one process, run back to back when a micro-batch is submitted."""
+    """All stages in this process, run back to back when a micro-batch is submitted (each on its slot's
+    device); decode workers on their own threads (and CUDA streams), so decode overlaps the DiT."""
 
-    def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, weights_path: str = "",
-                 use_ema: bool = False):
-        split = split or even_split(model_cfg.num_layers, num_stages)
-        if len(split) != num_stages:
-            raise ValueError(f"split has {len(split)} ranges for {num_stages} stages")
-        self.num_stages = num_stages
-        self.stages = [StageWorker(model_cfg, rng, i, num_stages, device, dtype, weights_path, use_ema)
-                       for i, rng in enumerate(split)]
+    def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None):
+        split = split or even_split(gen.model.num_layers, parallel.stages)
+        if len(split) != parallel.stages:
+            raise ValueError(f"split has {len(split)} ranges for {parallel.stages} stages")
+        self.num_stages = parallel.stages
+        torch.set_num_threads(parallel.threads_per_stage)  # this process runs every stage (oversubscribed OMP spins)
+        devices = local_slots(parallel, torch.cuda.device_count())
+        dtype = getattr(torch, parallel.dtype)
+        graphs = parallel.cuda_graphs == "auto"
+        self.stages = [StageWorker(gen, rng, i, self.num_stages, devices[i], dtype, graphs) for i, rng in enumerate(split)]
+        self.decode_workers = parallel.decode_workers
+        self.decode_shared = parallel.decode == "shared"
+        decode_slots = [self.num_stages - 1 if self.decode_shared else self.num_stages + w
+                        for w in range(self.decode_workers)]
+        self.pool = DecodePool([DecodeWorker(gen, devices[slot], dtype, w) for w, slot in enumerate(decode_slots)]) \
+            if self.decode_workers else None
+        self.router = DecodeRouter(self.decode_workers)
         self._done: deque[Finished] = deque()
 
     def submit(self, mb: MicroBatch) -> None:
-        first = self.stages[0]
+        first, last = self.stages[0], self.stages[-1]
         latents, t = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
         act, contexts, stats = latents, None, []
         for stage in self.stages:
-            act, contexts, st = stage.forward(mb, act, contexts, t)
+            act, contexts, st = stage.forward(mb, _to(act, stage.device), _to(contexts, stage.device), t)
             stats.append(st)
-        ring, finished = denoise.advance(mb, latents, act)
+        ring, finished = denoise.advance(mb, latents.to(last.device), act)
         if ring is not None:
-            first.store.put(mb, ring)
+            first.store.put(mb, ring.to(first.device))
             if self.num_stages > 1:
                 stats[-1].bytes_sent = ring.nbytes
+        if self.pool is not None:
+            for work, done in zip(mb.segments, finished):
+                for chunk, x0 in done:
+                    self.pool.submit(self.router.assign(work.stream_id), DecodeJob(work.stream_id, chunk, x0.shape[0]),
+                                     x0)
         self._done.append(Finished(mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats))
 
-    def collect(self, wait: bool) -> list[Finished]:
-        out = list(self._done)
+    def collect(self, wait: bool) -> Collected:
+        finished = list(self._done)
         self._done.clear()
-        return out
+        decoded = self.pool.collect(wait and not finished) if self.pool is not None else []
+        return Collected(finished, decoded)
 
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+    @property
+    def decoding(self) -> int:
+        return self.pool.pending if self.pool is not None else 0
+
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
+                    warm: list[torch.Tensor] = ()) -> None:
         for stage in self.stages:
             stage.open_stream(stream_id, cache_cfg)
+        if self.pool is not None:
+            self.pool.open_stream(self.router.assign(stream_id), stream_id, output or OutputFormat(), list(warm))
 
     def close_stream(self, stream_id: str) -> list[int]:
+        if self.pool is not None and stream_id in self.router.routes([stream_id]):
+            self.pool.close_stream(self.router.assign(stream_id), stream_id)
+        self.router.release(stream_id)
         return [stage.close_stream(stream_id) for stage in self.stages]
+
+    def redecode(self, stream_id: str, chunk: int, latents: torch.Tensor) -> None:
+        if self.pool is not None:
+            self.pool.submit(self.router.assign(stream_id), DecodeJob(stream_id, chunk, latents.shape[0]), latents)
 
     def cache_bytes(self) -> list[int]:
         return [stage.cache_bytes() for stage in self.stages]
@@ -159,25 +220,58 @@ class InProcessExecutor(Executor):
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
         return [stage.profile(grid, frames, cache_cfg) for stage in self.stages]
 
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
+        return self.pool.profile(latent_shape, frames) if self.pool is not None else None
+
+    def free_memory(self) -> list[int | None]:
+        devices = [s.device for s in self.stages] + ([w.device for w in self.pool.workers]
+                                                     if self.pool is not None and not self.decode_shared else [])
+        return [torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else None for d in devices]
+
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         for src, dst, blocks in moves(self.split(), split):
             self.stages[dst].adopt_blocks(*self.stages[src].release_blocks(blocks))
 
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _to(x, device: torch.device):
+    """An Activation, a contexts dict or a tensor on ``device`` (stages of one process may sit on several)."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    if isinstance(x, Activation):
+        return Activation(*(v.to(device) for v in x))
+    return x.to(device)
+
+
+def replica_device_map(gen: GenerationConfig, parallel: ParallelConfig,
+                       split: list[tuple[int, int]] | None = None) -> DeviceMap:
+    """The device map of one replica as this process sees it: the local backend places slots on its own GPUs
+    (and knows their memory); over Ray a slot is a placement-group bundle, whose memory is known only from
+    ``parallel.gpu_memory_gib`` (each stage also reports what it has free once loaded)."""
+    if parallel.backend == "local":
+        count = torch.cuda.device_count()
+        devices = local_slots(parallel, count)
+        capacity = [torch.cuda.get_device_properties(d).total_memory if d.startswith("cuda") else None
+                    for d in devices]
+    else:
+        devices, capacity = [f"bundle {i}" for i in range(parallel.gpu_slots)], None
+    return devicemap.plan(gen, parallel, split, capacity, devices)
+
 
 def build_executor(gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None,
                    placement_group=None, first_bundle: int = 0) -> Executor:
-    """The one place an executor is made from config (engine core, benchmarks, tests): the layout, device and
-    dtype from ``parallel``, the weights (``use_ema`` included) from ``gen``. ``placement_group`` /
-    ``first_bundle``: stage slots reserved by the caller (a Serve replica's bundles)."""
-    device = parallel.stage_device(torch.cuda.is_available())
-    dtype = getattr(torch, parallel.dtype)
-    if parallel.executor == "ray":
+    """The one place an executor is made from config (engine core, benchmarks, tests): the layout, decode
+    workers, device and dtype from ``parallel``, the weights (``use_ema`` included) and the text encoder
+    and VAE paths from ``gen``. ``placement_group`` / ``first_bundle``: slots reserved by the caller (a Serve
+    replica's bundles). Checks the device map first: a piece that cannot fit fails here, naming it."""
+    replica_device_map(gen, parallel, split).check()
+    if parallel.backend == "ray":
         from workers.ray_executor import RayExecutor
 
-        return RayExecutor(gen.model, parallel.stages, split, threads_per_stage=parallel.threads_per_stage,
-                           num_cpus_per_stage=parallel.cpus_per_stage, num_gpus_per_stage=parallel.gpus_per_stage,
-                           device=device, weights_path=gen.model_path, call_timeout_s=parallel.stage_call_timeout_s,
-                           placement_timeout_s=parallel.placement_timeout_s, placement_group=placement_group,
-                           first_bundle=first_bundle, dtype=dtype, use_ema=gen.use_ema)
-    return InProcessExecutor(gen.model, parallel.stages, split, device, dtype, gen.model_path, gen.use_ema)
-
+        return RayExecutor(gen, parallel, split, placement_group=placement_group, first_bundle=first_bundle)
+    return InProcessExecutor(gen, parallel, split)

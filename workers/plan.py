@@ -109,44 +109,68 @@ class _Fit:
 
 @dataclass
 class LatencyModel:
-    """Per-stage forward time vs micro-batch tokens (EWMA fit), and what follows from it."""
+    """Per-stage forward time vs micro-batch tokens (EWMA fit), decode time per chunk, and what follows.
+
+    Decode workers either share the last stage's device (``decode_shared``: their time per forward adds
+    to that stage's) or have their own (``decode_workers`` of them, each one chunk at a time)."""
 
     num_stages: int
+    decode_workers: int = 0
+    decode_shared: bool = True
     decay: float = 0.9
     fits: list[_Fit] = field(default_factory=list)
+    decode: _Fit | None = None
 
     def __post_init__(self) -> None:
         if not self.fits:
             self.fits = [_Fit(self.decay) for _ in range(self.num_stages)]
+        if self.decode is None:
+            self.decode = _Fit(self.decay)
 
     def observe(self, stage: int, tokens: int, seconds: float) -> None:
         self.fits[stage].add(float(tokens), float(seconds))
+
+    def observe_decode(self, seconds: float) -> None:
+        """One chunk's decode (plus encode) time on a decode worker."""
+        self.decode.add(1.0, float(seconds))
 
     @property
     def calibrated(self) -> bool:
         return all(f.n > 0 for f in self.fits)
 
-    def stage_times(self, tokens: int) -> list[float]:
-        return [f.predict(tokens) for f in self.fits]
+    def decode_time(self) -> float:
+        """Seconds one decode worker spends on a chunk (0 without decode workers)."""
+        return self.decode.predict(1.0) if self.decode_workers else 0.0
 
-    def tick(self, tokens: int) -> float:
+    def stage_times(self, tokens: int, forwards_per_chunk: float = 1.0) -> list[float]:
+        """Per stage, one forward's time; a shared decode adds its share per forward to the last stage."""
+        times = [f.predict(tokens) for f in self.fits]
+        if self.decode_shared:
+            times[-1] += self.decode_time() / forwards_per_chunk
+        return times
+
+    def tick(self, tokens: int, forwards_per_chunk: float = 1.0) -> float:
         """Time between micro-batches leaving a full pipeline: the slowest stage."""
-        return max(self.stage_times(tokens))
+        return max(self.stage_times(tokens, forwards_per_chunk))
 
     def forward_latency(self, tokens: int) -> float:
-        """One forward through every stage."""
-        return sum(self.stage_times(tokens))
+        """One forward through every stage (DiT only)."""
+        return sum(f.predict(tokens) for f in self.fits)
 
     def chunk_latency(self, forwards_per_chunk: float, tokens_per_forward: int) -> float:
-        """Predicted time from a chunk's first forward to its clean latents, pipeline otherwise idle."""
-        return forwards_per_chunk * self.forward_latency(tokens_per_forward)
+        """Predicted time from a chunk's first forward to its frames, pipeline otherwise idle."""
+        return forwards_per_chunk * self.forward_latency(tokens_per_forward) + self.decode_time()
 
     def frame_rate(self, video_frames_per_chunk: float, forwards_per_chunk: float, tokens_per_forward: int) -> float:
-        """Video frames per second the pipeline sustains over all its streams: one forward leaves per tick."""
-        tick = self.tick(tokens_per_forward)
+        """Video frames per second the pipeline sustains over all its streams: one forward leaves per tick,
+        and dedicated decode workers take one chunk each per decode time."""
+        tick = self.tick(tokens_per_forward, forwards_per_chunk)
         if tick <= 0:
             return 0.0
         chunks_per_s = 1.0 / (forwards_per_chunk * tick)
+        decode = self.decode_time()
+        if decode > 0 and not self.decode_shared:
+            chunks_per_s = min(chunks_per_s, self.decode_workers / decode)
         return chunks_per_s * video_frames_per_chunk
 
     def max_streams(self, fps: float, video_frames_per_chunk: float, forwards_per_chunk: float,

@@ -1,13 +1,15 @@
-"""RayExecutor: one Ray actor per stage; activations hop stage to stage over torch.distributed
-(gloo on CPU, NCCL on CUDA), never through Ray's object store, and the ring closes the same way.
+"""RayExecutor: one Ray actor per stage and per decode worker; activations hop stage to stage over
+torch.distributed (gloo on CPU, NCCL on CUDA), never through Ray's object store, and the ring closes the
+same way.
 
-The driver submits every micro-batch to every stage actor at once (P calls a micro-batch). Ray runs an
-actor's tasks from one caller in submission order, and each stage blocks in ``recv`` until its
-predecessor sends, so stage s works on micro-batch m while stage s+1 works on m-1: the pipeline fills
-by itself. The last stage computes x0 and the re-noise and sends the next step's latents to stage 0
-(``RING_TAG``); stage 0 posts that receive as soon as it has run the micro-batch and waits on it only
-when a later forward needs those latents. Only finished chunks' clean latents and per-stage stats come
-back through Ray.
+The driver submits every micro-batch to every stage actor at once (P calls a micro-batch), plus one call
+to each decode worker the micro-batch finishes chunks for. Ray runs an actor's tasks from one caller in
+submission order, and each stage blocks in ``recv`` until its predecessor sends, so stage s works on
+micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. The last stage computes x0 and
+the re-noise, sends the next step's latents to stage 0 (``RING_TAG``) and finished chunks' latents to
+their decode workers (ranks P.., ``DECODE_TAG``); stage 0 posts the ring receive as soon as it has run
+the micro-batch and waits on it only when a later forward needs those latents. Only finished chunks'
+clean latents, encoded frames and stats come back through Ray.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from workers.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, GenerationConfig, ModelConfig, ParallelConfig
 from workers import denoise
-from workers.batch import Finished, MicroBatch, StageStats
+from workers.batch import Collected, DecodedChunk, DecodeJob, Finished, MicroBatch, OutputFormat, StageStats
+from workers.decode import DecodeRouter, DecodeWorker
 from workers.executor import Executor, StageFailure, moves
 from workers.model.dit import Activation
 from workers.plan import even_split
@@ -57,47 +60,71 @@ def _rendezvous_file() -> str:
 log = logging.getLogger("streamgen.ray_executor")
 RING_TAG = 1
 """Tag of the last stage -> stage 0 messages; stage to stage activations use tag 0."""
+DECODE_TAG = 2
+"""Tag of the last stage -> decode worker messages (a finished chunk's clean latents)."""
 SHUTDOWN_WAIT = timedelta(seconds=5)
 
 
 def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """Shapes of what stage s sends to s+1: hidden [F, T, C], e_time [F, C], e0 [F, 6, C], contexts [L, C]."""
     f, t, c = mb.frames, mb.grid[0] * mb.grid[1], cfg.dim
-    return [(f, t, c), (f, c), (f, 6, c)] + [(cfg.text_len, c)] * len(mb.texts)
+    return [(f, t, c), (f, c), (f, 6, c)] + [(cfg.text_len, c)] * len(mb.prompts)
 
 
-class StageActorBody:
-    """The actor: a StageWorker plus its torch.distributed endpoints."""
+class _Peer:
+    """What every actor of a replica shares: its torch.distributed endpoint and identity."""
 
-    def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
-                 rendezvous: str, threads: int = 1, device: str = "cpu", weights_path: str = "",
-                 dtype: torch.dtype = torch.float32, use_ema: bool = False):
-        torch.set_num_threads(threads)
-        self.cfg = model_cfg
-        self.stage, self.num_stages = stage, num_stages
-        self.worker = StageWorker(model_cfg, block_range, stage, num_stages, device, dtype, weights_path, use_ema)
-        self.dtype = self.worker.model.dtype
-        self.device = torch.device(device)
+    def _join(self, rank: int, world: int, rendezvous: str, device: torch.device) -> None:
+        self.rank, self.world = rank, world
         self._sends: deque = deque()  # (isend work, buffer): buffers stay alive until their send completes
-        self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
-        if num_stages > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's stages share one node
+        if world > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's actors share one node
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-            dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=stage,
-                                    world_size=num_stages)
-
-    def ready(self) -> tuple[int, int]:
-        return self.worker.block_range
+            dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
     def locate(self) -> tuple[str, int]:
-        """(Ray node id, process id) of this stage."""
+        """(Ray node id, process id) of this actor."""
         import ray
 
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def pid(self) -> int:
         return os.getpid()
+
+    def _isend(self, buf: torch.Tensor, dst: int, tag: int = 0) -> None:
+        while self._sends and self._sends[0][0].is_completed():
+            self._sends.popleft()
+        self._sends.append((dist.isend(buf, dst=dst, tag=tag), buf))
+
+    def shutdown(self) -> None:
+        for work, _ in self._sends:
+            work.wait(SHUTDOWN_WAIT)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StageActorBody(_Peer):
+    """A stage actor: a StageWorker plus its torch.distributed endpoints (rank = stage)."""
+
+    def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, block_range: tuple[int, int], stage: int,
+                 rendezvous: str):
+        torch.set_num_threads(parallel.threads_per_stage)
+        self.cfg = gen.model
+        self.stage, self.num_stages = stage, parallel.stages
+        self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))  # what this process sees
+        dtype, world = getattr(torch, parallel.dtype), parallel.stages + parallel.decode_workers
+        self.worker = StageWorker(gen, block_range, stage, self.num_stages, self.device, dtype,
+                                  parallel.cuda_graphs == "auto")
+        self.dtype = self.worker.model.dtype
+        self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
+        self._join(stage, world, rendezvous, self.device)
+
+    def ready(self) -> tuple[int, int]:
+        return self.worker.block_range
+
+    def free_memory(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def run(self, mb: MicroBatch) -> tuple[int, list | None, StageStats]:
         """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats)."""
@@ -120,6 +147,10 @@ class StageActorBody:
         elif ring is not None:
             self._isend(ring.contiguous(), dst=0, tag=RING_TAG)
             stats.bytes_sent = ring.nbytes
+        for work, done in zip(mb.segments, finished):  # finished chunks to their decode workers
+            if work.stream_id in mb.decode_to:
+                for _, x0 in done:
+                    self._isend(x0.contiguous(), dst=self.num_stages + mb.decode_to[work.stream_id], tag=DECODE_TAG)
         return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats
 
     def _recv(self, mb: MicroBatch) -> tuple[Activation, torch.Tensor, dict]:
@@ -133,17 +164,12 @@ class StageActorBody:
             n = torch.Size(s).numel()
             parts.append(buf[off:off + n].view(s))
             off += n
-        return Activation(*parts[:3]), latents, dict(zip(mb.texts, parts[3:]))
+        return Activation(*parts[:3]), latents, dict(zip(mb.prompts, parts[3:]))
 
     def _send(self, mb: MicroBatch, act: Activation, latents: torch.Tensor, contexts: dict) -> None:
-        tensors = list(act) + [contexts[sid] for sid in mb.texts]
+        tensors = list(act) + [contexts[sid] for sid in mb.prompts]
         self._isend(torch.cat([t.reshape(-1).to(self.dtype) for t in tensors]), dst=self.stage + 1)
         self._isend(latents.float().contiguous(), dst=self.stage + 1)
-
-    def _isend(self, buf: torch.Tensor, dst: int, tag: int = 0) -> None:
-        while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()
-        self._sends.append((dist.isend(buf, dst=dst, tag=tag), buf))
 
     def _post_ring(self, mb: MicroBatch) -> None:
         """Stage 0: post the receive of ``mb``'s ring latents now, so the last stage never waits on it."""
@@ -185,11 +211,47 @@ class StageActorBody:
         self.worker.adopt_blocks(*released)  # (blocks, caches) as returned by release_blocks
         return self.worker.block_range
 
-    def shutdown(self) -> None:
-        for work, _ in self._sends:
-            work.wait(SHUTDOWN_WAIT)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+class DecodeActorBody(_Peer):
+    """A decode worker actor (rank = stages + its index): receives finished chunks' latents from the last
+    stage, decodes and encodes them, and returns bytes."""
+
+    def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, index: int, rendezvous: str):
+        torch.set_num_threads(parallel.threads_per_stage)
+        self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))
+        self.worker = DecodeWorker(gen, self.device, getattr(torch, parallel.dtype), index)
+        self.num_stages = parallel.stages
+        self._join(parallel.stages + index, parallel.stages + parallel.decode_workers, rendezvous, self.device)
+
+    def ready(self) -> int:
+        return self.worker.index
+
+    def free_memory(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+
+    def decode(self, jobs: list[DecodeJob], latent_shape: tuple[int, int, int]) -> list[DecodedChunk]:
+        """One micro-batch's finished chunks for this worker, in the order the last stage sends them."""
+        out = []
+        for job in jobs:
+            latents = torch.empty((job.frames,) + tuple(latent_shape), device=self.device)
+            dist.recv(latents, src=self.num_stages - 1, tag=DECODE_TAG)
+            decoded = self.worker.decode(job, latents)
+            if decoded is not None:
+                out.append(decoded)
+        return out
+
+    def redecode(self, job: DecodeJob, latents: torch.Tensor) -> list[DecodedChunk]:
+        decoded = self.worker.decode(job, latents)
+        return [] if decoded is None else [decoded]
+
+    def open_stream(self, stream_id: str, output: OutputFormat, warm: list[torch.Tensor]) -> None:
+        self.worker.open_stream(stream_id, output, warm)
+
+    def close_stream(self, stream_id: str) -> None:
+        self.worker.close_stream(stream_id)
+
+    def profile(self, latent_shape: tuple[int, int, int], frames: int) -> float:
+        return self.worker.profile(latent_shape, frames)
 
 
 @dataclass
@@ -198,6 +260,8 @@ class DriverTraffic:
 
     calls: int = 0
     """Stage actor calls made for micro-batches."""
+    decode_calls: int = 0
+    """Decode worker calls (one per worker a micro-batch finishes chunks for)."""
     latent_bytes_out: int = 0
     """Latent bytes sent with micro-batches (re-cache only)."""
     latent_bytes_in: int = 0
@@ -205,78 +269,115 @@ class DriverTraffic:
 
 
 class RayExecutor(Executor):
-    """P stage actors in Ray; submission-ordered, at most P micro-batches in flight (the engine's bound)."""
+    """P stage actors and the decode worker actors in Ray; submission-ordered, at most P micro-batches in
+    flight (the engine's bound)."""
 
-    def __init__(self, model_cfg: ModelConfig, num_stages: int = 1, split: list[tuple[int, int]] | None = None,
-                 threads_per_stage: int = 1, num_cpus_per_stage: float = 0, num_gpus_per_stage: float = 0,
-                 device: str = "cpu", weights_path: str = "", resources_per_stage: dict | None = None,
-                 call_timeout_s: float = 30.0, placement_timeout_s: float = 120.0,
-                 placement_group=None, first_bundle: int = 0, dtype: torch.dtype = torch.float32,
-                 use_ema: bool = False):
-        """``placement_group``: reserved by someone else (a Serve replica's placement_group_bundles); stage i
-        runs in its bundle ``first_bundle + i`` and the group outlives this executor. Otherwise, with any
-        resources per stage, the executor reserves its own STRICT_PACK group and removes it on kill."""
+    def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None,
+                 placement_group=None, first_bundle: int = 0):
+        """``placement_group``: reserved by someone else (a Serve replica's placement_group_bundles); GPU slot
+        i (``workers.devicemap``) runs in its bundle ``first_bundle + i`` and the group outlives this
+        executor. Otherwise, with any resources per stage, the executor reserves its own STRICT_PACK group
+        and removes it on kill."""
         import ray
 
-        split = split or even_split(model_cfg.num_layers, num_stages)
+        num_stages = parallel.stages
+        split = split or even_split(gen.model.num_layers, num_stages)
         if len(split) != num_stages:
             raise ValueError(f"split has {len(split)} ranges for {num_stages} stages")
         self._ray = ray
+        self.cfg = gen.model
         self.num_stages = num_stages
-        self.call_timeout_s = call_timeout_s
+        self.decode_workers = parallel.decode_workers
+        self.decode_shared = parallel.decode == "shared"
+        self.call_timeout_s = parallel.stage_call_timeout_s
+        self.router = DecodeRouter(self.decode_workers)
         rendezvous = self._rendezvous = _rendezvous_file()
-        actor_cls = ray.remote(StageActorBody)
-        bundle = {k: v for k, v in (("CPU", num_cpus_per_stage), ("GPU", num_gpus_per_stage)) if v}
-        bundle.update(resources_per_stage or {})
+        bundle = {k: v for k, v in (("CPU", parallel.cpus_per_stage), ("GPU", parallel.gpus_per_stage)) if v}
         self.placement_group, self._first_bundle = placement_group, first_bundle
         self._owns_placement_group = placement_group is None and bool(bundle)
-        if self._owns_placement_group:  # a replica's stages reserve their slots together on one node (NVLink)
+        if self._owns_placement_group:  # a replica's slots are reserved together on one node (NVLink)
             from ray.util.placement_group import placement_group
 
-            self.placement_group = placement_group([dict(bundle) for _ in range(num_stages)], strategy="STRICT_PACK")
-            if not self.placement_group.wait(timeout_seconds=placement_timeout_s):
+            self.placement_group = placement_group([dict(bundle) for _ in range(parallel.gpu_slots)],
+                                                   strategy="STRICT_PACK")
+            if not self.placement_group.wait(timeout_seconds=parallel.placement_timeout_s):
                 ray.util.remove_placement_group(self.placement_group)
-                raise StageFailure("unplaceable", f"no node has {num_stages} x {bundle} free")
+                raise StageFailure("unplaceable", f"no node has {parallel.gpu_slots} x {bundle} free")
+        # shared decode: the last stage's slot is split between the stage and its decode workers
+        gpus, cpus, last = parallel.gpus_per_stage, parallel.cpus_per_stage, num_stages - 1
+        share = 2 if self.decode_shared and self.decode_workers else 1
         self.actors = []
         for i, rng in enumerate(split):
-            options = dict(num_cpus=num_cpus_per_stage, num_gpus=num_gpus_per_stage,
-                           resources=resources_per_stage or {})
-            if self.placement_group is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
-                                                                                  self._first_bundle + i)
-            self.actors.append(actor_cls.options(**options).remote(
-                model_cfg, rng, i, num_stages, rendezvous, threads_per_stage, device, weights_path, dtype, use_ema))
+            g = gpus / share if i == last else gpus
+            self.actors.append(ray.remote(StageActorBody).options(**self._slot(i, cpus, g)).remote(
+                gen, parallel, rng, i, rendezvous))
+        self.decoders = []
+        for w in range(self.decode_workers):
+            slot, g, c = (last, gpus / (share * self.decode_workers), 0.0) if self.decode_shared else \
+                (num_stages + w, gpus, cpus)
+            self.decoders.append(ray.remote(DecodeActorBody).options(**self._slot(slot, c, g)).remote(
+                gen, parallel, w, rendezvous))
         self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
-        self._stage_procs = self._get([a.locate.remote() for a in self.actors], timeout=30)
+        self._get([d.ready.remote() for d in self.decoders], timeout=120)
+        self._procs = self._get([a.locate.remote() for a in self.actors + self.decoders], timeout=30)
         self._inflight: deque = deque()  # (seq, [result ref per stage])
+        self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: refs of decode calls
         self.traffic = DriverTraffic()
 
+    def _slot(self, slot: int, cpus: float, gpus: float) -> dict:
+        """Ray options of an actor on GPU slot ``slot`` (its placement-group bundle, if any)."""
+        options = dict(num_cpus=cpus, num_gpus=gpus)
+        if self.placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                              self._first_bundle + slot)
+        return options
+
     def submit(self, mb: MicroBatch) -> None:
-        light = replace(mb, segments=[replace(w, inline=None) for w in mb.segments],
-                        texts={sid: torch.empty(0) for sid in mb.texts})
+        if self.decoders:
+            mb.decode_to = self.router.routes({w.stream_id for w in mb.segments})
+        light = replace(mb, segments=[replace(w, inline=None) for w in mb.segments])
         refs = [actor.run.remote(mb if i == 0 else light) for i, actor in enumerate(self.actors)]
         self.traffic.calls += len(refs)
         self.traffic.latent_bytes_out += sum(w.inline.nbytes for w in mb.segments if w.inline is not None)
         self._inflight.append((mb.seq, refs))
+        jobs: dict[int, list[DecodeJob]] = {}
+        for work in mb.segments:  # in the order the last stage sends them
+            if work.stream_id in mb.decode_to:
+                for chunk in work.finishes():
+                    jobs.setdefault(mb.decode_to[work.stream_id], []).append(
+                        DecodeJob(work.stream_id, chunk, work.chunk_frames))
+        shape = (self.cfg.in_channels, mb.grid[0] * self.cfg.patch_size[1], mb.grid[1] * self.cfg.patch_size[2])
+        for w, batch in jobs.items():
+            self._decoding[w].append(self.decoders[w].decode.remote(batch, shape))
+            self.traffic.decode_calls += 1
 
-    def collect(self, wait: bool) -> list[Finished]:
-        out = []
+    def collect(self, wait: bool) -> Collected:
+        out = Collected()
         while self._inflight:
             seq, refs = self._inflight[0]
-            if not self._wait_all(refs, block=wait and not out):
+            if not self._wait_all(refs, block=wait and not out.finished):
                 break
             self._inflight.popleft()
             results = self._get(refs)
             finished = results[-1][1]
             self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
-            out.append(Finished(seq, finished, [r[2] for r in results]))
+            out.finished.append(Finished(seq, finished, [r[2] for r in results]))
+        block = wait and not out.finished and not self._inflight
+        for queue in self._decoding:  # in order per worker, so per stream
+            while queue and self._wait_all([queue[0]], block=block):
+                out.decoded += self._get([queue.popleft()])[0]
+                block = False
         return out
 
+    @property
+    def decoding(self) -> int:
+        return sum(len(q) for q in self._decoding)
+
     def _wait_all(self, refs: list, block: bool) -> bool:
-        """Whether every stage finished this micro-batch. A stage that died fails fast (its peers would
-        wait in recv forever); one that does not answer within the call timeout counts as dead."""
+        """Whether every call finished. A stage that died fails fast (its peers would wait in recv
+        forever); one that does not answer within the call timeout counts as dead."""
         deadline = time.monotonic() + self.call_timeout_s
         while True:
             ready, pending = self._ray.wait(refs, num_returns=len(refs), timeout=0.05 if block else 0)
@@ -301,11 +402,26 @@ class RayExecutor(Executor):
         except GetTimeoutError:
             raise StageFailure("timeout", f"no answer within {self.call_timeout_s:g} s") from None
 
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
-        self._get([a.open_stream.remote(stream_id, cache_cfg) for a in self.actors])
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
+                    warm: list[torch.Tensor] = ()) -> None:
+        refs = [a.open_stream.remote(stream_id, cache_cfg) for a in self.actors]
+        if self.decoders:
+            w = self.router.assign(stream_id)
+            refs.append(self.decoders[w].open_stream.remote(stream_id, output or OutputFormat(),
+                                                            [x.cpu() for x in warm]))
+        self._get(refs)
 
     def close_stream(self, stream_id: str) -> list[int]:
+        if self.decoders and stream_id in self.router.routes([stream_id]):
+            self.decoders[self.router.assign(stream_id)].close_stream.remote(stream_id)  # ordered after its decodes
+        self.router.release(stream_id)
         return self._get([a.close_stream.remote(stream_id) for a in self.actors])
+
+    def redecode(self, stream_id: str, chunk: int, latents: torch.Tensor) -> None:
+        if self.decoders:
+            w = self.router.assign(stream_id)
+            self._decoding[w].append(self.decoders[w].redecode.remote(
+                DecodeJob(stream_id, chunk, latents.shape[0]), latents.cpu()))
 
     def cache_bytes(self) -> list[int]:
         return self._get([a.cache_bytes.remote() for a in self.actors])
@@ -313,17 +429,29 @@ class RayExecutor(Executor):
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])
 
+    def decoder_pids(self) -> list[int]:
+        return self._get([d.pid.remote() for d in self.decoders])
+
     def num_parameters(self) -> list[int]:
         return self._get([a.num_parameters.remote() for a in self.actors])
 
     def owned_parameter_names(self) -> list[list[str]]:
         return self._get([a.owned_parameter_names.remote() for a in self.actors])
 
+    def free_memory(self) -> list[int | None]:
+        return self._get([a.free_memory.remote() for a in self.actors]
+                         + ([] if self.decode_shared else [d.free_memory.remote() for d in self.decoders]))
+
     def split(self) -> list[tuple[int, int]]:
         return list(self._split)
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
         return self._get([a.profile.remote(grid, frames, cache_cfg) for a in self.actors])
+
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
+        if not self.decoders:
+            return None
+        return self._get([self.decoders[0].profile.remote(latent_shape, frames)])[0]
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         if self._inflight:
@@ -335,7 +463,7 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         try:
-            self._ray.get([a.shutdown.remote() for a in self.actors], timeout=5)
+            self._ray.get([a.shutdown.remote() for a in self.actors + self.decoders], timeout=5)
         except (self._ray.exceptions.RayError, TimeoutError) as err:  # dead or hung stages: the hard way
             log.info("stages did not shut down cleanly (%s); killing them", type(err).__name__)
             self.kill()
@@ -348,18 +476,20 @@ class RayExecutor(Executor):
         With ``sigkill``, stages on this node get SIGKILL first: Ray's own kill waits seconds for a stopped
         (hung) process, and a rebuild into the same placement-group bundles waits for their slots."""
         here = self._ray.get_runtime_context().get_node_id()
-        for node, pid in getattr(self, "_stage_procs", []) if sigkill else []:
+        for node, pid in getattr(self, "_procs", []) if sigkill else []:
             if node == here:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        for a in self.actors:
+        for a in self.actors + getattr(self, "decoders", []):
             try:
                 self._ray.kill(a, no_restart=True)
             except (ValueError, self._ray.exceptions.RayError):  # already gone
                 log.debug("stage actor already gone", exc_info=True)
         self._inflight.clear()
+        for queue in getattr(self, "_decoding", []):
+            queue.clear()
         try:  # the rendezvous file, where the stages ran on this node (a local Ray)
             os.remove(self._rendezvous)
         except OSError:

@@ -16,7 +16,7 @@ from workers.batch import MicroBatch
 from workers.loader import load_weights
 from workers.model.dit import CausalWanModel, Segment
 from workers.model.text import build_text_encoder
-from workers.model.vae import build_vae, to_uint8
+from workers.model.vae import build_decoder, to_uint8
 from workers.stream import StreamProgram
 
 
@@ -30,8 +30,8 @@ class ReferenceGenerator:
         self.model = CausalWanModel(cfg.model).to(self.device, dtype).eval()
         if cfg.model_path:
             load_weights(self.model, cfg.model_path, cfg.use_ema)
-        self.text_encoder = build_text_encoder(cfg.model, cfg.text_encoder_path, self.device)
-        self.vae = build_vae(cfg.model, cfg.vae_path, self.device)
+        self.text_encoder = build_text_encoder(cfg.model, cfg.text_encoder_path, self.device, dtype)
+        self.vae = build_decoder(cfg, self.device, dtype)
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
         self.latent_shape = (cfg.model.in_channels, lh, lw)
         self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])

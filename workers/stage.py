@@ -2,8 +2,9 @@
 
 It owns blocks [a, b) of one model (and loads only those weights), the embeddings when it is the first
 stage and the head when it is the last, plus every stream's caches for its blocks. The first stage also
-holds the ring's inbox (latents waiting for their next step), and the last stage computes x0 and the
-re-noise (``workers.denoise``), so latents never go back to the driver between steps.
+holds the text encoder (prompts are encoded on its device, cached per prompt) and the ring's inbox
+(latents waiting for their next step); the last stage computes x0 and the re-noise (``workers.denoise``),
+so latents never go back to the driver between steps.
 """
 
 from __future__ import annotations
@@ -12,29 +13,37 @@ import time
 
 import torch
 
-from workers.config import CacheConfig, ModelConfig
+from workers.config import CacheConfig, GenerationConfig
 from workers import denoise
 from workers.batch import MicroBatch, StageStats, Work
 from workers.cache import BlockKVCache, StreamCache
+from workers.graphs import ForwardGraphs, graph_key
 from workers.loader import load_weights
 from workers.model.dit import Activation, Block, CausalWanModel, Segment
+from workers.model.text import TextEncoder, build_text_encoder
+
+PROFILE_PROMPT = "a probe forward"
 
 
 class StageWorker:
     """Runs its slice over micro-batches, one at a time, against per-stream caches."""
 
-    def __init__(self, model_cfg: ModelConfig, block_range: tuple[int, int], stage: int, num_stages: int,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, weights_path: str = "",
-                 use_ema: bool = False):
+    def __init__(self, gen: GenerationConfig, block_range: tuple[int, int], stage: int, num_stages: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cuda_graphs: bool = True):
         self.stage = stage
         self.num_stages = num_stages
         self.device = torch.device(device)
-        self.model = CausalWanModel(model_cfg, block_range, with_embed=stage == 0,
+        self.model = CausalWanModel(gen.model, block_range, with_embed=stage == 0,
                                     with_head=stage == num_stages - 1).to(self.device, dtype).eval()
-        if weights_path:
-            load_weights(self.model, weights_path, use_ema)
+        if gen.model_path:
+            load_weights(self.model, gen.model_path, gen.use_ema)
+        self.text_encoder: TextEncoder | None = None
+        if stage == 0:
+            self.text_encoder = build_text_encoder(gen.model, gen.text_encoder_path, self.device, dtype)
         self.streams: dict[str, StreamCache] = {}
         self.store = denoise.LatentStore() if stage == 0 else None
+        self.timesteps = denoise.TimestepTable(self.device) if stage == 0 else None
+        self.graphs = ForwardGraphs(self.device, cuda_graphs)
         self._last_end: float | None = None
 
     @property
@@ -58,6 +67,7 @@ class StageWorker:
 
     def close_stream(self, stream_id: str) -> int:
         """Drop the stream's caches (and ring latents); returns the bytes released."""
+        self.graphs.drop_stream(stream_id)
         if self.store is not None:
             self.store.close(stream_id)
         cache = self.streams.pop(stream_id, None)
@@ -75,7 +85,7 @@ class StageWorker:
     def first_inputs(self, mb: MicroBatch, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``, on this stage's device. ``wait``
         unpacks one more ring message into the store (see ``denoise.inputs``)."""
-        return denoise.inputs(mb, self.store, self.latent_shape(mb.grid), self.device, wait)
+        return denoise.inputs(mb, self.store, self.latent_shape(mb.grid), self.device, wait, self.timesteps)
 
     @torch.no_grad()
     def forward(self, mb: MicroBatch, inputs: torch.Tensor | Activation, contexts: dict[str, torch.Tensor] | None,
@@ -84,13 +94,13 @@ class StageWorker:
 
         inputs: the latents [F, C, h, w] with timesteps ``t`` [F] on the first stage, else the previous
         stage's Activation. contexts: embedded text per stream whose prompt changes (the first stage
-        makes it from ``mb.texts``). Returns (flow [F, C, h, w] on the last stage or the Activation for
-        the next, contexts, stats).
+        encodes and embeds ``mb.prompts``). Returns (flow [F, C, h, w] on the last stage or the
+        Activation for the next, contexts, stats).
         """
         start = time.perf_counter()
         idle = 0.0 if self._last_end is None else start - self._last_end
         if self.stage == 0:
-            contexts = {sid: self.model.embed_text(text.to(self.device)) for sid, text in mb.texts.items()}
+            contexts = {sid: self.model.embed_text(self.text_encoder(prompt)) for sid, prompt in mb.prompts.items()}
         for sid, ctx in (contexts or {}).items():
             self.streams[sid].set_context(ctx)
         segments = []
@@ -102,7 +112,10 @@ class StageWorker:
                                     commit_frames=work.commit_frames, independent=work.independent,
                                     offsets=work.offsets))
         block_s = {} if mb.profile else None
-        out = self.model.stream_forward(inputs, segments, mb.grid, t, block_times=block_s)
+        eager = mb.profile or mb.prompts or any(w.reset_cache for w in mb.segments)
+        key = None if eager else graph_key(segments, [w.stream_id for w in mb.segments], inputs, self.block_range)
+        out = self.graphs.run(key, lambda x, t_: self.model.stream_forward(x, segments, mb.grid, t_, block_s),
+                              inputs, t)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
@@ -111,8 +124,15 @@ class StageWorker:
         if not isinstance(out, torch.Tensor):  # the Activation, the forward's latents, new contexts
             sent = sum(x.nbytes for x in out) + 4 * mb.frames * int(torch.Size(self.latent_shape(mb.grid)).numel()) \
                 + sum(c.nbytes for c in (contexts or {}).values())
-        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {})
+        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {},
+                           *self.memory())
         return out, contexts or {}, stats
+
+    def memory(self) -> tuple[int, int]:
+        """(allocated, reserved) CUDA bytes of this stage's device; (0, 0) on CPU."""
+        if self.device.type != "cuda":
+            return 0, 0
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
     @torch.no_grad()
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> StageStats:
@@ -122,13 +142,12 @@ class StageWorker:
         self.open_stream(sid, cache_cfg)
         try:
             gen = torch.Generator().manual_seed(0)
-            text = torch.randn(cfg.text_len, cfg.text_dim, generator=gen)
             tokens = grid[0] * grid[1]
             ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
             latents = torch.randn(frames, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
                                   generator=gen)
             work = Work(sid, 0, 0, ((0, 0),), (500.0,), (1.0,), frames)
-            mb = MicroBatch(-1, [work], grid, {sid: text} if self.stage == 0 else {}, profile=True)
+            mb = MicroBatch(-1, [work], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {}, profile=True)
             t = torch.full((frames,), 500.0, device=self.device)
             inputs = latents.to(self.device)
             if self.stage > 0:
@@ -145,6 +164,7 @@ class StageWorker:
 
     def release_blocks(self, ids: list[int]) -> tuple[dict[int, Block], dict[str, dict[int, BlockKVCache]]]:
         """Hand over blocks at either end of this slice, with every stream's KV cache of those blocks."""
+        self.graphs.clear()
         blocks = self.model.release_blocks(ids)
         caches = {}
         for sid, cache in self.streams.items():
@@ -154,6 +174,7 @@ class StageWorker:
         return blocks, caches
 
     def adopt_blocks(self, blocks: dict[int, Block], caches: dict[str, dict[int, BlockKVCache]]) -> None:
+        self.graphs.clear()
         self.model.adopt_blocks({i: b.to(self.device) for i, b in blocks.items()})
         for sid, per_block in caches.items():
             for i, kv in per_block.items():

@@ -4,11 +4,16 @@ import itertools
 
 import pytest
 
-from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine
+import numpy as np
+
+from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine, ray_executor
+from workers.batch import OutputFormat
+from workers.config import GenerationConfig
+from workers.reference import ReferenceGenerator
 
 ray = pytest.importorskip("ray")
 
-from workers.ray_executor import RayExecutor, start_local_ray  # noqa: E402
+from workers.ray_executor import start_local_ray  # noqa: E402
 
 TINY = gen_config("sequential").model
 _ids = itertools.count()
@@ -29,7 +34,7 @@ def executors(local_ray):
 
     def get(stages):
         if stages not in made:
-            made[stages] = RayExecutor(TINY, stages)
+            made[stages] = ray_executor(GenerationConfig(model=TINY), stages)
         return made[stages]
 
     try:
@@ -91,7 +96,7 @@ def test_cleanup_returns_cache_bytes_to_baseline(executors):
 @pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
 def test_rebalance_mid_stream_on_ray(local_ray, mode):
     cfg = gen_config(mode)
-    ex = RayExecutor(TINY, 2)
+    ex = ray_executor(cfg, 2)
     try:
         engine = make_engine(cfg, ex)
         for sid, (prompt, seed) in STREAMS.items():
@@ -108,7 +113,7 @@ def test_rebalance_mid_stream_on_ray(local_ray, mode):
 
 def test_four_stages_each_on_its_own_logical_gpu_equal_reference(local_ray):
     cfg = gen_config("sequential")
-    ex = RayExecutor(TINY, 4, num_gpus_per_stage=1)
+    ex = ray_executor(cfg, 4, gpus_per_stage=1)
     try:
         assert ray.available_resources().get("GPU", 0) == 0  # each stage actor holds one logical GPU
         renamed, got = _run(cfg, ex, STREAMS, 3)
@@ -163,3 +168,66 @@ def test_prompt_switch_on_ray_matches_the_reference_switch(executors, mode):
     assert switch_at is not None and 2 <= switch_at <= 5
     assert_matches_reference(cfg, {sid: got}, {sid: ("a cat on a sofa", 1)}, 5,
                              prompt_schedules={sid: {switch_at: "a castle at night"}})
+
+
+def _frames(outs) -> np.ndarray:
+    """Raw RGB frames of ChunkOutputs, [N, H, W, 3] uint8."""
+    return np.stack([np.frombuffer(f, np.uint8).reshape(o.height, o.width, 3) for o in outs for f in o.frames])
+
+
+@pytest.mark.parametrize("decode", ["dedicated", "shared"])
+def test_decode_worker_frames_equal_in_process_decode(local_ray, decode):
+    """P = 2 stages and one decode worker over Ray: the last stage hands finished chunks' latents to the
+    decode worker over torch.distributed; the frames it encodes equal decoding the reference's latents in
+    one process, chunk by chunk (the decoder state lives in the worker). Two streams share the worker."""
+    cfg = gen_config("sequential")
+    ex = ray_executor(cfg, 2, decode_workers=1, decode=decode, gpus_per_stage=1)
+    try:
+        held = 3 if decode == "dedicated" else 2  # logical GPUs: 2 stages (+ 1 dedicated decode worker)
+        assert ray.available_resources().get("GPU", 0) == 4 - held
+        engine = make_engine(cfg, ex)
+        raw = OutputFormat("raw_rgb")
+        streams = dict(list(STREAMS.items())[:2])
+        for sid, (prompt, seed) in streams.items():
+            engine.add_stream(sid, prompt, seed, output=raw)
+        outs = {sid: [] for sid in streams}
+        while any(len(v) < 4 for v in outs.values()):
+            for o in engine.step():
+                outs[o.stream_id].append(o)
+        for o in engine.drain():
+            outs[o.stream_id].append(o)
+        assert ex.traffic.decode_calls > 0
+        ref = ReferenceGenerator(cfg)
+        for sid, (prompt, seed) in streams.items():
+            got = _frames(outs[sid][:4])
+            assert [o.chunk for o in outs[sid][:4]] == [0, 1, 2, 3]
+            assert all(o.decode_s > 0 for o in outs[sid])
+            want = ref.generate(prompt, seed, 4).numpy()
+            assert got.shape == want.shape == (1 + 4 * (4 * cfg.sampler.chunk_frames - 1), 32, 48, 3)
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert diff.max() <= 1, diff.max()  # latents equal within 1e-6: at most one rounding level
+        for sid in streams:
+            engine.remove_stream(sid)
+        engine.step(wait=False)
+        assert ex.cache_bytes() == [0, 0]
+    finally:
+        ex.shutdown()
+
+
+def test_driver_calls_with_a_decode_worker(local_ray):
+    """With a decode worker: still P stage calls per micro-batch, plus one decode call per micro-batch that
+    finishes a chunk; the frames come back encoded (bytes), the latents once per chunk."""
+    cfg = gen_config("sequential")
+    ex = ray_executor(cfg, 2, decode_workers=1)
+    try:
+        engine = make_engine(cfg, ex)
+        engine.add_stream("d", "a cat on a sofa", 1, output=OutputFormat("jpeg", 80))
+        outs = []
+        while len(outs) < 3:
+            outs += engine.step()
+        outs += engine.drain()
+        assert ex.traffic.calls == 2 * engine.stats.micro_batches
+        assert ex.traffic.decode_calls == engine.stats.chunks == len(outs)  # sequential: one chunk per finishing forward
+        assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
+    finally:
+        ex.shutdown()

@@ -130,7 +130,7 @@ def test_the_client_never_sends_a_token_in_plaintext_beyond_loopback():
 
 def test_the_start_line_says_once_how_callers_are_checked(pki):
     """Open (no tokens) is said in the start line, once; with TLS and tokens, so are they."""
-    small = ["--executor", "inprocess", "--stages", "1", "--model", "tiny"]
+    small = ["--backend", "local", "--stages", "1", "--model", "tiny"]
     with serve_process(*small) as (proc, _, lines):
         start = [line for line in lines if "serving on" in line]
     assert len(start) == 1 and "transport off; auth OPEN" in start[0]

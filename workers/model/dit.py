@@ -22,7 +22,7 @@ from torch import nn
 
 from kernels import ops
 from workers.config import ModelConfig
-from workers.model.rope import rope_tables
+from workers.model.rope import RopeTables
 
 if TYPE_CHECKING:  # workers.cache imports workers.model.rope
     from workers.cache import StreamCache
@@ -132,6 +132,7 @@ class CausalWanModel(nn.Module):
         if with_head:
             self.head = Head(cfg)
         self.init_weights(cfg.init_seed)
+        self.rope = RopeTables(cfg.head_dim)
 
     # ----------------------------------------------------------------------------------------------
     # weights
@@ -276,21 +277,21 @@ class CausalWanModel(nn.Module):
     def _segment_rope(self, segments: list[Segment], grid: tuple[int, int],
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [F, T, head_dim/2]: each segment's frames continue after its committed cache."""
-        positions = []
+        positions: list[int] = []
         for seg in segments:
             start = seg.cache.frames if seg.cache is not None else 0
             if seg.offsets is None:
-                positions.append(torch.arange(start, start + seg.frames))
+                positions += range(start, start + seg.frames)
                 continue
             bf = seg.block_frames or seg.frames
             if not seg.independent or len(seg.offsets) * bf != seg.frames:
                 raise ValueError("block offsets need an independent segment with one offset per block")
-            positions += [torch.arange(start + o, start + o + bf) for o in seg.offsets]
-        positions = torch.cat(positions)
-        if int(positions.max()) >= self.cfg.rope_max_positions:
-            raise ValueError(f"temporal position {int(positions.max())} exceeds rope_max_positions "
+            for o in seg.offsets:
+                positions += range(start + o, start + o + bf)
+        if max(positions) >= self.cfg.rope_max_positions:
+            raise ValueError(f"temporal position {max(positions)} exceeds rope_max_positions "
                              f"({self.cfg.rope_max_positions}); use a smaller cache or chunk")
-        return rope_tables(positions, grid, self.cfg.head_dim, device)
+        return self.rope(tuple(positions), grid, device)
 
     def _block(self, block_id: int, blk: Block, h: torch.Tensor, e0: torch.Tensor,
                segments: list[Segment], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

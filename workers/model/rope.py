@@ -6,6 +6,7 @@ Angles are computed in float64 (as Wan does) and returned as float32 cos/sin tab
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -46,9 +47,34 @@ def rope_tables(positions: torch.Tensor, grid: tuple[int, int], head_dim: int,
     return ang.cos().float().to(device), ang.sin().float().to(device)
 
 
+class RopeTables:
+    """cos, sin tables of the frame layouts a model slice meets, made on its device once per layout and kept
+    (a steady stream of forwards repeats a few layouts), so a forward reads them without touching the host:
+    what lets a CUDA graph capture it."""
+
+    def __init__(self, head_dim: int, size: int = 64):
+        self.head_dim, self.size = head_dim, size
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __call__(self, positions: tuple[int, ...], grid: tuple[int, int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions, grid, device)
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        tables = rope_tables(torch.tensor(positions), grid, self.head_dim, device)
+        self._tables[key] = tables
+        if len(self._tables) > self.size:
+            self._tables.popitem(last=False)
+        return tables
+
+
+@lru_cache(maxsize=256)
 def temporal_shift_tables(delta_frames: int, head_dim: int,
                           device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [1, 1, head_dim/2] that move an already rotated key by ``delta_frames`` in time only."""
+    """cos, sin [1, 1, head_dim/2] that move an already rotated key by ``delta_frames`` in time only (kept on
+    the device: a cache commit's re-rotation touches no host memory)."""
     ft, fh, fw = _inv_freqs(head_dim)
     ang = torch.cat((delta_frames * ft, torch.zeros(fh.numel() + fw.numel(), dtype=torch.float64)))
     return ang.cos().float().view(1, 1, -1).to(device), ang.sin().float().view(1, 1, -1).to(device)

@@ -45,7 +45,9 @@ def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...],
                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
     """Gaussian noise for (stream seed, chunk index, step index): step 0 is the chunk's initial noise,
     step i > 0 re-noises to step i. Counter-based, so any executor and any interleaving of streams
-    draws the same numbers, and a stream can resume on another replica from (seed, chunk) alone."""
+    draws the same numbers, and a stream can resume on another replica from (seed, chunk) alone. (CPU and
+    CUDA generators differ: a stream's numbers are the same on every device of one kind.)"""
     key = (int(seed) * 0x9E3779B97F4A7C15 + int(chunk) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB)
-    gen = torch.Generator().manual_seed(key % (2**63 - 1))
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(key % (2**63 - 1))  # drawn on the device: no host copy
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=device).to(dtype)

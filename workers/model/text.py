@@ -16,9 +16,10 @@ from workers.config import ModelConfig
 class TextEncoder(ABC):
     """Prompt -> context [text_len, text_dim], cached per prompt (LRU)."""
 
-    def __init__(self, text_len: int, text_dim: int, cache_size: int = 64):
+    def __init__(self, text_len: int, text_dim: int, cache_size: int = 64, device: torch.device | str = "cpu"):
         self.text_len = text_len
         self.text_dim = text_dim
+        self.device = torch.device(device)  # where the results live (and the encoder runs)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self.encode_calls = 0  # real encodes (cache misses)
@@ -39,15 +40,15 @@ class TextEncoder(ABC):
 
     @abstractmethod
     def _encode(self, prompt: str) -> torch.Tensor:
-        """Encode one prompt to [text_len, text_dim] (float32, zero rows after its length)."""
+        """Encode one prompt to [text_len, text_dim] (float32 on ``self.device``, zero rows after its length)."""
 
 
 class HashTextEncoder(TextEncoder):
     """Small deterministic encoder for the tiny / small configs: each word maps (by SHA-256) to a
     fixed random vector, plus a fixed per-position vector. Different prompts give different contexts."""
 
-    def __init__(self, text_len: int, text_dim: int, seed: int = 0):
-        super().__init__(text_len, text_dim)
+    def __init__(self, text_len: int, text_dim: int, seed: int = 0, device: torch.device | str = "cpu"):
+        super().__init__(text_len, text_dim, device=device)
         gen = torch.Generator().manual_seed(seed + 7919)
         self._positions = 0.5 * torch.randn(text_len, text_dim, generator=gen)
 
@@ -58,7 +59,7 @@ class HashTextEncoder(TextEncoder):
             digest = hashlib.sha256(word.encode("utf-8")).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
             out[i] = torch.randn(self.text_dim, generator=gen) + self._positions[i]
-        return out
+        return out.to(self.device)  # once per prompt (cached)
 
 
 class UMT5TextEncoder(TextEncoder):
@@ -67,7 +68,7 @@ class UMT5TextEncoder(TextEncoder):
 
     def __init__(self, path: str, text_len: int, text_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
-        super().__init__(text_len, text_dim)
+        super().__init__(text_len, text_dim, device=device)
         if not path or not os.path.isdir(path):
             raise FileNotFoundError(f"text encoder directory not found: {path!r}")
         from transformers import AutoTokenizer, UMT5EncoderModel  # heavy import, real path only
@@ -77,7 +78,6 @@ class UMT5TextEncoder(TextEncoder):
         if self.model.config.d_model != text_dim:
             raise ValueError(f"text encoder at {path!r} has width {self.model.config.d_model}, "
                              f"the DiT expects text_dim={text_dim}")
-        self.device = device
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> torch.Tensor:
@@ -85,10 +85,11 @@ class UMT5TextEncoder(TextEncoder):
                              return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]  # [L, text_dim]
-        return (hidden.float() * mask[0, :, None].float()).cpu()
+        return hidden.float() * mask[0, :, None].float()
 
 
-def build_text_encoder(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu") -> TextEncoder:
+def build_text_encoder(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> TextEncoder:
     if cfg.text_encoder == "hash":
-        return HashTextEncoder(cfg.text_len, cfg.text_dim, seed=cfg.init_seed)
-    return UMT5TextEncoder(path, cfg.text_len, cfg.text_dim, device=device)
+        return HashTextEncoder(cfg.text_len, cfg.text_dim, seed=cfg.init_seed, device=device)
+    return UMT5TextEncoder(path, cfg.text_len, cfg.text_dim, dtype=dtype, device=device)

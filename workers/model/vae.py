@@ -1,8 +1,11 @@
-"""VAE decoders with streaming decode: chunk by chunk, with cached causal convolutions, equal to decoding
-all latents at once. One latent frame becomes 4 video frames, except the stream's first (1 frame).
+"""VAEs with streaming decode and encode: chunk by chunk, with cached causal convolutions, equal to
+processing the whole video at once. One latent frame is 4 video frames, except the stream's first (1 frame).
 
-Both decoders share one contract: ``new_state()`` per stream, ``decode_chunk(latents, state)`` ->
-pixels [N, 3, H, W] in [-1, 1], and ``decode_all(latents)`` as the whole-video oracle.
+Decoders share one contract: ``new_state()`` per stream, ``decode_chunk(latents, state)`` -> pixels
+[N, 3, H, W] in [-1, 1], and ``decode_all(latents)`` as the whole-video oracle. Encoders (video-to-video)
+mirror it: ``encode_chunk(pixels, state)`` -> latents, ``encode_all(pixels)``. A VAE that does both keeps
+both directions' caches in the one state of ``new_state()`` (disjoint keys). TAEHV (a decoder only) is in
+taehv.py; ``build_decoder`` picks the decoder ``ModelConfig.vae_decoder`` names.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.config import ModelConfig
+from workers.config import GenerationConfig, ModelConfig
 
 
 class StreamingDecoder(ABC):
@@ -31,6 +34,35 @@ class StreamingDecoder(ABC):
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode a whole video's latents [F, C, h, w] in one call (the streaming oracle)."""
         return self.decode_chunk(latents, self.new_state())
+
+
+class StreamingEncoder(ABC):
+    """Causal video encoder: the stream's first call takes 1 + 4k frames (the first frame is encoded alone,
+    as the Wan VAE does), later calls 4k frames; each group of 4 frames becomes one latent frame."""
+
+    @abstractmethod
+    def new_state(self) -> Any:
+        """Fresh per-stream state (causal-conv caches)."""
+
+    @abstractmethod
+    def encode_chunk(self, pixels: torch.Tensor, state: Any) -> torch.Tensor:
+        """Pixels [N, 3, H, W] in [-1, 1] -> diffusion latents [F, C, h, w] (F = ceil(N / 4)); updates ``state``.
+
+        Raises ValueError when N is not 1 + 4k (first call of a stream) or 4k (later calls), k >= 0 / k >= 1.
+        """
+
+    def encode_all(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encode a whole video's 1 + 4k frames in one call (the streaming oracle)."""
+        return self.encode_chunk(pixels, self.new_state())
+
+
+def encode_groups(n: int, first: bool, t: int = 4) -> list[tuple[int, int]]:
+    """Frame ranges one encode call runs the causal encoder on: (0, 1) first in a stream, then groups of t."""
+    if n < 1 or (n - int(first)) % t:
+        want = f"1 + {t}k frames on a stream's first call" if first else f"{t}k frames (k >= 1) after the first"
+        raise ValueError(f"encode_chunk takes {want}, got {n}")
+    start = 1 if first else 0
+    return ([(0, 1)] if first else []) + [(a, a + t) for a in range(start, n, t)]
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -52,8 +84,12 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(xp), xp[:, :, -2:].clone()
 
 
-class TinyVAE(nn.Module, StreamingDecoder):
-    """A small causal decoder for the tiny / small configs (seeded weights, smooth colour output)."""
+class TinyVAE(nn.Module, StreamingDecoder, StreamingEncoder):
+    """A small causal VAE for the tiny / small configs (seeded weights, smooth colour output).
+
+    Encoder: per-frame patchify conv (stride 8 in space), a causal 3x3x3 conv over video frames, then a
+    conv with stride 4 in time (the stream's first frame is padded with 3 zero frames to a group of its own).
+    """
 
     def __init__(self, cfg: ModelConfig, width: int = 32):
         super().__init__()
@@ -64,6 +100,11 @@ class TinyVAE(nn.Module, StreamingDecoder):
         self.to_time = nn.Conv3d(width, 16 * self.t_up, kernel_size=1)  # latent frame -> t_up frames
         self.conv_px = CausalConv3d(16, 16)
         self.to_rgb = nn.Conv3d(16, 3, kernel_size=1)
+        s, t = cfg.vae_stride[1:], cfg.vae_stride[0]
+        self.enc_in = nn.Conv3d(3, width, kernel_size=(1, *s), stride=(1, *s))
+        self.enc_mix = CausalConv3d(width, width)
+        self.enc_time = nn.Conv3d(width, width, kernel_size=(t, 1, 1), stride=(t, 1, 1))
+        self.enc_out = nn.Conv3d(width, self.z_dim, kernel_size=1)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 gen = torch.Generator().manual_seed(cfg.init_seed * 7 + zlib.crc32(name.encode()))
@@ -71,12 +112,24 @@ class TinyVAE(nn.Module, StreamingDecoder):
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5 * (1.0 if p.dim() > 1 else 0.1))
 
     def new_state(self) -> dict:
-        return {"caches": [None, None, None], "emitted": 0}
+        return {"caches": [None, None, None], "emitted": 0, "enc_cache": None, "enc_first": True}
+
+    @torch.no_grad()
+    def encode_chunk(self, pixels: torch.Tensor, state: dict) -> torch.Tensor:
+        encode_groups(pixels.shape[0], state["enc_first"], self.t_up)  # checks the frame count
+        x = pixels.to(self.enc_in.weight.device, torch.float32).transpose(0, 1)[None]  # [1, 3, N, H, W]
+        x = self.enc_in(x)  # [1, width, N, H/8, W/8]
+        x, state["enc_cache"] = self.enc_mix(F.silu(x), state["enc_cache"])
+        if state["enc_first"]:
+            x = torch.cat((x.new_zeros(x.shape[:2] + (self.t_up - 1,) + x.shape[3:]), x), 2)  # [1, w, 4F, h, w]
+            state["enc_first"] = False
+        x = self.enc_time(F.silu(x))  # [1, width, F, h, w]
+        return self.enc_out(F.silu(x))[0].transpose(0, 1)  # [F, z, h, w]
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: dict) -> torch.Tensor:
         c = state["caches"]
-        x = latents.float().transpose(0, 1)[None]  # [1, z, F, h, w]
+        x = latents.to(self.conv_in.weight.dtype).transpose(0, 1)[None]  # [1, z, F, h, w]
         x, c[0] = self.conv_in(x, c[0])
         x, c[1] = self.conv_mid(F.silu(x), c[1])
         x = self.to_time(F.silu(x))  # [1, 16 * t_up, F, h, w]
@@ -90,8 +143,12 @@ class TinyVAE(nn.Module, StreamingDecoder):
         return x[drop:]
 
 
-class WanVAE(StreamingDecoder):
-    """The real Wan2.1 VAE (diffusers ``AutoencoderKLWan``) with a per-stream decoder feature cache."""
+class WanVAE(StreamingDecoder, StreamingEncoder):
+    """The real Wan2.1 VAE (diffusers ``AutoencoderKLWan``) with per-stream decoder and encoder feature caches.
+
+    Encode returns the normalised posterior mean, ``(mu - latents_mean) / latents_std``, without sampling
+    (as StreamDiffusionV2's ``stream_encode``).
+    """
 
     def __init__(self, vae: Any, device: torch.device | str = "cpu"):
         self.vae = vae.to(device).eval()
@@ -99,6 +156,8 @@ class WanVAE(StreamingDecoder):
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1).to(device)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1).to(device)
         self.conv_count = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.decoder.modules())
+        self.enc_conv_count = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.encoder.modules())
+        self.t_down = 2 ** sum(cfg.temperal_downsample)
 
     @classmethod
     def from_path(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "WanVAE":
@@ -109,7 +168,8 @@ class WanVAE(StreamingDecoder):
         return cls(AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype), device)
 
     def new_state(self) -> dict:
-        return {"feat": [None] * self.conv_count, "first": True}
+        return {"feat": [None] * self.conv_count, "first": True,
+                "enc_feat": [None] * self.enc_conv_count, "enc_first": True}
 
     def _unnormalize(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.transpose(0, 1)[None].to(self.mean.device, torch.float32)  # [1, C, F, h, w]
@@ -129,8 +189,41 @@ class WanVAE(StreamingDecoder):
     def decode_all(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(self._unnormalize(latents)).sample[0].transpose(0, 1).float()
 
+    def _normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """quant_conv output [1, 2C, F, h, w] -> normalised mean latents [F, C, h, w] (float32)."""
+        mu = h[:, :self.mean.shape[1]].float()  # [1, C, F, h, w]; the rest is the log-variance
+        return ((mu - self.mean) / self.std)[0].transpose(0, 1)
 
-def build_vae(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu") -> StreamingDecoder:
+    @torch.no_grad()
+    def encode_chunk(self, pixels: torch.Tensor, state: dict) -> torch.Tensor:
+        groups = encode_groups(pixels.shape[0], state["enc_first"], self.t_down)
+        x = pixels.transpose(0, 1)[None].to(self.mean.device, self.vae.dtype)  # [1, 3, N, H, W]
+        # One encoder call per group, as AutoencoderKLWan._encode does: its caches expect that split.
+        outs = [self.vae.encoder(x[:, :, a:b], feat_cache=state["enc_feat"], feat_idx=[0]) for a, b in groups]
+        state["enc_first"] = False
+        return self._normalize(self.vae.quant_conv(torch.cat(outs, 2)))  # pointwise in time
+
+    @torch.no_grad()
+    def encode_all(self, pixels: torch.Tensor) -> torch.Tensor:
+        encode_groups(pixels.shape[0], True, self.t_down)
+        x = pixels.transpose(0, 1)[None].to(self.mean.device, self.vae.dtype)  # [1, 3, N, H, W]
+        return self._normalize(self.vae.encode(x).latent_dist.parameters)
+
+
+def build_vae(cfg: ModelConfig, path: str = "", device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> TinyVAE | WanVAE:
+    """The VAE ``cfg.vae`` names (it decodes and encodes), on ``device`` in ``dtype``."""
     if cfg.vae == "tiny":
-        return TinyVAE(cfg).to(device)
-    return WanVAE.from_path(path, device)
+        return TinyVAE(cfg).to(device, dtype)
+    return WanVAE.from_path(path, device, dtype)
+
+
+def build_decoder(gen: GenerationConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  vae: StreamingDecoder | None = None) -> StreamingDecoder:
+    """The decoder ``gen.model.vae_decoder`` names, from the generation config's local paths: the VAE's own
+    (``vae`` when already built) or TAEHV."""
+    if gen.model.vae_decoder == "wan":
+        return vae if vae is not None else build_vae(gen.model, gen.vae_path, device, dtype)
+    from workers.model.taehv import build_taehv  # deferred: taehv.py imports this module's contract
+
+    return build_taehv(gen.model, gen.taehv_path, device, dtype)

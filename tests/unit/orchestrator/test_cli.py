@@ -9,13 +9,14 @@ from orchestrator.config import ServiceConfig, get_config
 
 
 STREAM_FLAGS = {"prompt", "seed", "frames", "fps", "steps", "out"}  # the demo's client side
+ACTIONS = {"dry_run"}  # what serve does instead of serving, not a config value
 
 
 def _serve_actions(command: str = "serve") -> list[argparse.Action]:
-    """The service flags of a subcommand (not --help, --config, nor the demo's stream flags)."""
+    """The service flags of a subcommand (not --help, --config, --dry-run, nor the demo's stream flags)."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return [a for a in sub.choices[command]._actions if a.dest not in {"help", "config", *STREAM_FLAGS}]
+    return [a for a in sub.choices[command]._actions if a.dest not in {"help", "config", *STREAM_FLAGS, *ACTIONS}]
 
 
 def _read(cfg, path: str):
@@ -57,7 +58,7 @@ def _other_value(action: argparse.Action, default):
     if action.choices:
         return next(c for c in action.choices if c != default)
     if action.type in (int, float):
-        return action.type(default + 1)
+        return action.type((default or 0) + 1)  # None: an optional number (gpu_memory_gib)
     return {"server.listen": "127.0.0.1:6000", "server.metrics_listen": "127.0.0.1:6001",
             "server.health_listen": "127.0.0.1:6002", "generation.model": "small"}.get(action.dest, "/somewhere/else")
 

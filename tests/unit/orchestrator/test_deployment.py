@@ -20,9 +20,11 @@ def value(metrics: Metrics, name: str, **labels) -> float:
 
 def test_core_stats_cross_a_process_boundary_and_become_metrics():
     stats = CoreStats(stage_stats=[StageStats(stage=1, compute_s=0.5, idle_s=0.1, bytes_sent=1000, cache_bytes=77,
-                                              tokens=10)],
-                      chunk_latency_s=[0.25, 0.5], stage_errors={"died": 1, "timeout": 2}, engine_errors=1,
-                      migrations=3, inflight=2)
+                                              tokens=10, gpu_used_bytes=5 << 30, gpu_reserved_bytes=6 << 30),
+                                   StageStats(stage=0, compute_s=0.5, idle_s=0.1, bytes_sent=1000, cache_bytes=77,
+                                              tokens=10)],  # a CPU stage: no GPU memory series
+                      chunk_latency_s=[0.25, 0.5], decode_s=[0.125], stage_errors={"died": 1, "timeout": 2},
+                      engine_errors=1, migrations=3, inflight=2)
     metrics = Metrics()
     metrics.export_core_stats(pickle.loads(pickle.dumps(stats)), replica=4)
     metrics.export_core_stats(CoreStats(inflight=1), replica=4)  # inflight is a gauge: the last value wins
@@ -34,6 +36,10 @@ def test_core_stats_cross_a_process_boundary_and_become_metrics():
     assert value(metrics, "streamgen_chunk_latency_seconds_sum") == 0.75
     assert value(metrics, "streamgen_stage_compute_seconds_total", stage="1") == 0.5
     assert value(metrics, "streamgen_cache_bytes", stage="1") == 77
+    assert value(metrics, "streamgen_gpu_memory_bytes", stage="1", kind="used") == 5 << 30
+    assert value(metrics, "streamgen_gpu_memory_bytes", stage="1", kind="reserved") == 6 << 30
+    assert metrics.registry.get_sample_value("streamgen_gpu_memory_bytes", {"stage": "0", "kind": "used"}) is None
+    assert value(metrics, "streamgen_decode_seconds_sum") == 0.125
     assert value(metrics, "streamgen_stage_microbatches_inflight", replica="4") == 1
     assert value(metrics, "streamgen_stage_queue_depth", replica="4") == 1  # the deprecated alias follows
 
@@ -45,6 +51,9 @@ def test_serve_options_reserve_one_bundle_per_stage_behind_the_replica_process()
     opts = deployment_options(cfg)
     assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["num_replicas"] == 1
     assert [b.get("GPU", 0) for b in opts["placement_group_bundles"]] == [0, 1, 1, 1]
+    dedicated = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, decode="dedicated",
+                                                                      decode_workers=2))
+    assert [b.get("GPU", 0) for b in deployment_options(dedicated)["placement_group_bundles"]] == [0, 1, 1, 1, 1, 1]
     assert opts["health_check_period_s"] >= 7.0  # the engine gets its stage timeout before Serve steps in
 
 

@@ -43,7 +43,7 @@ def test_a_non_loopback_listen_without_tls_fails_at_start_before_any_socket(caps
 
 def test_unreadable_tls_or_token_files_fail_at_start_before_any_socket(tmp_path, capsys):
     missing = str(tmp_path / "missing.pem")
-    argv = ["serve", "--listen", UNBINDABLE, "--metrics-listen", "127.0.0.1:0", "--executor", "inprocess",
+    argv = ["serve", "--listen", UNBINDABLE, "--metrics-listen", "127.0.0.1:0", "--backend", "local",
             "--stages", "1", "--tls-cert", missing, "--tls-key", missing]
     rc, opened = sockets_opened_by(lambda: main(argv))
     assert rc == 2 and "server.tls_cert: cannot read" in capsys.readouterr().err

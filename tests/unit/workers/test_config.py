@@ -113,20 +113,20 @@ def test_generation_model_by_name_or_name_with_overrides():
 
 def test_parallel_config():
     par = ParallelConfig()
-    assert (par.stages, par.executor, par.device, par.dtype, par.plan) == (2, "ray", "auto", "float32", "layers")
-    for bad in ({"plan": "steps"}, {"dtype": "int8"}, {"device": "tpu"}, {"executor": "threads"},
+    assert (par.stages, par.backend, par.device, par.dtype, par.plan, par.decode, par.decode_workers) == (2, "ray", "auto", "float32", "layers", "shared", 1)
+    for bad in ({"plan": "steps"}, {"dtype": "int8"}, {"device": "tpu"}, {"backend": "threads"}, {"decode": "remote"}, {"decode_workers": -1},
                 {"gpus_per_stage": -1.0}, {"stage_call_timeout_s": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ParallelConfig(**bad)
     with pytest.raises(ValueError, match="gpus_per_stage"):
         ParallelConfig(device="cuda")  # a Ray stage with no GPU reserved sees none
-    assert ParallelConfig(device="cuda", executor="inprocess").stage_device(cuda_available=True) == "cuda"
+    assert ParallelConfig(device="cuda", backend="local").stage_device(cuda_available=True) == "cuda"
     with pytest.raises(ValueError, match="no CUDA device"):
         ParallelConfig(device="cuda", gpus_per_stage=1.0).stage_device(cuda_available=False)
     assert ParallelConfig().stage_device(cuda_available=True) == "cpu"  # no GPU reserved
     assert ParallelConfig(gpus_per_stage=1.0).stage_device(cuda_available=True) == "cuda"
     assert ParallelConfig(gpus_per_stage=1.0).stage_device(cuda_available=False) == "cpu"
-    assert ParallelConfig(executor="inprocess").stage_device(cuda_available=True) == "cuda"
+    assert ParallelConfig(backend="local").stage_device(cuda_available=True) == "cuda"
     assert ParallelConfig(device="cpu", gpus_per_stage=1.0).stage_device(cuda_available=True) == "cpu"
 
 
@@ -136,8 +136,8 @@ def test_topology_is_checked_against_the_model():
         check_topology(ParallelConfig(stages=5), get_config("tiny"))
     with pytest.raises(ValueError, match="stages"):
         ServiceConfig(parallel=ParallelConfig(stages=5))  # the root checks it too
-    with pytest.raises(ValueError, match="replica_host 'serve' needs parallel.executor 'ray'"):
-        ServiceConfig(parallel=ParallelConfig(executor="inprocess"), replica_host="serve")
+    with pytest.raises(ValueError, match="replica_host 'serve' needs parallel.backend 'ray'"):
+        ServiceConfig(parallel=ParallelConfig(backend="local"), replica_host="serve")
 
 
 def test_max_steps_is_defined_once():

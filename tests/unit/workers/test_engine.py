@@ -5,10 +5,7 @@ import pickle
 import pytest
 import torch
 
-from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine
-from workers.engine import PipelineEngine
-from workers.executor import InProcessExecutor
-from workers.model.text import build_text_encoder
+from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, local_executor, make_engine
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
@@ -18,7 +15,7 @@ from workers.model.text import build_text_encoder
 def test_engine_equals_reference(stages, mode, lanes, attention, n_streams):
     cfg = gen_config(mode, lanes, attention=attention)
     streams = dict(list(STREAMS.items())[:n_streams])
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, stages))
+    engine = make_engine(cfg, local_executor(cfg, stages))
     for sid, (prompt, seed) in streams.items():
         engine.add_stream(sid, prompt, seed)
     got = collect(engine, {sid: 5 for sid in streams})
@@ -27,13 +24,13 @@ def test_engine_equals_reference(stages, mode, lanes, attention, n_streams):
 
 def test_one_stream_with_lanes_fills_the_pipeline():
     cfg = gen_config("stream_batch", lanes=3)
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 3))
+    engine = make_engine(cfg, local_executor(cfg, 3))
     engine.add_stream("a", "x", 0)
     collect(engine, {"a": 3})
     assert engine.stats.max_inflight == 3
     assert engine.stats.chained == 0  # three lanes: no forward waits for another
     cfg1 = gen_config("stream_batch", lanes=1)
-    engine1 = make_engine(cfg1, InProcessExecutor(cfg1.model, 3))
+    engine1 = make_engine(cfg1, local_executor(cfg1, 3))
     engine1.add_stream("a", "x", 0)
     collect(engine1, {"a": 3})
     # one lane: each forward takes the previous one's latents; it is issued at once and stage 0 waits
@@ -46,11 +43,11 @@ def test_no_latents_reach_the_driver_between_steps():
     """The ring: the executor hands back only clean latents of finished chunks, once per chunk, and the
     micro-batches the engine submits carry no latents except a re-cache's."""
     cfg = gen_config("sequential")
-    executor = InProcessExecutor(cfg.model, 2)
+    executor = local_executor(cfg, 2)
     submitted, returned = [], []
     submit, collect_ = executor.submit, executor.collect
     executor.submit = lambda mb: (submitted.append(mb), submit(mb))[1]
-    executor.collect = lambda wait: [returned.append(d) or d for d in collect_(wait)]
+    executor.collect = lambda wait: (lambda got: returned.extend(got.finished) or got)(collect_(wait))
     engine = make_engine(cfg, executor)
     engine.add_stream("a", "a cat on a sofa", 1)
     got = collect(engine, {"a": 4})
@@ -66,7 +63,7 @@ def test_no_latents_reach_the_driver_between_steps():
 @pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
 def test_rebalance_mid_stream_keeps_reference_frames(mode):
     cfg = gen_config(mode)
-    executor = InProcessExecutor(cfg.model, 2)
+    executor = local_executor(cfg, 2)
     engine = make_engine(cfg, executor)
     for sid, (prompt, seed) in STREAMS.items():
         engine.add_stream(sid, prompt, seed)
@@ -83,7 +80,7 @@ def test_rebalance_mid_stream_keeps_reference_frames(mode):
 
 def test_removing_streams_returns_cache_bytes_to_baseline():
     cfg = gen_config("sequential")
-    executor = InProcessExecutor(cfg.model, 2)
+    executor = local_executor(cfg, 2)
     engine = make_engine(cfg, executor)
     baseline = executor.cache_bytes()
     for sid, (prompt, seed) in STREAMS.items():
@@ -100,7 +97,7 @@ def test_removing_streams_returns_cache_bytes_to_baseline():
 @pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
 def test_prompt_change_control_matches_reference_switch(mode):
     cfg = gen_config(mode)
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine = make_engine(cfg, local_executor(cfg, 2))
     engine.add_stream("a", "a cat on a sofa", 1)
     got = collect(engine, {"a": 2})
     engine.set_prompt("a", "a castle at night")
@@ -123,7 +120,7 @@ def test_prompt_change_control_matches_reference_switch(mode):
 
 def test_steps_change_continues_with_increasing_chunks():
     cfg = gen_config("sequential")
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine = make_engine(cfg, local_executor(cfg, 2))
     engine.add_stream("a", "p", 4)
     got = collect(engine, {"a": 2})
     engine.set_steps("a", (1000, 500))
@@ -135,14 +132,14 @@ def test_steps_change_continues_with_increasing_chunks():
 
 
 def _fresh(cfg):
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine = make_engine(cfg, local_executor(cfg, 2))
     engine.add_stream("a", "p", 4)
     return engine
 
 
 def test_stage_stats_and_latency_model_are_fed():
     cfg = gen_config("sequential")
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    engine = make_engine(cfg, local_executor(cfg, 2))
     engine.add_stream("a", "p", 0)
     collect(engine, {"a": 2})
     stats = engine.stats
@@ -157,7 +154,7 @@ def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
     from workers.config import EngineConfig
 
     cfg = gen_config("sequential")
-    executor = InProcessExecutor(cfg.model, 2, split=[(0, 1), (1, 4)])  # stage 1 does 3x the blocks
+    executor = local_executor(cfg, 2, split=[(0, 1), (1, 4)])  # stage 1 does 3x the blocks
     engine = make_engine(cfg, executor)
     engine.engine_cfg = EngineConfig(profile_every=1, rebalance_every=8, rebalance_threshold=0.2)
     for sid, (prompt, seed) in STREAMS.items():
@@ -172,7 +169,7 @@ def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
 
 def test_calibrate_at_start_fixes_a_skewed_split_and_predicts_capacity():
     cfg = gen_config("sequential")
-    executor = InProcessExecutor(cfg.model, 2, split=[(0, 3), (3, 4)])
+    executor = local_executor(cfg, 2, split=[(0, 3), (3, 4)])
     engine = make_engine(cfg, executor)
     assert not engine.latency.calibrated
     split = engine.calibrate()
@@ -190,7 +187,7 @@ def test_calibrate_at_start_fixes_a_skewed_split_and_predicts_capacity():
 
 def test_max_ahead_bounds_work_done_ahead_of_the_consumer():
     cfg = gen_config("sequential")
-    engine = make_engine(cfg, InProcessExecutor(cfg.model, 1))
+    engine = make_engine(cfg, local_executor(cfg, 1))
     engine.add_stream("a", "p", 0, max_ahead=2)
     produced = []
     for _ in range(200):
@@ -207,12 +204,12 @@ def test_restore_from_checkpoint_continues_like_a_recache_in_place(mode, lanes):
     """A checkpoint (what the orchestrator keeps per stream) restored on another engine continues exactly
     as the reference does when it re-caches the same prompt at that chunk: same chunks, same latents."""
     cfg = gen_config(mode, lanes)
-    source = make_engine(cfg, InProcessExecutor(cfg.model, 2))
+    source = make_engine(cfg, local_executor(cfg, 2))
     source.add_stream("a", "a cat on a sofa", 1)
     first = collect(source, {"a": 3})["a"]
     ckpt = source.checkpoint("a")
     assert ckpt.next_chunk >= 3 and [c for c, _ in ckpt.history] == list(range(ckpt.next_chunk))[-2:]
-    restored = make_engine(cfg, InProcessExecutor(cfg.model, 1))
+    restored = make_engine(cfg, local_executor(cfg, 1))
     restored.restore(pickle.loads(pickle.dumps(ckpt)))  # it crosses processes
     with pytest.raises(ValueError):
         restored.restore(ckpt)
@@ -224,20 +221,30 @@ def test_restore_from_checkpoint_continues_like_a_recache_in_place(mode, lanes):
 
 
 def test_restore_rewarms_the_decoder_on_recent_latents():
+    """The decode worker's causal-conv caches are warmed on the checkpoint's recent latents, so the first
+    frames after a restore continue the stream's decode instead of starting from zeros."""
     from workers.model.vae import TinyVAE
 
     cfg = gen_config("sequential")
-    source = PipelineEngine(cfg, InProcessExecutor(cfg.model, 1), build_text_encoder(cfg.model), TinyVAE(cfg.model))
+    source = make_engine(cfg, local_executor(cfg, 1, decode_workers=1))
     source.add_stream("a", "x", 0)
     collect(source, {"a": 2})
     ckpt = source.checkpoint("a")
-    target = PipelineEngine(cfg, InProcessExecutor(cfg.model, 1), build_text_encoder(cfg.model), TinyVAE(cfg.model))
+    target_executor = local_executor(cfg, 1, decode_workers=1)
+    target = make_engine(cfg, target_executor)
     target.restore(ckpt)
-    state = target.streams["a"].decoder_state
+    state = target_executor.pool.workers[0]._states["a"]
     fresh = TinyVAE(cfg.model).new_state()
     assert not _same_state(state, fresh)  # the causal-conv caches hold the recent latents, not zeros
+    vae = TinyVAE(cfg.model)
+    want_state = vae.new_state()
+    for _, x0 in ckpt.history:
+        vae.decode_chunk(x0, want_state)
+    assert _same_state(state, want_state)
     out = collect(target, {"a": 1})
     assert min(out["a"]) == ckpt.next_chunk
+    source.executor.shutdown()
+    target_executor.shutdown()
 
 
 def _same_state(a, b) -> bool:

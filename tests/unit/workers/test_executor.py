@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 def test_the_serving_executor_loads_generator_ema_when_asked(checkpoint, use_ema):
     path, plain, ema = checkpoint
     gen = GenerationConfig(model=CFG, model_path=path, use_ema=use_ema)
-    executor = build_executor(gen, ParallelConfig(stages=2, executor="inprocess"))
+    executor = build_executor(gen, ParallelConfig(stages=2, backend="local"))
     want = ema if use_ema else plain
     for stage in executor.stages:
         for name, value in stage.model.state_dict().items():
@@ -35,7 +35,7 @@ def test_the_serving_executor_loads_generator_ema_when_asked(checkpoint, use_ema
 
 
 def test_layout_and_dtype_come_from_the_parallel_config():
-    parallel = ParallelConfig(stages=3, executor="inprocess", dtype="bfloat16", device="cpu")
+    parallel = ParallelConfig(stages=3, backend="local", dtype="bfloat16", device="cpu")
     executor = build_executor(GenerationConfig(model=CFG), parallel)
     assert isinstance(executor, InProcessExecutor) and executor.num_stages == 3
     assert [s.block_range for s in executor.stages] == [(0, 2), (2, 3), (3, 4)]

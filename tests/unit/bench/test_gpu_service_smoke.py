@@ -1,0 +1,29 @@
+"""bench/gpu_service.py runs end to end on CPU (tiny model): engine rows, the real service over gRPC with the
+local backend, graphs on / off; on a GPU machine the same script gives the issue's figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_gpu_service_bench_smoke(tmp_path):
+    out = tmp_path / "gpu_service.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_service.py"), "--model", "tiny", "--device", "cpu",
+                           "--dtype", "float32", "--quick", "--decoders", "wan", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["card"].startswith("cpu")
+    assert [(r["steps"], r["decode"]) for r in result["engine"]] == [(1, None), (1, "wan")]
+    assert all(r["fps"] > 0 for r in result["engine"])
+    (svc,) = result["service"]
+    for row in (svc["one_stream"], svc["admitted_at_16fps"]):
+        assert row["delivered_fps"] > 0 and row["frames"] == row["streams"] * 24 and row["ttff_p50_s"] > 0
+        assert 0 < row["frame_latency_p50_s"] <= row["frame_latency_p99_s"]
+    assert svc["admitted_at_16fps"]["streams"] == svc["admitted_at_16fps"]["capacity_at_fps"] >= 1
+    assert svc["service_over_engine"] > 0
+    assert result["graphs"]["max_abs_latent_diff"] == 0.0 and result["graphs"]["replays"] == 0  # CPU: eager
+    assert "StreamDiffusionV2" in proc.stdout
