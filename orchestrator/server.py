@@ -35,6 +35,7 @@ from workers.core_messages import FrameBatch, StreamFailed
 log = logging.getLogger("streamgen.server")
 SERVICE_NAME = "streamgen.v1.StreamService"
 HAND_OFF_SETTLE_S = 5.0  # a replica in its own process hands its streams back asynchronously
+DEADLINE_SLACK_S = 0.25  # a cancel this close to the call's deadline is the client's deadline expiring
 
 STATUS = {
     Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -127,8 +128,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 yield frame
             reason = session.end_reason or EndReason.CLIENT_DONE
         except asyncio.CancelledError:
+            # The client's deadline fires first: its cancel reaches us a moment before our own copy of it expires.
             remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             reason = session.end_reason or (EndReason.DEADLINE if expired else EndReason.CLIENT_CANCEL)
             raise
         finally:
