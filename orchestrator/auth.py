@@ -11,8 +11,9 @@ code of its own:
 2. a method in ``OPERATOR_METHODS`` needs the operator role -> else PERMISSION_DENIED;
 3. at most ``server.maximum_concurrent_rpcs`` calls run at once -> else RESOURCE_EXHAUSTED + retry-after-ms;
 4. the handler runs with its ``Caller`` (principal, request id) in a context variable: ``current_caller()``;
-   an exception escaping it is logged with the request id and answered INTERNAL with a plain message and
-   the ``request-id`` trailer: no traceback, class name, path or address reaches the client.
+   an exception escaping it, or a request that does not parse, is answered INTERNAL with a plain message and
+   the ``request-id`` trailer (the exception is logged with that id): no traceback, class name, path or
+   address reaches the client.
 
 Without a tokens file the server is open: every caller is ``tokens.OPEN`` (one tenant, operator role).
 """
@@ -125,6 +126,31 @@ def _skip(data: bytes) -> None:
     return None
 
 
+_UNPARSED = object()
+
+
+def _tolerant(deserializer):
+    """The handler's deserializer, answering ``_UNPARSED`` instead of raising: grpc would answer UNKNOWN
+    naming the exception class."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError, invalid UTF-8, ...: answered INTERNAL
+            log.debug("a request did not parse", exc_info=True)
+            return _UNPARSED
+    return parse
+
+
+async def _parsed(requests, context):
+    async for request in requests:
+        if request is _UNPARSED:
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
+        yield request
+
+
 class Slots:
     """Calls in progress against a bound (the event loop is the only writer: no lock)."""
 
@@ -179,11 +205,21 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
         behavior = _behavior(handler)
         guard = self
 
-        # Each RPC runs in its own task, so the context variable set here is that call's alone.
+        streaming_requests = handler.request_streaming
+
+        async def admit(request, context):
+            """Set the caller, take a slot (or refuse); the request, checked to have parsed."""
+            _CALLER.set(caller)  # each RPC runs in its own task: this call's alone
+            if streaming_requests:
+                request = _parsed(request, context)
+            elif request is _UNPARSED:
+                await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
+            await guard._enter(context, slots)
+            return request
+
         if inspect.isasyncgenfunction(behavior):
             async def run(request, context):
-                _CALLER.set(caller)
-                await guard._enter(context, slots)
+                request = await admit(request, context)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -195,8 +231,7 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
                     slots.inflight -= 1
         elif inspect.iscoroutinefunction(behavior):
             async def run(request, context):
-                _CALLER.set(caller)
-                await guard._enter(context, slots)
+                request = await admit(request, context)
                 try:
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -207,7 +242,7 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
                     slots.inflight -= 1
         else:
             raise TypeError(f"{behavior!r}: the grpc.aio server needs async handlers")
-        return _handler_like(handler, run, handler.request_deserializer)
+        return _handler_like(handler, run, _tolerant(handler.request_deserializer))
 
     async def _enter(self, context, slots: Slots) -> None:
         if slots.inflight >= slots.limit:

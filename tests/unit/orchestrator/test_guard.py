@@ -9,6 +9,7 @@ import threading
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 from orchestrator.auth import ServiceGuard, current_caller
 from orchestrator.config import ServerConfig
@@ -21,7 +22,7 @@ SERVICE = "streamgen.v1.StreamService"
 async def transform(requests, context):  # what a later bidirectional RPC would look like: it names no auth
     tenant = current_caller().principal.tenant
     async for frame in requests:
-        yield f"{tenant}:{frame.decode()}".encode()
+        yield f"{tenant}:{frame}".encode()
 
 
 async def boom(request, context):
@@ -43,8 +44,9 @@ class GuardedServer:
     async def _start(self, tokens):
         server = grpc.aio.server(interceptors=[ServiceGuard(tokens, ServerConfig(), self.metrics)])
         identity = (lambda b: b, lambda b: b)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Transform": grpc.stream_stream_rpc_method_handler(transform, *identity),
+            "Transform": grpc.stream_stream_rpc_method_handler(transform, lambda b: b.decode("utf-8"), lambda b: b),
             "Boom": grpc.unary_unary_rpc_method_handler(boom, *identity),
             "Drain": grpc.unary_unary_rpc_method_handler(drain, *identity)}),))
         port = server.add_insecure_port("127.0.0.1:0")
@@ -102,3 +104,18 @@ def test_an_escaping_exception_is_an_opaque_internal_with_a_request_id_that_the_
     assert re.fullmatch(r"[A-Za-z0-9_-]{16}", request_id)
     (record,) = [r for r in caplog.records if r.name == "streamgen.auth"]
     assert request_id in record.getMessage() and record.exc_info[0] is RuntimeError  # the details stay in the log
+
+
+def test_requests_that_do_not_parse_are_an_opaque_internal_for_every_service(guarded):
+    cases = [("/grpc.health.v1.Health/Check", "unary_unary", b"\xff\xff\xff", None),  # open to all, still guarded
+             (f"/{SERVICE}/Transform", "stream_stream", iter([b"ok", b"\xc3\x28"]), "tok-c")]  # invalid UTF-8
+    for method, kind, payload, token in cases:
+        with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as ch:
+            rpc = getattr(ch, kind)(method, lambda b: b, lambda b: b)
+            md = (("authorization", f"Bearer {token}"),) if token else None
+            with pytest.raises(grpc.RpcError) as err:
+                result = rpc(payload, metadata=md, timeout=10)
+                list(result) if kind == "stream_stream" else result
+        assert err.value.code() == grpc.StatusCode.INTERNAL, method
+        assert err.value.details() == "request could not be parsed"
+        assert "request-id" in dict(err.value.trailing_metadata())
