@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.streamgen-installed
 
-.PHONY: setup lint test test-slow demo bench clean tools
+.PHONY: setup lint test test-slow demo demo-v2v bench clean tools
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test-slow: setup
 # The embedded default: local Ray, the tiny model, 2 stages, a real gRPC stream into out/demo.mp4.
 demo: setup
 	$(PY) -m orchestrator.cli demo --out out/demo.mp4
+
+# Video-to-video: makes a 64-frame test clip (out/input.mp4), restyles it through a real Transform stream.
+demo-v2v: setup
+	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4
 
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from orchestrator.config import MAX_STEPS, GenerationConfig, ServerConfig
-from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError, StreamSpec
+from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError, StreamSpec, VideoSpec
+
+DEFAULT_NOISE_SCALE = 0.7
+"""s_init of a video-to-video stream whose config gives 0 (Daydream Scope's default; StreamDiffusionV2: 0.8)."""
 
 def _invalid(field: str, why: str) -> RequestError:
     return RequestError(Rejection.INVALID, f"{field}: {why}")
@@ -39,7 +42,7 @@ def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
         raise _invalid("fps", f"must be in (0, {server.max_fps}], got {req.fps!r}")
     steps = validate_steps(int(req.steps) or gen.sampler.num_steps)
     budget_ms = int(req.latency_budget_ms) or server.default_latency_budget_ms
-    max_frames = int(req.max_frames)
+    max_frames = int(getattr(req, "max_frames", 0))  # a TransformConfig has none: until the input ends
     if max_frames > server.max_frames:
         raise _invalid("max_frames", f"exceeds {server.max_frames}")
     try:
@@ -55,6 +58,22 @@ def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
         raise _invalid("jpeg_quality", f"must be in [1, 100], got {req.jpeg_quality}")
     return StreamSpec(prompt, int(req.seed), width, height, fps, steps, budget_ms / 1000.0, late, max_frames,
                       encoding, quality)
+
+
+def validate_transform(cfg, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
+    """A TransformConfig: the Generate fields, plus the video-to-video ones; the error names the first bad field."""
+    spec = validate(cfg, server, gen)
+    noise_scale = float(cfg.noise_scale) or DEFAULT_NOISE_SCALE
+    if not math.isfinite(noise_scale) or not (0 < noise_scale <= 1):
+        raise _invalid("noise_scale", f"must be in (0, 1] (0 for the default {DEFAULT_NOISE_SCALE}), got {cfg.noise_scale!r}")
+    threshold = float(cfg.similarity_threshold)
+    if not math.isfinite(threshold) or not (0 <= threshold < 1):
+        raise _invalid("similarity_threshold", f"must be in [0, 1) (0 turns the filter off), got {threshold!r}")
+    idle_ms = int(cfg.idle_timeout_ms)
+    if idle_ms > server.max_idle_timeout_s * 1000:
+        raise _invalid("idle_timeout_ms", f"exceeds {server.max_idle_timeout_s * 1000:.0f}")
+    idle_s = idle_ms / 1000 if idle_ms else server.idle_timeout_s
+    return replace(spec, video=VideoSpec(noise_scale, bool(cfg.motion_aware), threshold, idle_s))
 
 
 def validate_prompt(prompt, server: ServerConfig) -> str:
@@ -116,9 +135,15 @@ class Decision:
     """The stream's share of the replica (1 / max_streams)."""
 
 
+def input_buffering_s(fps: float, chunk_frames: int, frames_per_latent: int = 4) -> float:
+    """Video-to-video: how long a chunk's first input frame waits for the rest of its chunk (4 f frames)."""
+    return (frames_per_latent * chunk_frames - 1) / fps
+
+
 class Admission:
-    def __init__(self, server: ServerConfig):
+    def __init__(self, server: ServerConfig, chunk_frames: int = 1):
         self.server = server
+        self.chunk_frames = chunk_frames
 
     def decide(self, spec: StreamSpec, replicas: list[ReplicaView], draining: bool = False) -> Decision:
         if draining:
@@ -126,6 +151,8 @@ class Admission:
         if not replicas:
             raise RequestError(Rejection.DRAINING, "no pipeline replica is ready", self.server.retry_after_ms)
         latency = min(r.predicted_chunk_latency(spec.steps) for r in replicas)
+        if spec.video is not None:  # an output frame also waits for its chunk's input frames to arrive
+            latency += input_buffering_s(spec.fps, self.chunk_frames)
         if latency > spec.latency_budget_s:
             raise RequestError(Rejection.BUDGET, f"latency_budget_ms: {spec.latency_budget_s * 1e3:.0f} ms is below "
                                                  f"the pipeline's {latency * 1e3:.0f} ms per chunk")

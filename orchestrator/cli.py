@@ -4,6 +4,8 @@
 * ``streamgen generate``: a client: one text-to-video stream into a video file, with a progress bar
   and a summary (frames, achieved fps, TTFF, latency percentiles, deadline misses).
 * ``streamgen health``: exit 0 when a server answers SERVING (Docker HEALTHCHECK, scripts).
+* ``streamgen transform``: a client: a video file through a video-to-video stream into a restyled file.
+* ``streamgen demo-v2v``: starts the service, restyles a test clip it makes (``out/input.mp4``), stops.
 * ``streamgen demo``: the embedded default end to end: starts the service (local Ray, the tiny model,
   2 stages), streams a real gRPC stream into ``out/demo.mp4``, prints the summary, shuts down.
 """
@@ -268,13 +270,73 @@ def cmd_health(args: argparse.Namespace) -> int:
         return 1
 
 
+INPUT_OUTCOMES = ("accepted", "dropped_backlog", "dropped_invalid", "dropped_order", "filtered_similar")
+
+
+async def _transform(target: str, args: argparse.Namespace) -> int:
+    """Stream a video file through Transform at its own frame rate (or --fps) and write the restyled video."""
+    import grpc
+    import numpy as np
+
+    from orchestrator.client import StreamgenClient, decode_frame
+    from orchestrator.video import VideoWriter, iter_video, video_frames, video_rate
+
+    fps = args.fps or video_rate(args.input) or 16.0
+    progress = Progress("restyling", video_frames(args.input) or 1)
+    sent = [0]
+
+    def frames():
+        for image, _ in iter_video(args.input):
+            sent[0] += 1
+            yield image
+
+    received, latency_ms, writer = 0, [], None
+    trailers: dict[str, str] = {}
+    async with StreamgenClient(connection_from_args(args, target)) as client:
+        call = client.transform(frames(), args.prompt, fps=fps, seed=args.seed, steps=args.steps,
+                                noise_scale=args.noise_scale, motion_aware=not args.no_motion,
+                                similarity_threshold=args.similarity, input_fps=fps)
+        try:
+            async for frame in call:
+                image = decode_frame(frame)
+                if writer is None:
+                    writer = VideoWriter(args.out, fps, frame.width, frame.height)
+                writer.write(image)
+                received += 1
+                latency_ms.append((time.time_ns() - frame.capture_unix_ns) / 1e6)
+                progress.update(min(received, progress.total))
+            trailers = dict(await call.trailing_metadata() or ())
+        except grpc.aio.AioRpcError as err:
+            print(f"streamgen: stream ended: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        finally:
+            if writer is not None:
+                writer.close()
+    dropped = ", ".join(f"{k} {trailers.get('input-' + k.replace('_', '-'), '?')}" for k in INPUT_OUTCOMES[1:])
+    p50, p99 = (np.percentile(latency_ms, q) if latency_ms else float("nan") for q in (50, 99))
+    print(f"wrote {args.out}: frames in {sent[0]}, out {received}; input accepted "
+          f"{trailers.get('input-accepted', '?')}, {dropped}; latency from capture p50 {p50:.0f} ms / p99 {p99:.0f} ms")
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.input):
+        print(f"streamgen: error: no such input video {args.input!r}", file=sys.stderr)
+        return 2
+    return asyncio.run(_transform(args.target, args))
+
+
+def demo_config(args: argparse.Namespace) -> ServiceConfig:
+    """A demo's service: open, plaintext, on loopback whatever the flags say (its own client is its only caller)."""
+    cfg = service_config(args)
+    return replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen="", health_listen="",
+                                       tls_cert="", tls_key="", tls_client_ca="", auth_tokens=""))
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from orchestrator.app import Service
 
-    cfg = service_config(args)
-    # open, plaintext, on loopback whatever the flags say: the demo's own client is its only caller
-    cfg = replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen="", health_listen="",
-                                      tls_cert="", tls_key="", tls_client_ca="", auth_tokens=""))
+    cfg = demo_config(args)
     print(f"starting streamgen: local Ray, a {cfg.generation.model.num_layers}-block model, "
           f"{cfg.parallel.stages} stages ...", flush=True)
     started = time.monotonic()
@@ -291,6 +353,43 @@ async def _demo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(_demo(args))
+
+
+async def _demo_v2v(args: argparse.Namespace) -> int:
+    from orchestrator.app import Service
+    from orchestrator.video import synthetic_clip
+
+    cfg = demo_config(args)
+    if not os.path.exists(args.input):
+        m = cfg.generation
+        print(f"making a {args.clip_frames}-frame test clip at {args.fps:g} fps: {args.input}", flush=True)
+        synthetic_clip(args.input, args.clip_frames, args.fps, m.width, m.height)
+    print(f"starting streamgen: a {cfg.generation.model.num_layers}-block model, {cfg.parallel.stages} stages ...",
+          flush=True)
+    service = await Service(cfg).start()
+    try:
+        print(f"ready on 127.0.0.1:{service.port}; restyling {args.input} at {args.fps:g} fps", flush=True)
+        return await _transform(f"127.0.0.1:{service.port}", args)
+    finally:
+        await service.stop(drain_timeout=5.0)
+        print("service stopped", flush=True)
+
+
+def cmd_demo_v2v(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(_demo_v2v(args))
+
+
+def _transform_flags(p: argparse.ArgumentParser, inp: str | None, out: str) -> None:
+    p.add_argument("--in", dest="input", required=inp is None, default=inp, help="input video file (PyAV reads it)")
+    p.add_argument("--out", default=out, help=f"restyled video to write (default {out})")
+    p.add_argument("--prompt", default="a watercolor painting, soft pastel colours")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=0.0, help="send at this rate (default: the file's own frame rate)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (0 = server default)")
+    p.add_argument("--noise-scale", type=float, default=0.0, help="s_init in (0, 1] (0 = server default 0.7)")
+    p.add_argument("--no-motion", action="store_true", help="a fixed noise scale (no motion-aware controller)")
+    p.add_argument("--similarity", type=float, default=0.0, help="similarity filter threshold (0 = off)")
 
 
 def _service_flags(p: argparse.ArgumentParser) -> None:
@@ -342,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_flags(gen)
     _stream_flags(gen, "video.mp4", 48)
     gen.set_defaults(func=cmd_generate)
+    tr = sub.add_parser("transform", help="restyle a video file through a video-to-video stream")
+    add_connection_flags(tr)
+    _transform_flags(tr, None, "restyled.mp4")
+    tr.set_defaults(func=cmd_transform)
     check = sub.add_parser("health", help="exit 0 if the server answers SERVING (grpc.health.v1)")
     add_connection_flags(check)
     check.add_argument("--service", default="", help="health service name ('' liveness, streamgen.v1.StreamService "
@@ -352,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     _service_flags(demo)
     _stream_flags(demo, "out/demo.mp4", 48)
     demo.set_defaults(func=cmd_demo)
+    demo_v2v = sub.add_parser("demo-v2v", help="start the service locally, restyle a test clip into out/demo_v2v.mp4")
+    _service_flags(demo_v2v)
+    _transform_flags(demo_v2v, "out/input.mp4", "out/demo_v2v.mp4")
+    demo_v2v.add_argument("--clip-frames", type=int, default=64, help="frames of the test clip it makes if --in is absent")
+    demo_v2v.set_defaults(func=cmd_demo_v2v, fps=8.0)
     return parser
 
 

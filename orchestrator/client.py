@@ -127,6 +127,24 @@ class StreamgenClient:
             encoding=stream_pb2.RAW_RGB if encoding == "raw_rgb" else stream_pb2.JPEG)
         return self.stub.Generate(request, timeout=timeout)
 
+    def transform(self, frames, prompt: str, fps: float, seed: int = 0, steps: int = 0, latency_budget_ms: int = 0,
+                  late_policy: str = "drop", encoding: str = "jpeg", noise_scale: float = 0.0,
+                  motion_aware: bool = True, similarity_threshold: float = 0.0, idle_timeout_ms: int = 0,
+                  input_encoding: str = "jpeg", input_fps: float | None = None, controls=None,
+                  timeout: float | None = None):
+        """Start a video-to-video stream; iterate the returned call for restyled Frames (``call.cancel()`` ends
+        it). ``frames``: an iterable (or async iterable) of uint8 RGB frames [H, W, 3] or (frame,
+        capture_unix_ns) pairs, sent as ``input_encoding`` and, with ``input_fps``, paced at that rate (a live
+        source); the request stream half-closes after the last. ``controls``: an optional asyncio.Queue of
+        ``TransformControl`` kwargs dicts sent as they come (None ends the controls)."""
+        config = stream_pb2.TransformConfig(
+            prompt=prompt, seed=seed, fps=fps, steps=steps, latency_budget_ms=latency_budget_ms,
+            late_policy=stream_pb2.DELIVER_FLAGGED if late_policy == "deliver_flagged" else stream_pb2.DROP,
+            encoding=stream_pb2.RAW_RGB if encoding == "raw_rgb" else stream_pb2.JPEG, noise_scale=noise_scale,
+            motion_aware=motion_aware, similarity_threshold=similarity_threshold, idle_timeout_ms=idle_timeout_ms)
+        return self.stub.Transform(_transform_requests(config, frames, input_encoding, input_fps, controls),
+                                   timeout=timeout)
+
     async def control(self, stream_id: str, prompt: str | None = None, steps: int | None = None,
                       paused: bool | None = None, cancel: bool = False) -> stream_pb2.ControlReply:
         req = stream_pb2.ControlRequest(stream_id=stream_id, cancel=cancel)
@@ -143,6 +161,55 @@ class StreamgenClient:
 
     async def drain(self, timeout_ms: int = 0) -> stream_pb2.DrainReply:
         return await self.stub.Drain(stream_pb2.DrainRequest(timeout_ms=timeout_ms))
+
+
+async def _transform_requests(config, frames, input_encoding: str, input_fps: float | None, controls):
+    """The Transform request stream: the config, then each input frame (paced at ``input_fps``) and control."""
+    import asyncio
+
+    yield stream_pb2.TransformRequest(config=config)
+    if controls is not None:
+        pending = asyncio.ensure_future(controls.get())
+    start = time.monotonic()
+    items = frames if hasattr(frames, "__aiter__") else _aiter(frames)
+    index = 0
+    async for item in items:
+        image, capture_ns = item if isinstance(item, tuple) else (item, time.time_ns())
+        if input_fps:
+            delay = start + index / input_fps - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            capture_ns = time.time_ns()  # a live source: captured as it is sent
+        while controls is not None and pending is not None and pending.done():
+            kw = pending.result()
+            pending = None if kw is None else asyncio.ensure_future(controls.get())
+            if kw is not None:
+                yield stream_pb2.TransformRequest(control=stream_pb2.TransformControl(**kw))
+        yield stream_pb2.TransformRequest(frame=encode_input(image, index, capture_ns, input_encoding))
+        index += 1
+    if controls is not None and pending is not None:
+        pending.cancel()
+
+
+async def _aiter(iterable):
+    for item in iterable:
+        yield item
+
+
+def encode_input(image: np.ndarray, index: int, capture_unix_ns: int, encoding: str = "jpeg",
+                 quality: int = 90) -> stream_pb2.InputFrame:
+    """An uint8 RGB frame [H, W, 3] as an InputFrame (JPEG or raw RGB)."""
+    h, w = image.shape[:2]
+    if encoding == "raw_rgb":
+        data, enc = np.ascontiguousarray(image, dtype=np.uint8).tobytes(), stream_pb2.RAW_RGB
+    else:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+        data, enc = buf.getvalue(), stream_pb2.JPEG
+    return stream_pb2.InputFrame(index=index, data=data, encoding=enc, width=w, height=h,
+                                 capture_unix_ns=capture_unix_ns)
 
 
 def decode_frame(frame: stream_pb2.Frame) -> np.ndarray:

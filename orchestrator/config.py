@@ -134,6 +134,12 @@ class ServerConfig:
     """Strikes before the server sends GOAWAY (too_many_pings); 0: never."""
     stall_frames: Annotated[float, Field(gt=0, le=1e6)] = 1.0
     """A frame later than this many intervals past its due time re-anchors the pacing clock."""
+    idle_timeout_s: Seconds = 10.0
+    """A video-to-video stream with no input frame for this long ends (DEADLINE_EXCEEDED, reason idle)."""
+    max_idle_timeout_s: Seconds = 300.0
+    """The longest idle timeout a TransformConfig may ask for."""
+    max_invalid_frames: Annotated[int, Field(ge=1, le=1 << 20)] = 30
+    """Unusable input frames in a row that end a video-to-video stream (INVALID_ARGUMENT naming frame.data)."""
     probe_period_s: Annotated[float, Field(ge=0, le=86400)] = 5.0
     """Readiness: every replica runs a real forward on every stage this often (0 disables probing)."""
     probe_timeout_s: Seconds = 5.0

@@ -60,3 +60,31 @@ class Pacer:
     def resume(self, index: int, now: float) -> None:
         """After a pause: frame ``index`` is due one interval from now (no burst)."""
         self.anchor, self.anchor_index = now + self.interval, index
+
+
+class PlayoutPacer:
+    """Video-to-video output timing: frame k restyles an input that arrived at a_k and is due at a_k + budget.
+    It goes out at a_k + D, D the playout delay: the most any frame so far needed (ready - arrival), eased
+    back by ``decay`` of an interval per frame, so output keeps the input's cadence (subsampled to the
+    stream's fps at ingress) without bursts, and a late frame is dropped or flagged (late policy)."""
+
+    def __init__(self, fps: float, budget_s: float, late_policy: LatePolicy, decay: float = 0.01):
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.interval, self.budget, self.policy = 1.0 / fps, budget_s, late_policy
+        self.decay = decay * self.interval
+        self.delay: float | None = None
+        self.last_send = float("-inf")
+
+    def place(self, arrival: float, ready_at: float) -> Placement:
+        due = arrival + self.budget
+        if ready_at > due:
+            if self.policy is LatePolicy.DROP:
+                return Placement(None, due, False, FrameOutcome.DROPPED_DEADLINE)
+            self.last_send = ready_at
+            return Placement(ready_at, due, False, FrameOutcome.LATE)
+        need = ready_at - arrival
+        self.delay = need if self.delay is None else max(need, self.delay - self.decay)
+        send = max(ready_at, arrival + min(self.delay, self.budget), self.last_send)
+        self.last_send = send
+        return Placement(send, due, True, FrameOutcome.DELIVERED)

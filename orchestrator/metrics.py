@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from orchestrator.tokens import AuthFailure
-from orchestrator.types import EndReason, FrameOutcome, Rejection
+from orchestrator.types import EndReason, FrameOutcome, InputOutcome, Rejection
 
 if TYPE_CHECKING:
     from workers.core_messages import CoreStats
@@ -33,6 +33,8 @@ class Metrics:
         self.stream_duration = Histogram("streamgen_stream_duration_seconds", "Admission to end",
                                          buckets=(1, 5, 15, 30, 60, 300, 900, 3600), registry=r)
         self.frames = Counter("streamgen_frames", "Generated frames, by outcome", ["outcome"], registry=r)
+        self.input_frames = Counter("streamgen_input_frames", "Video-to-video input frames, by outcome", ["outcome"],
+                                    registry=r)
         self.frame_latency = Histogram("streamgen_frame_latency_seconds",
                                        "Chunk dispatch to frame sent", buckets=LATENCY_BUCKETS, registry=r)
         self.ttff = Histogram("streamgen_time_to_first_frame_seconds", "Admission to first frame sent",
@@ -90,6 +92,8 @@ class Metrics:
             self.auth_failures.labels(failure.value)
         for outcome in FrameOutcome:
             self.frames.labels(outcome.value)
+        for outcome in InputOutcome:
+            self.input_frames.labels(outcome.value)
         for kind in ("exception", "replica_lost"):
             self.engine_errors.labels(kind)
         for state in ("serving", "draining", "starting"):
@@ -155,6 +159,7 @@ class Metrics:
 CATALOGUE = (
     "streamgen_streams_active", "streamgen_stream_starts_total", "streamgen_stream_rejections_total",
     "streamgen_streams_ended_total", "streamgen_stream_duration_seconds", "streamgen_frames_total",
+    "streamgen_input_frames_total",
     "streamgen_frame_latency_seconds", "streamgen_time_to_first_frame_seconds", "streamgen_output_interval_seconds",
     "streamgen_output_freezes_total", "streamgen_stage_compute_seconds_total", "streamgen_stage_idle_seconds_total",
     "streamgen_stage_latency_seconds", "streamgen_stage_microbatches_inflight",

@@ -19,8 +19,9 @@ from typing import Callable
 
 from orchestrator.admission import stream_share
 from orchestrator.types import StreamSpec
-from workers.core_messages import (ControlMessage, FrameBatch, OpenStream, OutputFormat, RestoreStream,
-                                   SetPrompt, SetSteps, StreamFailed)
+from workers.core_messages import (ControlMessage, EndInput, FrameBatch, OpenStream, OutputFormat, PushInput,
+                                   RestoreStream, SetNoiseScale, SetPrompt, SetSteps, StreamFailed)
+from workers.v2v import VideoParams
 from workers.engine import StreamCheckpoint
 
 Sink = Callable[[FrameBatch | StreamFailed], None]
@@ -54,8 +55,10 @@ class StreamRecord:
         switches and the steps change the checkpoint does not hold, so revisions match the server's."""
         spec, ckpt = self.spec, self.checkpoint
         if ckpt is None:
+            video = None if spec.video is None else VideoParams(spec.video.noise_scale, spec.video.motion_aware,
+                                                                spec.video.similarity_threshold)
             msgs: list[ControlMessage] = [OpenStream(self.stream_id, spec.prompt, spec.seed, spec.fps, spec.steps,
-                                                     self.output)]
+                                                     self.output, video)]
             revision, steps = 0, spec.steps
         else:
             msgs = [RestoreStream(ckpt, self.output)]
@@ -127,6 +130,22 @@ class ReplicaClient(ABC):
                 return
             record.steps, record.load = steps, stream_share(self, record.spec.fps, steps)
         self._send(SetSteps(stream_id, steps))
+
+    def push_input(self, stream_id: str, frames, meta=None, due: float | None = None) -> None:
+        """Video-to-video: the stream's next input chunk, uint8 [N, H, W, 3] (``meta`` comes back on its
+        FrameBatch; ``due``: when its first output frame is due, for earliest-deadline-first scheduling)."""
+        if self.holds(stream_id):
+            self._send(PushInput(stream_id, frames, meta, due))
+
+    def end_input(self, stream_id: str) -> None:
+        """Video-to-video: no more input (the client half-closed); the chunks in flight still come out."""
+        if self.holds(stream_id):
+            self._send(EndInput(stream_id))
+
+    def set_noise_scale(self, stream_id: str, noise_scale: float) -> None:
+        """Video-to-video: the noise controller's s_init from the next input chunk on."""
+        if self.holds(stream_id):
+            self._send(SetNoiseScale(stream_id, noise_scale))
 
     @abstractmethod
     def consumed(self, stream_id: str) -> None:

@@ -16,6 +16,20 @@ CONTEXT = -1
 
 
 @dataclass(slots=True)
+class ChunkInput:
+    """A video-to-video chunk's input, for stage 0: its frames (encoded there, with the stream's causal VAE
+    encoder) or, when the chunk starts over (a prompt change, a rebuild), the latents they were encoded to."""
+
+    chunk: int
+    noise_scale: float
+    """s: the chunk enters step 0 as eps s + z (1 - s)."""
+    pixels: torch.Tensor | None = None
+    """uint8 frames [N, H, W, 3] at the stream's size (N = 1 + 4 (f - 1) for chunk 0, 4 f after)."""
+    latents: torch.Tensor | None = None
+    """z [f, C, h, w], float32, once stage 0 has encoded the pixels."""
+
+
+@dataclass(slots=True)
 class Work:
     """One forward of one stream: chunk-sized entries, oldest first."""
 
@@ -27,8 +41,10 @@ class Work:
     """(chunk index, step index or CONTEXT) per entry."""
     timesteps: tuple[float, ...]
     """Model timestep of each entry."""
-    sigmas: tuple[float, ...]
-    """The stream's sigma per denoising step (x0 and re-noise on the last stage)."""
+    entry_sigmas: tuple[tuple[float, float], ...]
+    """Per entry: (sigma of its step, sigma of the next step) for x0 and the re-noise on the last stage."""
+    steps: int
+    """The stream's denoising steps (an entry at step ``steps - 1`` finishes its chunk)."""
     chunk_frames: int
     commit_frames: int = 0
     """Leading frames whose K/V join the cache (context entries)."""
@@ -40,6 +56,8 @@ class Work:
     """[F, C, h, w] float32 latents sent by the driver (re-cache only); None: stage 0 finds them."""
     lane: int = 0
     """Which lane issued it (``SamplerConfig.lanes``; the engine's bookkeeping)."""
+    input: ChunkInput | None = None
+    """Video-to-video: the input of the chunk entering step 0 in this forward (None: noise, text-to-video)."""
 
     @property
     def frames(self) -> int:
@@ -60,12 +78,11 @@ class Work:
     def ring_entries(self) -> list[tuple[int, int]]:
         """What the last stage produces from this forward, in order: (chunk, next step) for an entry that
         goes on denoising, (chunk, CONTEXT) for one that finished (its clean x0 is the next context)."""
-        n = len(self.sigmas)
-        return [(c, s + 1 if s + 1 < n else CONTEXT) for c, s in self.entries if s != CONTEXT]
+        return [(c, s + 1 if s + 1 < self.steps else CONTEXT) for c, s in self.entries if s != CONTEXT]
 
     def finishes(self) -> list[int]:
         """Chunks this forward finishes (their last denoising step)."""
-        return [c for c, s in self.entries if s == len(self.sigmas) - 1]
+        return [c for c, s in self.entries if s == self.steps - 1]
 
 
 @dataclass(slots=True)
@@ -155,6 +172,8 @@ class Finished:
     chunks: list[list[tuple[int, torch.Tensor]]]
     """Per segment (micro-batch order): (chunk, x0 [f, C, h, w] float32 on CPU)."""
     stats: list[StageStats]
+    encoded: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    """Video-to-video: stream -> (chunk, z [f, C, h, w]) stage 0 encoded from pixels in this micro-batch."""
 
 
 @dataclass(slots=True)

@@ -188,12 +188,15 @@ class SamplerConfig:
     """stream_batch only: in-flight entries also attend to older in-flight chunks (inflight) or not (clean)."""
     lanes: Annotated[int, Field(ge=1, le=64)] = 1
     """stream_batch only: forwards one stream keeps in flight (lanes = P keeps P stages busy)."""
+    v2v_steps: Annotated[tuple[Timestep, ...], Field(min_length=1, max_length=MAX_STEPS)] = (700.0, 500.0, 400.0, 200.0)
+    """Video-to-video step list before warping (StreamDiffusionV2's); the noise controller sets each chunk's first."""
 
     @model_validator(mode="after")
     def _check(self) -> SamplerConfig:
-        steps = self.denoising_steps
-        if any(a <= b for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"SamplerConfig.denoising_steps must be strictly decreasing, got {steps}")
+        for name in ("denoising_steps", "v2v_steps"):
+            steps = getattr(self, name)
+            if any(a <= b for a, b in zip(steps, steps[1:])):
+                raise ValueError(f"SamplerConfig.{name} must be strictly decreasing, got {steps}")
         if self.lanes > 1 and self.mode != "stream_batch":
             raise ValueError("SamplerConfig.lanes > 1 needs mode 'stream_batch'")
         return self
@@ -246,7 +249,7 @@ class EngineConfig:
     profile_every: Annotated[int, Field(ge=0, le=1 << 20)] = 8
     """Every n-th micro-batch times each block (feeds the block planner); 0 = never."""
     rebalance_every: Annotated[int, Field(ge=0, le=1 << 20)] = 32
-    """Check the block split every n micro-batches; 0 = never re-plan."""
+    """Check the block split every n micro-batches; 0 = never re-plan (the split stays as built, even at start)."""
     rebalance_threshold: Annotated[float, Field(gt=0, lt=10)] = 0.15
     """Re-plan when the slowest stage is this much slower than the best split's slowest stage."""
     cost_decay: Annotated[float, Field(ge=0, lt=1)] = 0.8

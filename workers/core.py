@@ -23,12 +23,16 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+import torch
+
 from workers import devicemap
 from workers.config import EngineConfig, GenerationConfig, ParallelConfig
-from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, FrameBatch, Message,
-                                   OpenStream, RestoreStream, SetPrompt, SetSteps, Stop, StreamEvicted, StreamFailed)
+from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, EndInput, FrameBatch, Message,
+                                   OpenStream, PushInput, RestoreStream, SetNoiseScale, SetPrompt, SetSteps, Stop,
+                                   StreamEvicted, StreamFailed)
 from workers.engine import ChunkOutput, PipelineEngine
 from workers.executor import Executor, StageFailure, build_executor
+from workers.v2v import video_sampler
 
 log = logging.getLogger("streamgen.core")
 MAX_RECOVERIES, RECOVERY_WINDOW_S = 3, 60
@@ -228,10 +232,12 @@ class EngineCore:
                     self._emit(StreamFailed(msg.stream_id, "replica out of service", self.take_stats()))
                     return
                 sampler = engine.cfg.sampler
-                if msg.steps != sampler.num_steps:
+                if msg.video is not None:
+                    sampler = video_sampler(sampler, msg.steps)
+                elif msg.steps != sampler.num_steps:
                     sampler = replace(sampler, denoising_steps=step_list(msg.steps))
                 engine.add_stream(msg.stream_id, msg.prompt, msg.seed, msg.fps, sampler, max_ahead=self.max_ahead,
-                                  output=msg.output)
+                                  output=msg.output, video=msg.video)
                 self._open.add(msg.stream_id)
             case RestoreStream():
                 sid = msg.checkpoint.stream_id
@@ -251,7 +257,21 @@ class EngineCore:
             case SetPrompt() if msg.stream_id in self._open:
                 engine.set_prompt(msg.stream_id, msg.prompt)
             case SetSteps() if msg.stream_id in self._open:
-                engine.set_steps(msg.stream_id, step_list(msg.steps))
+                video = engine.streams[msg.stream_id].video is not None
+                steps = video_sampler(engine.cfg.sampler, msg.steps).denoising_steps if video else step_list(msg.steps)
+                engine.set_steps(msg.stream_id, steps)
+            case PushInput() if msg.stream_id in self._open:
+                try:
+                    engine.push_input(msg.stream_id, torch.as_tensor(msg.frames), msg.meta, msg.due)
+                except ValueError as err:  # a chunk of the wrong shape: the stream cannot go on
+                    log.warning("replica %d: stream %s: %s", self.index, msg.stream_id[:8], err)
+                    self._open.discard(msg.stream_id)
+                    engine.remove_stream(msg.stream_id)
+                    self._emit(StreamFailed(msg.stream_id, "bad input chunk", self.take_stats()))
+            case EndInput() if msg.stream_id in self._open:
+                engine.end_input(msg.stream_id)
+            case SetNoiseScale() if msg.stream_id in self._open:
+                engine.set_noise_scale(msg.stream_id, msg.noise_scale)
             case Consumed() if msg.stream_id in self._open:
                 engine.consumed(msg.stream_id, msg.chunks)
             case Call():
@@ -278,7 +298,8 @@ class EngineCore:
             self._stats.decode_s.append(out.decode_s)
         checkpoint = self.engine.checkpoint(out.stream_id) if self.checkpoints else None
         self._emit(FrameBatch(out.stream_id, out.chunk, out.prompt_revision, out.frames or [], out.width, out.height,
-                              out.latency_s, time.monotonic(), checkpoint, self.take_stats()))
+                              out.latency_s, time.monotonic(), checkpoint, self.take_stats(), out.input,
+                              out.repeated))
 
     def _on_stage_failure(self, err: StageFailure) -> None:
         log.warning("replica %d: %s; rebuilding its stages", self.index, err)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from workers.batch import OutputFormat as OutputFormat  # re-exported: how a client names a stream's encoding
 from workers.batch import StageStats
 from workers.engine import StreamCheckpoint
+from workers.v2v import VideoParams
 
 
 # -- control messages (the core's inbox) -----------------------------------------------------------
@@ -27,6 +28,8 @@ class OpenStream:
     fps: float
     steps: int
     output: OutputFormat
+    video: VideoParams | None = None
+    """Video-to-video: its input settings (its chunks then come as PushInput)."""
 
 
 @dataclass(slots=True)
@@ -55,6 +58,32 @@ class SetSteps:
 
 
 @dataclass(slots=True)
+class PushInput:
+    """A video-to-video stream's next input chunk."""
+
+    stream_id: str
+    frames: Any
+    """uint8 [N, H, W, 3] at the stream's size (numpy or torch)."""
+    meta: Any = None
+    """Comes back on the chunk's FrameBatch (the input frames' indices and capture times)."""
+    due: float | None = None
+    """When its first output frame is due (monotonic; earliest deadline first)."""
+
+
+@dataclass(slots=True)
+class EndInput:
+    """A video-to-video stream gets no more input; the chunks in flight still come out."""
+
+    stream_id: str
+
+
+@dataclass(slots=True)
+class SetNoiseScale:
+    stream_id: str
+    noise_scale: float
+
+
+@dataclass(slots=True)
 class Consumed:
     """The consumer took ``chunks`` finished chunks (frees the stream's look-ahead)."""
 
@@ -79,7 +108,8 @@ class Stop:
     """End the engine loop."""
 
 
-ControlMessage = OpenStream | RestoreStream | CloseStream | SetPrompt | SetSteps | Consumed
+ControlMessage = OpenStream | RestoreStream | CloseStream | SetPrompt | SetSteps | Consumed | PushInput | EndInput \
+    | SetNoiseScale
 Message = ControlMessage | Call | Stop
 
 
@@ -125,6 +155,10 @@ class FrameBatch:
     """The stream's checkpoint after this chunk (cores in their own process ship it, so the orchestrator
     can continue the stream elsewhere if that process dies)."""
     stats: CoreStats | None = None
+    input: Any = None
+    """Video-to-video: the PushInput's meta of the input chunk these frames restyle."""
+    repeated: bool = False
+    """Video-to-video: the similarity filter skipped that chunk; these are the previous chunk's frames."""
 
 
 @dataclass(slots=True)

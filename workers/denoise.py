@@ -83,13 +83,19 @@ class TimestepTable:
         return t
 
 
+Encode = Callable[[str, torch.Tensor], torch.Tensor]
+"""Stage 0's VAE encoder: (stream, uint8 frames [N, H, W, 3]) -> z [f, C, h, w] (the stream's causal state)."""
+
+
 def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int], device: torch.device,
-           wait: Callable[[], bool] | None = None, timesteps: TimestepTable | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           wait: Callable[[], bool] | None = None, timesteps: TimestepTable | None = None,
+           encode: Encode | None = None, encoded: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``, both on ``device``.
 
     ``wait`` blocks until one more ring message has been unpacked into ``store`` and returns False when none
-    is pending (then a missing entry is a bug: it was never going to come)."""
+    is pending (then a missing entry is a bug: it was never going to come). A video-to-video chunk enters
+    step 0 as eps s + z (1 - s), z its frames encoded by ``encode`` (recorded in ``encoded``: stream ->
+    (chunk, z)) or its latents from an earlier encode."""
     parts = []
     for work in mb.segments:
         store.see(work)
@@ -99,7 +105,11 @@ def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int
         f = work.chunk_frames
         for chunk, step in work.entries:
             if step == 0:
-                parts.append(chunk_noise(work.seed, chunk, 0, (f,) + latent_shape, device=device))
+                noise = chunk_noise(work.seed, chunk, 0, (f,) + latent_shape, device=device)
+                if work.input is not None and work.input.chunk == chunk:
+                    parts.append(_noisy_input(work, noise, encode, encoded))
+                else:
+                    parts.append(noise)
                 continue
             key = (work.stream_id, work.epoch, chunk, step)
             x = store.take(key)
@@ -113,6 +123,20 @@ def inputs(mb: MicroBatch, store: LatentStore, latent_shape: tuple[int, int, int
     return torch.cat(parts), t
 
 
+def _noisy_input(work: Work, noise: torch.Tensor, encode: Encode | None, encoded: dict | None) -> torch.Tensor:
+    """A video-to-video chunk at step 0: eps s + z (1 - s) [f, C, h, w]."""
+    inp = work.input
+    z = inp.latents
+    if z is None:
+        if encode is None:
+            raise RuntimeError(f"stream {work.stream_id!r} chunk {inp.chunk} has frames but this stage has no encoder")
+        z = encode(work.stream_id, inp.pixels)
+        if encoded is not None:
+            encoded[work.stream_id] = (inp.chunk, z)
+    z = z.to(noise.device, noise.dtype)
+    return noise * inp.noise_scale + z * (1 - inp.noise_scale)
+
+
 def advance(mb: MicroBatch, latents: torch.Tensor, flow: torch.Tensor
             ) -> tuple[torch.Tensor | None, list[list[tuple[int, torch.Tensor]]]]:
     """The last stage: latents [F, C, h, w] (the forward's input) and flow [F, C, h, w] ->
@@ -124,13 +148,14 @@ def advance(mb: MicroBatch, latents: torch.Tensor, flow: torch.Tensor
             if step == CONTEXT:
                 continue
             rows = slice(f0 + i * f, f0 + (i + 1) * f)
-            x0 = to_x0(latents[rows].float(), flow[rows].float(), work.sigmas[step])
-            if step + 1 == len(work.sigmas):
+            sigma, next_sigma = work.entry_sigmas[i]
+            x0 = to_x0(latents[rows].float(), flow[rows].float(), sigma)
+            if step + 1 == work.steps:
                 done.append((chunk, x0))
                 ring.append(x0)  # the next forward's context entry
             else:
                 noise = chunk_noise(work.seed, chunk, step + 1, tuple(x0.shape), device=x0.device)
-                ring.append(renoise(x0, noise, work.sigmas[step + 1]))
+                ring.append(renoise(x0, noise, next_sigma))
         finished.append(done)
         f0 += work.frames
     return (torch.cat(ring) if ring else None), finished

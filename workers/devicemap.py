@@ -23,6 +23,8 @@ UMT5_XXL_ENCODER_PARAMS = 5_680_000_000
 """umT5-XXL encoder: 24 layers of d_model 4096 / d_ff 10240 plus a 256384 x 4096 embedding."""
 WAN_VAE_DECODER_PARAMS = 73_000_000
 """The Wan2.1 VAE's decoder half (the whole VAE: about 127M parameters)."""
+WAN_VAE_ENCODER_PARAMS = 54_000_000
+"""The Wan2.1 VAE's encoder half: stage 0 encodes video-to-video input with it."""
 WAN_VAE_STATE_BYTES_480P = int(1.8 * GIB)
 """Streaming Wan VAE decoder state of one 832x480 session in bf16 (vllm-omni#7074); scales with pixels."""
 TAEHV_DECODER_PARAMS = 9_844_611
@@ -182,6 +184,18 @@ def decoder_bytes(gen: GenerationConfig, dtype_bytes: int) -> tuple[int, int]:
     return WAN_VAE_DECODER_PARAMS * dtype_bytes, int(WAN_VAE_STATE_BYTES_480P * scale * dtype_bytes / 2)
 
 
+def encoder_bytes(gen: GenerationConfig, dtype_bytes: int) -> int:
+    """Weights of the VAE encoder stage 0 loads for video-to-video streams (their per-stream causal state, a
+    few frames of activations, is not counted: streams are sized by the larger decoder state)."""
+    m = gen.model
+    if m.vae == "tiny":  # TinyVAE's encoder: patchify conv, a causal 3x3x3 conv, time-stride conv, 1x1 out
+        width, z, t, s = 32, m.in_channels, m.vae_stride[0], m.vae_stride[1]
+        params = (3 * width * s * s + width) + (width * width * 27 + width) + (width * width * t + width) \
+            + (width * z + z)
+        return params * dtype_bytes
+    return WAN_VAE_ENCODER_PARAMS * dtype_bytes
+
+
 def text_encoder_bytes(gen: GenerationConfig, dtype_bytes: int) -> int:
     return 0 if gen.model.text_encoder == "hash" else UMT5_XXL_ENCODER_PARAMS * dtype_bytes
 
@@ -204,6 +218,7 @@ def plan(gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int,
         pieces.append(Piece(f"stage {i} (blocks {a}-{b - 1}{extras})", i, weights * nbytes,
                             kv_stream_bytes(gen, b - a, nbytes)))
     pieces.append(Piece(f"text encoder ({m.text_encoder})", 0, text_encoder_bytes(gen, nbytes)))
+    pieces.append(Piece(f"VAE encoder ({m.vae}, video-to-video)", 0, encoder_bytes(gen, nbytes)))
     dec_weights, dec_state = decoder_bytes(gen, nbytes)
     for w in range(parallel.decode_workers):
         slot = last if parallel.decode == "shared" else parallel.stages + w

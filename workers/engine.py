@@ -25,6 +25,7 @@ from workers.batch import DecodedChunk, Finished, MicroBatch, OutputFormat, Stag
 from workers.executor import Executor
 from workers.plan import LatencyModel, balanced_split, stage_costs
 from workers.stream import StreamProgram
+from workers.v2v import VideoInput, VideoParams
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ChunkOutput:
     """Decode plus encode seconds on its decode worker."""
     started: float | None = None
     """When its first denoising step was dispatched (the engine's clock)."""
+    input: object = None
+    """Video-to-video: what the caller pushed with the input chunk this output restyles."""
+    repeated: bool = False
+    """Video-to-video: the similarity filter skipped the input chunk; these are the previous output's frames."""
 
 
 @dataclass
@@ -67,9 +72,14 @@ class _Stream:
     outstanding: dict[int, Work] = field(default_factory=dict)  # micro-batch seq -> work
     chunk_started: dict[int, float] = field(default_factory=dict)  # chunk -> dispatch time of its step 0
     decoding: dict[int, ChunkOutput] = field(default_factory=dict)  # finished chunks waiting for their frames
+    video: VideoInput | None = None  # video-to-video: the input side (filter, noise controller, output order)
+    outputs: dict[int, ChunkOutput] = field(default_factory=dict)  # video: finished, waiting for their turn
+    input_due: dict[int, float] = field(default_factory=dict)  # video: chunk -> when its first frame is due
 
     def due(self) -> float:
         """When the stream's next unfinished chunk is due (earliest deadline first)."""
+        if self.video is not None:
+            return min(self.input_due.values(), default=float("inf"))
         frames_per_chunk = self.frames_per_latent * self.program.f
         return self.started + self.program.next_chunk * frames_per_chunk / self.fps
 
@@ -94,6 +104,10 @@ class StreamCheckpoint:
     """Recent clean latents (chunk, [f, C, h, w]), at most ``cache.recache_frames`` frames."""
     max_ahead: int | None = None
     output: OutputFormat | None = None
+    video: VideoParams | None = None
+    """Video-to-video: its input settings (the restored stream takes new input from ``next_chunk`` on)."""
+    inputs_received: int = 0
+    """Video-to-video: input chunks it had received (the next is not a stream's first)."""
 
 
 @dataclass
@@ -144,17 +158,41 @@ class PipelineEngine:
 
     def add_stream(self, stream_id: str, prompt: str, seed: int, fps: float = 16.0,
                    sampler: SamplerConfig | None = None, max_ahead: int | None = None,
-                   output: OutputFormat | None = None) -> None:
+                   output: OutputFormat | None = None, video: VideoParams | None = None) -> None:
         """Open a stream. With ``max_ahead`` it stops being scheduled while that many finished chunks
         are waiting for ``consumed`` (the consumer's pace bounds the work done ahead of it). ``output``:
-        how its frames are encoded (default JPEG)."""
+        how its frames are encoded (default JPEG). ``video``: a video-to-video stream, whose chunks come
+        from ``push_input`` (``sampler`` then holds its step list)."""
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} already exists")
-        program = StreamProgram(sampler or self.cfg.sampler, self.cfg.cache, seed, self.latent_shape)
+        sampler = sampler or self.cfg.sampler
+        program = StreamProgram(sampler, self.cfg.cache, seed, self.latent_shape, video=video is not None)
         output = output or OutputFormat()
-        self.executor.open_stream(stream_id, self.cfg.cache, output)
-        self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(), output,
-                                          self.cfg.model.vae_stride[0], max_ahead=max_ahead)
+        self.executor.open_stream(stream_id, self.cfg.cache, output, video=video is not None)
+        t = self.cfg.model.vae_stride[0]
+        self.streams[stream_id] = _Stream(stream_id, program, prompt, fps, self.clock(), output, t,
+                                          max_ahead=max_ahead,
+                                          video=None if video is None else VideoInput(video, seed, sampler.chunk_frames, t))
+
+    def push_input(self, stream_id: str, frames: torch.Tensor, meta: object = None, due: float | None = None) -> None:
+        """Video-to-video: the stream's next input chunk, uint8 frames [N, H, W, 3] at its size (N: see
+        ``VideoInput.frames_needed``). ``meta`` comes back on its output; ``due``: when its first output frame
+        is due (the engine's clock; earliest deadline first). A chunk the similarity filter skips costs no
+        forward: its output is the previous one again, in order."""
+        stream = self.streams[stream_id]
+        chunk = stream.video.push(frames, meta, stream.program)
+        if chunk is None:
+            stream.produced += 1  # an output to come, with no work
+        else:
+            stream.input_due[chunk] = self.clock() if due is None else due
+
+    def end_input(self, stream_id: str) -> None:
+        """Video-to-video: no more input; the chunks in flight still come out."""
+        self.streams[stream_id].program.end_input()
+
+    def set_noise_scale(self, stream_id: str, noise_scale: float) -> None:
+        """Video-to-video: the noise controller's s_init, from the next input chunk on."""
+        self.streams[stream_id].video.controller.s_init = noise_scale
 
     def consumed(self, stream_id: str, chunks: int = 1) -> None:
         """The consumer took ``chunks`` finished chunks of the stream (frees its look-ahead)."""
@@ -185,7 +223,7 @@ class PipelineEngine:
         """One iteration: controls, then fill the pipeline, then collect what finished."""
         self._apply_controls()
         self._maybe_rebalance()
-        while self._target_split is None and len(self._inflight) < self.executor.num_stages:
+        while self._target_split is None and len(self._inflight) < self.executor.max_inflight:
             mb = self._schedule()
             if mb is None:
                 break
@@ -198,9 +236,10 @@ class PipelineEngine:
         for done in got.finished:
             outputs += self._update(done)
         for decoded in got.decoded:
-            out = self._decoded(decoded)
-            if out is not None:
-                outputs.append(out)
+            outputs += self._decoded(decoded)
+        for stream in self.streams.values():  # video: skipped chunks whose turn came
+            if stream.video is not None and stream.video.order and stream.video.order[0][1] is None:
+                outputs += self._release(stream)
         return outputs
 
     def run_chunks(self, n_chunks: dict[str, int], on_output: Callable[[ChunkOutput], None] | None = None,
@@ -236,7 +275,8 @@ class PipelineEngine:
             # the old decode workers are decoded again from the latents kept here
             lost = set(stream.decoding)
             executor.open_stream(stream.stream_id, self.cfg.cache, stream.output,
-                                 warm=[x0 for c, x0 in stream.program.history if c not in lost])
+                                 warm=[x0 for c, x0 in stream.program.history if c not in lost],
+                                 video=stream.video is not None)
             for chunk in sorted(lost):
                 executor.redecode(stream.stream_id, chunk, stream.decoding[chunk].latents)
         self.recoveries += 1
@@ -246,10 +286,14 @@ class PipelineEngine:
         oldest chunk whose frames have not come out: a chunk finished but still decoding is done again."""
         stream = self.streams[stream_id]
         prog = stream.program
-        next_chunk = min([prog.first_unfinished(), *stream.decoding])
+        next_chunk = min([prog.first_unfinished(), *stream.decoding, *stream.outputs])
         history = [(c, x0) for c, x0 in prog.history if c < next_chunk]
+        video = None if stream.video is None else VideoParams(stream.video.controller.s_init,
+                                                             stream.video.controller.motion_aware,
+                                                             stream.video.filter.threshold)
         return StreamCheckpoint(stream_id, stream.prompt, stream.revision, stream.fps, self.clock() - stream.started,
-                                prog.sampler, prog.seed, next_chunk, history, stream.max_ahead, stream.output)
+                                prog.sampler, prog.seed, next_chunk, history, stream.max_ahead, stream.output, video,
+                                stream.video.received if stream.video is not None else 0)
 
     def restore(self, ckpt: StreamCheckpoint) -> None:
         """Continue a stream from a checkpoint taken by another engine: re-cache its recent clean latents
@@ -257,13 +301,19 @@ class PipelineEngine:
         if ckpt.stream_id in self.streams:
             raise ValueError(f"stream {ckpt.stream_id!r} already exists")
         program = StreamProgram(ckpt.sampler, self.cfg.cache, ckpt.seed, self.latent_shape,
-                                start_chunk=ckpt.next_chunk, history=list(ckpt.history))
+                                start_chunk=ckpt.next_chunk, history=list(ckpt.history), video=ckpt.video is not None)
         output = ckpt.output or OutputFormat()
         # causal convolutions: the decoder's caches are warmed on the recent latents
-        self.executor.open_stream(ckpt.stream_id, self.cfg.cache, output, warm=[x0 for _, x0 in ckpt.history])
+        self.executor.open_stream(ckpt.stream_id, self.cfg.cache, output, warm=[x0 for _, x0 in ckpt.history],
+                                  video=ckpt.video is not None)
+        t = self.cfg.model.vae_stride[0]
+        video = None
+        if ckpt.video is not None:  # new input goes on from the next input chunk (those in flight are lost)
+            video = VideoInput(ckpt.video, ckpt.seed, ckpt.sampler.chunk_frames, t)
+            video.received = ckpt.inputs_received
         self.streams[ckpt.stream_id] = _Stream(ckpt.stream_id, program, ckpt.prompt, ckpt.fps,
-                                               self.clock() - ckpt.age_s, output, self.cfg.model.vae_stride[0],
-                                               revision=ckpt.revision, max_ahead=ckpt.max_ahead)
+                                               self.clock() - ckpt.age_s, output, t, revision=ckpt.revision,
+                                               max_ahead=ckpt.max_ahead, video=video)
 
     def abandon_inflight(self) -> None:
         """Forget micro-batches that will never come back (their stages are gone)."""
@@ -357,40 +407,59 @@ class PipelineEngine:
         self.stats.last_stage_stats = stats
         self._observe_costs(stats)
         outputs = []
+        for sid, (chunk, z) in done.encoded.items():
+            if sid in self.streams:
+                self.streams[sid].program.encoded(chunk, z)
         for work, finished in zip(mb.segments, done.chunks):
             stream = self.streams.get(work.stream_id)
             if stream is None or stream.outstanding.pop(done.seq, None) is None:  # removed or lost meanwhile
                 continue
             for chunk, x0 in stream.program.complete(work, finished):
+                stream.input_due.pop(chunk, None)
                 out = ChunkOutput(stream.stream_id, chunk, x0, None, stream.revision,
                                   started=stream.chunk_started.pop(chunk, None))
                 if self.executor.decode_workers:  # its frames come from the decode worker
                     stream.decoding[chunk] = out
                     continue
-                outputs.append(self._finish(stream, out))
+                outputs += self._finish(stream, out)
         return outputs
 
-    def _decoded(self, decoded: DecodedChunk) -> ChunkOutput | None:
+    def _decoded(self, decoded: DecodedChunk) -> list[ChunkOutput]:
         stream = self.streams.get(decoded.stream_id)
         out = stream.decoding.pop(decoded.chunk, None) if stream is not None else None
         if out is None:  # removed meanwhile
-            return None
+            return []
         out.frames, out.width, out.height, out.decode_s = decoded.frames, decoded.width, decoded.height, \
             decoded.decode_s
         self.latency.observe_decode(decoded.decode_s)
         return self._finish(stream, out)
 
-    def _finish(self, stream: _Stream, out: ChunkOutput) -> ChunkOutput:
+    def _finish(self, stream: _Stream, out: ChunkOutput) -> list[ChunkOutput]:
+        """A chunk's output is complete; a video stream's go out in input order (with skipped chunks')."""
         out.latency_s = 0.0 if out.started is None else self.clock() - out.started
-        stream.delivered += 1
         self.stats.chunks += 1
-        return out
+        if stream.video is None:
+            stream.delivered += 1
+            return [out]
+        stream.outputs[out.chunk] = out
+        return self._release(stream)
+
+    def _release(self, stream: _Stream) -> list[ChunkOutput]:
+        outputs = []
+        for meta, out, repeated, frames in stream.video.release(stream.outputs):
+            if repeated:  # the previous output again: frame for frame, or its last frame for each input frame
+                shown = out.frames if out.frames is None or len(out.frames) == frames else [out.frames[-1]] * frames
+                out = replace(out, frames=shown, repeated=True, latency_s=0.0, decode_s=0.0)
+            outputs.append(replace(out, input=meta))
+            stream.delivered += 1
+        return outputs
 
     # block scheduler and latency model ----------------------------------------------------------------
 
     def calibrate(self) -> list[tuple[int, int]]:
-        """Time every block on one chunk, feed the latency model, and apply the best split now.
-        Call before streams are added (start-up); returns the split in use."""
+        """Time every block on one chunk, feed the latency model, and apply the best split now (unless
+        ``rebalance_every`` is 0: a fixed split). Call before streams are added (start-up); returns the split
+        in use."""
         if self._inflight:
             raise RuntimeError("calibrate with micro-batches in flight")
         stats = self.executor.profile(self.grid, self.cfg.sampler.chunk_frames, self.cfg.cache)
@@ -400,7 +469,7 @@ class PipelineEngine:
         decode_s = self.executor.profile_decode(self.latent_shape, self.cfg.sampler.chunk_frames)
         if decode_s is not None:
             self.latency.observe_decode(decode_s)
-        plan = self.planned_split()
+        plan = self.planned_split() if self.engine_cfg.rebalance_every else None  # 0: the split stays as built
         if plan is not None and plan[0] != self.executor.split():
             self.executor.rebalance(plan[0])
             self.rebalances += 1

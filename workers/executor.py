@@ -45,6 +45,11 @@ class Executor(ABC):
     decode_shared: bool = True
     """Decode workers share the last stage's device (its time counts in the last stage's tick)."""
 
+    @property
+    def max_inflight(self) -> int:
+        """Micro-batches the engine may have submitted and not collected: one per stage."""
+        return self.num_stages
+
     @abstractmethod
     def submit(self, mb: MicroBatch) -> None:
         """Start ``mb`` on stage 0; it flows through every stage, and the last stage sends the latents of
@@ -65,9 +70,10 @@ class Executor(ABC):
 
     @abstractmethod
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
-                    warm: list[torch.Tensor] = ()) -> None:
-        """Create the stream's caches on every stage and its decoder state on a decode worker, warmed on
-        ``warm`` (recent clean latents [f, C, h, w], oldest first: a restored or rebuilt stream)."""
+                    warm: list[torch.Tensor] = (), video: bool = False) -> None:
+        """Create the stream's caches on every stage, its VAE encoder state on stage 0 (``video``) and its
+        decoder state on a decode worker, warmed on ``warm`` (recent clean latents [f, C, h, w], oldest first:
+        a restored or rebuilt stream)."""
 
     @abstractmethod
     def close_stream(self, stream_id: str) -> list[int]:
@@ -156,6 +162,11 @@ class InProcessExecutor(Executor):
         dtype = getattr(torch, parallel.dtype)
         graphs = parallel.cuda_graphs == "auto"
         self.stages = [StageWorker(gen, rng, i, self.num_stages, devices[i], dtype, graphs) for i, rng in enumerate(split)]
+        # CUDA: forwards are queued on the device without waiting for them (timed with events), one more than
+        # the stages, so the host prepares the next while the device runs this one
+        self.queued = devices[0].startswith("cuda")
+        for stage in self.stages:
+            stage.sync = not self.queued
         self.decode_workers = parallel.decode_workers
         self.decode_shared = parallel.decode == "shared"
         decode_slots = [self.num_stages - 1 if self.decode_shared else self.num_stages + w
@@ -163,15 +174,22 @@ class InProcessExecutor(Executor):
         self.pool = DecodePool([DecodeWorker(gen, devices[slot], dtype, w) for w, slot in enumerate(decode_slots)]) \
             if self.decode_workers else None
         self.router = DecodeRouter(self.decode_workers)
-        self._done: deque[Finished] = deque()
+        self._done: deque[tuple[Finished, list]] = deque()  # with each stage's (stats, start, end) events
+
+    @property
+    def max_inflight(self) -> int:
+        return self.num_stages + int(self.queued)
 
     def submit(self, mb: MicroBatch) -> None:
         first, last = self.stages[0], self.stages[-1]
-        latents, t = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
-        act, contexts, stats = latents, None, []
+        latents, t, encoded = first.first_inputs(mb)  # a ring entry is always there: earlier work ran to the end
+        act, contexts, stats, timings = latents, None, [], []
         for stage in self.stages:
+            stage.last_events = None
             act, contexts, st = stage.forward(mb, _to(act, stage.device), _to(contexts, stage.device), t)
             stats.append(st)
+            if stage.last_events is not None:
+                timings.append((st, *stage.last_events))
         ring, finished = denoise.advance(mb, latents.to(last.device), act)
         if ring is not None:
             first.store.put(mb, ring.to(first.device))
@@ -182,11 +200,21 @@ class InProcessExecutor(Executor):
                 for chunk, x0 in done:
                     self.pool.submit(self.router.assign(work.stream_id), DecodeJob(work.stream_id, chunk, x0.shape[0]),
                                      x0)
-        self._done.append(Finished(mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats))
+        # queued on CUDA the clean latents stay there (history for re-cache): a copy out would wait for the device
+        chunks = [[(c, x if self.queued else x.cpu()) for c, x in seg] for seg in finished]
+        self._done.append((Finished(mb.seq, chunks, stats, encoded), timings))
 
     def collect(self, wait: bool) -> Collected:
-        finished = list(self._done)
-        self._done.clear()
+        finished = []
+        while self._done:
+            done, timings = self._done[0]
+            if timings and not timings[-1][2].query():  # still running on the device
+                if not wait or finished:
+                    break
+                timings[-1][2].synchronize()
+            for st, start, end in timings:
+                st.compute_s = start.elapsed_time(end) / 1000
+            finished.append(self._done.popleft()[0])
         decoded = self.pool.collect(wait and not finished) if self.pool is not None else []
         return Collected(finished, decoded)
 
@@ -195,9 +223,9 @@ class InProcessExecutor(Executor):
         return self.pool.pending if self.pool is not None else 0
 
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
-                    warm: list[torch.Tensor] = ()) -> None:
+                    warm: list[torch.Tensor] = (), video: bool = False) -> None:
         for stage in self.stages:
-            stage.open_stream(stream_id, cache_cfg)
+            stage.open_stream(stream_id, cache_cfg, video)
         if self.pool is not None:
             self.pool.open_stream(self.router.assign(stream_id), stream_id, output or OutputFormat(), list(warm))
 

@@ -126,11 +126,14 @@ class StageActorBody(_Peer):
     def free_memory(self) -> int | None:
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
-    def run(self, mb: MicroBatch) -> tuple[int, list | None, StageStats]:
-        """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats)."""
+    def run(self, mb: MicroBatch) -> tuple[int, list | None, StageStats, dict]:
+        """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats,
+        stage 0's encoded video chunks: stream -> (chunk, z))."""
         first, last = self.stage == 0, self.stage == self.num_stages - 1
+        encoded = {}
         if first:
-            latents, t = self.worker.first_inputs(mb, wait=self._unpack_ring)
+            latents, t, encoded = self.worker.first_inputs(mb, wait=self._unpack_ring)
+            encoded = {sid: (c, z.cpu()) for sid, (c, z) in encoded.items()}
             inputs, contexts = latents, None
         else:
             inputs, latents, contexts = self._recv(mb)
@@ -140,7 +143,7 @@ class StageActorBody(_Peer):
             self._send(mb, out, latents, contexts)
             if mb.ring_frames():
                 self._post_ring(mb)
-            return mb.seq, None, stats
+            return mb.seq, None, stats, encoded
         ring, finished = denoise.advance(mb, latents, out)
         if ring is not None and first:  # P = 1: the ring is this stage's own store
             self.worker.store.put(mb, ring)
@@ -151,7 +154,7 @@ class StageActorBody(_Peer):
             if work.stream_id in mb.decode_to:
                 for _, x0 in done:
                     self._isend(x0.contiguous(), dst=self.num_stages + mb.decode_to[work.stream_id], tag=DECODE_TAG)
-        return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats
+        return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats, encoded
 
     def _recv(self, mb: MicroBatch) -> tuple[Activation, torch.Tensor, dict]:
         shapes = payload_shapes(mb, self.cfg)
@@ -186,8 +189,8 @@ class StageActorBody(_Peer):
         return True
 
     # streams and rebalance: thin forwards to the worker
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
-        self.worker.open_stream(stream_id, cache_cfg)
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig, video: bool = False) -> None:
+        self.worker.open_stream(stream_id, cache_cfg, video)
 
     def close_stream(self, stream_id: str) -> int:
         return self.worker.close_stream(stream_id)
@@ -337,7 +340,7 @@ class RayExecutor(Executor):
     def submit(self, mb: MicroBatch) -> None:
         if self.decoders:
             mb.decode_to = self.router.routes({w.stream_id for w in mb.segments})
-        light = replace(mb, segments=[replace(w, inline=None) for w in mb.segments])
+        light = replace(mb, segments=[replace(w, inline=None, input=None) for w in mb.segments])  # stage 0 only
         refs = [actor.run.remote(mb if i == 0 else light) for i, actor in enumerate(self.actors)]
         self.traffic.calls += len(refs)
         self.traffic.latent_bytes_out += sum(w.inline.nbytes for w in mb.segments if w.inline is not None)
@@ -363,7 +366,7 @@ class RayExecutor(Executor):
             results = self._get(refs)
             finished = results[-1][1]
             self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
-            out.finished.append(Finished(seq, finished, [r[2] for r in results]))
+            out.finished.append(Finished(seq, finished, [r[2] for r in results], results[0][3]))
         block = wait and not out.finished and not self._inflight
         for queue in self._decoding:  # in order per worker, so per stream
             while queue and self._wait_all([queue[0]], block=block):
@@ -403,8 +406,8 @@ class RayExecutor(Executor):
             raise StageFailure("timeout", f"no answer within {self.call_timeout_s:g} s") from None
 
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, output: OutputFormat | None = None,
-                    warm: list[torch.Tensor] = ()) -> None:
-        refs = [a.open_stream.remote(stream_id, cache_cfg) for a in self.actors]
+                    warm: list[torch.Tensor] = (), video: bool = False) -> None:
+        refs = [a.open_stream.remote(stream_id, cache_cfg, video) for a in self.actors]
         if self.decoders:
             w = self.router.assign(stream_id)
             refs.append(self.decoders[w].open_stream.remote(stream_id, output or OutputFormat(),

@@ -16,8 +16,9 @@ from workers.batch import MicroBatch
 from workers.loader import load_weights
 from workers.model.dit import CausalWanModel, Segment
 from workers.model.text import build_text_encoder
-from workers.model.vae import build_decoder, to_uint8
+from workers.model.vae import build_decoder, build_vae, to_uint8
 from workers.stream import StreamProgram
+from workers.v2v import VideoInput, VideoParams, to_unit
 
 
 class ReferenceGenerator:
@@ -68,12 +69,16 @@ class ReferenceGenerator:
         store.open("")
         return store
 
-    def step(self, program: StreamProgram, cache, store: denoise.LatentStore) -> list[tuple[int, torch.Tensor]]:
+    def step(self, program: StreamProgram, cache, store: denoise.LatentStore,
+             encode: denoise.Encode | None = None) -> list[tuple[int, torch.Tensor]]:
         """One forward of one stream on its caches: both ends of the ring in this process. Returns the
         chunks it finished, (chunk, x0 [f, C, h, w])."""
         work = program.next_work()
         mb = MicroBatch(0, [work], self.grid)
-        latents, t = denoise.inputs(mb, store, self.latent_shape, self.device)
+        encoded: dict = {}
+        latents, t = denoise.inputs(mb, store, self.latent_shape, self.device, encode=encode, encoded=encoded)
+        for chunk, z in encoded.values():
+            program.encoded(chunk, z)
         if work.reset_cache:
             cache.reset()
         seg = Segment(frames=work.frames, cache=cache, block_frames=work.chunk_frames,
@@ -110,3 +115,37 @@ class ReferenceGenerator:
             if chunk + 1 >= n_chunks:
                 break
         return torch.cat(frames)
+
+    @torch.no_grad()
+    def transform(self, chunks, prompt: str, seed: int, video: VideoParams, mode: str | None = None,
+                  sampler=None) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Video-to-video: input chunks (uint8 frames [N, H, W, 3] each, sized as ``VideoInput.frames_needed``)
+        -> per input chunk, in order: (its index, its output frames uint8 [N, H, W, 3], the clean latents it
+        was denoised to, or None when the similarity filter skipped it and the previous output shows again)."""
+        cfg = self._mode_cfg(mode)
+        sampler = sampler or cfg.sampler
+        if mode is not None:
+            sampler = replace(sampler, mode=mode)
+        program = StreamProgram(sampler, cfg.cache, seed, self.latent_shape, video=True)
+        side = VideoInput(video, seed, sampler.chunk_frames, cfg.model.vae_stride[0])
+        for i, frames in enumerate(chunks):
+            side.push(frames, i, program)
+        program.end_input()
+        encoder = build_vae(cfg.model, cfg.vae_path, self.device, self.model.dtype)
+        state = encoder.new_state()
+
+        def encode(_sid, frames):
+            return encoder.encode_chunk(to_unit(frames.to(self.device)).to(self.model.dtype), state).float()
+
+        cache = self.model.new_stream_cache(cfg.cache)
+        cache.set_context(self.model.embed_text(self.text_encoder(prompt).to(self.device)))
+        store, decoder, done = self.new_store(), self.vae.new_state(), {}
+        while program.ready():
+            for chunk, x0 in self.step(program, cache, store, encode):
+                done[chunk] = (to_uint8(self.vae.decode_chunk(x0.to(self.device), decoder)).cpu(), x0)
+        out = []
+        for index, (frames, x0), repeated, n in side.release(done):
+            if repeated:
+                frames = frames if frames.shape[0] == n else frames[-1:].expand(n, -1, -1, -1)
+            out.append((index, frames, None if repeated else x0))
+        return out

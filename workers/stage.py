@@ -21,6 +21,8 @@ from workers.graphs import ForwardGraphs, graph_key
 from workers.loader import load_weights
 from workers.model.dit import Activation, Block, CausalWanModel, Segment
 from workers.model.text import TextEncoder, build_text_encoder
+from workers.model.vae import StreamingEncoder, build_vae
+from workers.v2v import to_unit
 
 PROFILE_PROMPT = "a probe forward"
 
@@ -40,10 +42,16 @@ class StageWorker:
         self.text_encoder: TextEncoder | None = None
         if stage == 0:
             self.text_encoder = build_text_encoder(gen.model, gen.text_encoder_path, self.device, dtype)
+        self._gen, self._dtype = gen, dtype
+        self.encoder: StreamingEncoder | None = None  # stage 0, built with the first video-to-video stream
+        self._encode_states: dict[str, object] = {}
+        self._encode_s = 0.0  # encoding time since the last forward (counted as this stage's work)
         self.streams: dict[str, StreamCache] = {}
         self.store = denoise.LatentStore() if stage == 0 else None
         self.timesteps = denoise.TimestepTable(self.device) if stage == 0 else None
         self.graphs = ForwardGraphs(self.device, cuda_graphs)
+        self.sync = True  # CUDA: wait for each forward to time it; else time it with events (``last_events``)
+        self.last_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self._last_end: float | None = None
 
     @property
@@ -58,16 +66,37 @@ class StageWorker:
 
     # streams ---------------------------------------------------------------------------------------
 
-    def open_stream(self, stream_id: str, cache_cfg: CacheConfig) -> None:
+    def open_stream(self, stream_id: str, cache_cfg: CacheConfig, video: bool = False) -> None:
+        """The stream's caches on this stage; stage 0 also its ring inbox and (video) its VAE encoder state."""
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already open on stage {self.stage}")
         self.streams[stream_id] = self.model.new_stream_cache(cache_cfg)
         if self.store is not None:
             self.store.open(stream_id)
+        if video and self.stage == 0:
+            if self.encoder is None:
+                self.encoder = build_vae(self._gen.model, self._gen.vae_path, self.device, self._dtype)
+            self._encode_states[stream_id] = self.encoder.new_state()
+
+    @torch.no_grad()
+    def encode(self, stream_id: str, frames: torch.Tensor) -> torch.Tensor:
+        """Stage 0: a video chunk's uint8 frames [N, H, W, 3] -> z [f, C, h, w] float32 with the stream's causal
+        encoder. An encoder that starts mid-stream (a rebuilt or restored stream, 4f frames) encodes the
+        chunk's last 1 + 4 (f - 1) frames, so it still gets f latent frames."""
+        start = time.perf_counter()
+        state = self._encode_states[stream_id]
+        t = self.model.cfg.vae_stride[0]
+        if state["enc_first"] and frames.shape[0] % t == 0:
+            frames = frames[t - 1:]
+        pixels = to_unit(frames.to(self.device)).to(self._dtype)  # [N, 3, H, W] in [-1, 1]
+        z = self.encoder.encode_chunk(pixels, state).float()
+        self._encode_s += time.perf_counter() - start
+        return z
 
     def close_stream(self, stream_id: str) -> int:
-        """Drop the stream's caches (and ring latents); returns the bytes released."""
+        """Drop the stream's caches (and ring latents, encoder state); returns the bytes released."""
         self.graphs.drop_stream(stream_id)
+        self._encode_states.pop(stream_id, None)
         if self.store is not None:
             self.store.close(stream_id)
         cache = self.streams.pop(stream_id, None)
@@ -82,10 +111,14 @@ class StageWorker:
         cfg = self.model.cfg
         return cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2]
 
-    def first_inputs(self, mb: MicroBatch, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 0: (latents [F, C, h, w] float32, t [F]) of ``mb``, on this stage's device. ``wait``
-        unpacks one more ring message into the store (see ``denoise.inputs``)."""
-        return denoise.inputs(mb, self.store, self.latent_shape(mb.grid), self.device, wait, self.timesteps)
+    def first_inputs(self, mb: MicroBatch, wait=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Stage 0: (latents [F, C, h, w] float32, t [F], encoded) of ``mb``, on this stage's device; ``encoded``:
+        stream -> (chunk, z) of video chunks encoded here. ``wait`` unpacks one more ring message into the
+        store (see ``denoise.inputs``)."""
+        encoded: dict = {}
+        latents, t = denoise.inputs(mb, self.store, self.latent_shape(mb.grid), self.device, wait, self.timesteps,
+                                    self.encode, encoded)
+        return latents, t, encoded
 
     @torch.no_grad()
     def forward(self, mb: MicroBatch, inputs: torch.Tensor | Activation, contexts: dict[str, torch.Tensor] | None,
@@ -99,6 +132,10 @@ class StageWorker:
         """
         start = time.perf_counter()
         idle = 0.0 if self._last_end is None else start - self._last_end
+        events = self.device.type == "cuda" and not self.sync and not mb.profile
+        if events:  # no host sync: the caller reads the time once the events have passed
+            self.last_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.last_events[0].record()
         if self.stage == 0:
             contexts = {sid: self.model.embed_text(self.text_encoder(prompt)) for sid, prompt in mb.prompts.items()}
         for sid, ctx in (contexts or {}).items():
@@ -116,7 +153,9 @@ class StageWorker:
         key = None if eager else graph_key(segments, [w.stream_id for w in mb.segments], inputs, self.block_range)
         out = self.graphs.run(key, lambda x, t_: self.model.stream_forward(x, segments, mb.grid, t_, block_s),
                               inputs, t)
-        if self.device.type == "cuda":
+        if events:
+            self.last_events[1].record()
+        elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         end = time.perf_counter()
         self._last_end = end
@@ -124,8 +163,10 @@ class StageWorker:
         if not isinstance(out, torch.Tensor):  # the Activation, the forward's latents, new contexts
             sent = sum(x.nbytes for x in out) + 4 * mb.frames * int(torch.Size(self.latent_shape(mb.grid)).numel()) \
                 + sum(c.nbytes for c in (contexts or {}).values())
-        stats = StageStats(self.stage, end - start, idle, sent, self.cache_bytes(), mb.tokens, block_s or {},
-                           *self.memory())
+        # stage 0's encoding of video chunks is this stage's work too (the latency model and block split see it)
+        stats = StageStats(self.stage, end - start + self._encode_s, idle, sent, self.cache_bytes(), mb.tokens,
+                           block_s or {}, *self.memory())
+        self._encode_s = 0.0
         return out, contexts or {}, stats
 
     def memory(self) -> tuple[int, int]:
@@ -146,7 +187,7 @@ class StageWorker:
             ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
             latents = torch.randn(frames, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
                                   generator=gen)
-            work = Work(sid, 0, 0, ((0, 0),), (500.0,), (1.0,), frames)
+            work = Work(sid, 0, 0, ((0, 0),), (500.0,), ((0.5, 0.0),), 1, frames)
             mb = MicroBatch(-1, [work], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {}, profile=True)
             t = torch.full((frames,), 500.0, device=self.device)
             inputs = latents.to(self.device)

@@ -19,6 +19,11 @@ Modes (``SamplerConfig.mode``):
   stream (not one per step slot). With ``lanes`` L > 1 the stream keeps L independent forwards in flight:
   lane l holds chunks c = l mod L, each forward sees its lane's in-flight chunks and everything committed
   before it, whichever lane committed it.
+
+Video-to-video streams (``video``) take a chunk's input from ``add_input`` (its frames, or their latents, and
+its noise scale s): the chunk enters step 0 at the controller's step, int(1000 s) - 100, as eps s + z (1 - s);
+a forward that would admit a chunk waits for its input, so the forwards a stream makes do not depend on
+when its inputs arrive. After ``end_input`` the chunks in flight finish without new ones.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.config import CacheConfig, SamplerConfig
-from workers.batch import CONTEXT, Work
+from workers.batch import CONTEXT, ChunkInput, Work
 from workers.model.schedule import FlowMatchSchedule
+from workers.v2v import first_step
 
 
 @dataclass
@@ -49,7 +55,8 @@ class StreamProgram:
     """
 
     def __init__(self, sampler: SamplerConfig, cache: CacheConfig, seed: int, latent_shape: tuple[int, int, int],
-                 start_chunk: int = 0, history: list[tuple[int, torch.Tensor]] | None = None, epoch: int = 0):
+                 start_chunk: int = 0, history: list[tuple[int, torch.Tensor]] | None = None, epoch: int = 0,
+                 video: bool = False):
         self.sampler = sampler
         self.seed = int(seed)
         self.latent_shape = tuple(latent_shape)  # (C, h, w)
@@ -64,10 +71,28 @@ class StreamProgram:
         self.finishing: set[int] = set()  # chunks whose last step is issued, clean latents not yet back
         self.recache_pending = bool(self.history)
         self.recache_out = False
+        self.video = video
+        self.inputs: dict[int, ChunkInput] = {}  # video: chunk -> its input, until the chunk finishes
+        self.input_ended = False
+        self._next_input = start_chunk
 
     @property
     def f(self) -> int:
         return self.sampler.chunk_frames
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
+
+    def add_input(self, noise_scale: float, pixels: torch.Tensor | None = None) -> int:
+        """Video: the next chunk's input (uint8 frames [N, H, W, 3]) at noise scale s; returns its chunk index."""
+        chunk, self._next_input = self._next_input, self._next_input + 1
+        self.inputs[chunk] = ChunkInput(chunk, noise_scale, pixels)
+        return chunk
+
+    def end_input(self) -> None:
+        """Video: no more inputs; the chunks in flight still finish."""
+        self.input_ended = True
 
     @property
     def outstanding(self) -> int:
@@ -75,8 +100,20 @@ class StreamProgram:
         return sum(lane.issued for lane in self.lanes) + int(self.recache_out)
 
     def ready(self) -> bool:
-        """Whether ``next_work`` may be called now (a re-cache goes alone: the cache is rebuilt first)."""
-        return not self.recache_pending or self.outstanding == 0
+        """Whether ``next_work`` may be called now (a re-cache goes alone: the cache is rebuilt first; a video
+        forward that admits a chunk waits for its input)."""
+        if self.recache_pending:
+            return self.outstanding == 0
+        if not self.video:
+            return True
+        lane = self.lanes[self.turn]
+        if self.sampler.mode == "sequential" and (lane.pending_context is not None or lane.inflight):
+            return True  # the chunk in hand goes on
+        if self.next_chunk in self.inputs:
+            return True
+        # no input for a new chunk: after the end, a stream batch still finishes what it holds
+        return self.input_ended and self.sampler.mode == "stream_batch" and \
+            (lane.pending_context is not None or bool(lane.inflight))
 
     def chained(self) -> bool:
         """Whether the next forward depends on one still in flight (stage 0 will wait for its latents)."""
@@ -97,7 +134,8 @@ class StreamProgram:
                 self._admit(lane)
             entries = [] if context is not None else lane.inflight[:1]
         else:
-            self._admit(lane)
+            if not self.video or self.next_chunk in self.inputs:
+                self._admit(lane)
             entries = list(lane.inflight)
         work = self._build(stream_id, context, entries, lane_id)
         lane.pending_context = None
@@ -120,7 +158,14 @@ class StreamProgram:
         for chunk, x0 in finished:
             self.finishing.discard(chunk)
             self.history.append((chunk, x0))
+            self.inputs.pop(chunk, None)
         return finished
+
+    def encoded(self, chunk: int, latents: torch.Tensor) -> None:
+        """Video: stage 0 encoded the chunk's frames; a restart of the chunk sends these latents instead."""
+        inp = self.inputs.get(chunk)
+        if inp is not None:
+            inp.latents, inp.pixels = latents, None
 
     def restart_unfinished(self, lost: bool = False) -> None:
         """A prompt change: unfinished chunks start over (same noise) and the cache is rebuilt from the
@@ -150,19 +195,36 @@ class StreamProgram:
         self.next_chunk += 1
 
     def _build(self, stream_id: str, context: int | None, entries: list[list[int]], lane: int) -> Work:
-        pairs, ts = [], []
+        pairs, ts, sigmas, inp = [], [], [], None
         if context is not None:
             pairs.append((context, CONTEXT))
             ts.append(self.sampler.context_timestep)
+            sigmas.append((0.0, 0.0))
         for chunk, step in sorted(entries):
             pairs.append((chunk, step))
-            ts.append(self.schedule.timesteps[step])
-        return Work(stream_id, self.epoch, self.seed, tuple(pairs), tuple(ts), self.sigmas, self.f,
+            after = self.sigmas[step + 1] if step + 1 < self.steps else 0.0
+            if step == 0 and self.video:  # the chunk's own first step, from its noise scale
+                inp = self.inputs[chunk]
+                t = self.schedule.timestep_of(self._first_step(inp.noise_scale))
+                ts.append(t)
+                sigmas.append((self.schedule.sigma(t), after))
+            else:
+                ts.append(self.schedule.timesteps[step])
+                sigmas.append((self.sigmas[step], after))
+        return Work(stream_id, self.epoch, self.seed, tuple(pairs), tuple(ts), tuple(sigmas), self.steps, self.f,
                     commit_frames=self.f if context is not None else 0, lane=lane,
-                    independent=self.sampler.mode == "stream_batch" and self.sampler.batch_attention == "clean")
+                    independent=self.sampler.mode == "stream_batch" and self.sampler.batch_attention == "clean",
+                    input=inp)
+
+    def _first_step(self, noise_scale: float) -> float:
+        """int(1000 s) - 100, kept above the list's second step (the steps stay decreasing) and in (0, 1000]."""
+        steps = self.sampler.denoising_steps
+        floor = steps[1] + 1 if len(steps) > 1 else 1.0
+        return min(1000.0, max(first_step(noise_scale), floor))
 
     def _recache_work(self, stream_id: str) -> Work:
         lat = torch.cat([x0 for _, x0 in self.history])  # [K f, C, h, w]
         entries = tuple((c, CONTEXT) for c, _ in self.history)
         return Work(stream_id, self.epoch, self.seed, entries, (self.sampler.context_timestep,) * len(entries),
-                    self.sigmas, self.f, commit_frames=lat.shape[0], reset_cache=True, inline=lat)
+                    ((0.0, 0.0),) * len(entries), self.steps, self.f, commit_frames=lat.shape[0], reset_cache=True,
+                    inline=lat)

@@ -113,3 +113,38 @@ def test_a_config_that_cannot_fit_fails_at_start_naming_the_piece(decode):
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, decode=decode, gpu_memory_gib=1e-4))
     with pytest.raises(ValueError, match=r"stage 0 \(blocks 0-1, embeddings\) does not fit on slot 0"):
         asyncio.run(Service(cfg).start())
+
+
+def test_admission_counts_each_streams_memory_as_well_as_time():
+    """Slots with room for two streams' state: the time-based capacity is larger, but the third stream is
+    refused RESOURCE_EXHAUSTED (memory), and GetCapacity says 2."""
+    from workers import devicemap
+
+    cfg = local_config()
+    dmap = devicemap.plan(cfg.generation, cfg.parallel)
+    # the slot memory that fits the weights and exactly two streams' state on the tightest slot
+    need = max((dmap.weight_bytes(s) + 2.5 * dmap.stream_bytes(s)) / cfg.parallel.gpu_memory_utilization
+               for s in range(dmap.slots))
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, max_streams_per_replica=8,
+                                                              admission_headroom=1.0),
+                              parallel=dataclasses.replace(cfg.parallel, gpu_memory_gib=need / devicemap.GIB),
+                              engine=dataclasses.replace(cfg.engine, rebalance_every=0))  # the split planned above
+    running = Running(cfg)
+    try:
+        core = running.service.replicas[0].core
+        assert core.memory_streams == 2 and core.engine.max_streams(4.0, 4) > 2  # time alone would admit more
+        with grpc.insecure_channel(running.target) as channel:
+            stub = stream_pb2_grpc.StreamServiceStub(channel)
+            from protos.streamgen.v1 import stream_pb2
+
+            assert stub.GetCapacity(stream_pb2.CapacityRequest(fps=4.0, steps=4)).streams_max == 2
+            calls = [stub.Generate(request(max_frames=200, fps=4.0), timeout=60) for _ in range(2)]
+            for call in calls:
+                next(call)  # both admitted and streaming
+            with pytest.raises(grpc.RpcError) as err:
+                next(stub.Generate(request(max_frames=5, fps=4.0), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                call.cancel()
+    finally:
+        running.stop()

@@ -231,3 +231,30 @@ def test_driver_calls_with_a_decode_worker(local_ray):
         assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
     finally:
         ex.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
+def test_video_to_video_on_ray_equals_the_reference(executors, mode):
+    """A video-to-video stream beside a text-to-video one on Ray stage actors: stage 0 encodes the input chunks
+    (its own VAE encoder state per stream), and the latents equal the single-process reference's."""
+    from tests.unit.workers.test_v2v import video
+    from workers.v2v import VideoParams, video_sampler
+
+    cfg = gen_config(mode)
+    sampler, params = video_sampler(cfg.sampler, 3), VideoParams(0.8, True)
+    chunks = video(4, cfg.sampler.chunk_frames, seed=7)
+    engine = make_engine(cfg, executors(2))
+    sid, tid = f"v2v-{next(_ids)}", f"t2v-{next(_ids)}"
+    engine.add_stream(sid, "a watercolor painting", 1, sampler=sampler, video=params)
+    engine.add_stream(tid, "an owl at night", 3)
+    for i, chunk in enumerate(chunks):
+        engine.push_input(sid, chunk, meta=i)
+    engine.end_input(sid)
+    got = collect(engine, {sid: 4, tid: 3})
+    for s in (sid, tid):
+        engine.remove_stream(s)
+    engine.step(wait=False)
+    want = ReferenceGenerator(cfg).transform(chunks, "a watercolor painting", 1, params, sampler=sampler)
+    for chunk, (_, _, x0) in enumerate(want):
+        assert (got[sid][chunk] - x0).abs().max().item() <= 1e-4, chunk
+    assert_matches_reference(cfg, {tid: got[tid]}, {tid: ("an owl at night", 3)}, 3)

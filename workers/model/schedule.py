@@ -17,11 +17,14 @@ class FlowMatchSchedule:
         s = float(cfg.shift)
         self.sigmas = s * raw / (1 + (s - 1) * raw)  # [1000], descending
         self.table = 1000.0 * self.sigmas  # timesteps [1000]
-        steps = torch.tensor(cfg.denoising_steps, dtype=torch.float64)
-        if cfg.warp:
-            full = torch.cat((self.table, torch.zeros(1, dtype=torch.float64)))
-            steps = full[(1000 - steps).long()]
-        self.timesteps: list[float] = [float(x) for x in steps]
+        self.timesteps: list[float] = [self.timestep_of(step) for step in cfg.denoising_steps]
+
+    def timestep_of(self, step: float) -> float:
+        """The model timestep of a step-list entry: the shifted table's entry when warping (warp_denoising_step)."""
+        if not self.cfg.warp:
+            return float(step)
+        index = int(1000 - step)  # truncates as (1000 - steps).long() does
+        return float(self.table[index]) if index < 1000 else 0.0
 
     def sigma(self, t: float) -> float:
         """sigma of the table entry nearest to timestep t."""

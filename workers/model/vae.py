@@ -117,7 +117,7 @@ class TinyVAE(nn.Module, StreamingDecoder, StreamingEncoder):
     @torch.no_grad()
     def encode_chunk(self, pixels: torch.Tensor, state: dict) -> torch.Tensor:
         encode_groups(pixels.shape[0], state["enc_first"], self.t_up)  # checks the frame count
-        x = pixels.to(self.enc_in.weight.device, torch.float32).transpose(0, 1)[None]  # [1, 3, N, H, W]
+        x = pixels.to(self.enc_in.weight.device, self.enc_in.weight.dtype).transpose(0, 1)[None]  # [1, 3, N, H, W]
         x = self.enc_in(x)  # [1, width, N, H/8, W/8]
         x, state["enc_cache"] = self.enc_mix(F.silu(x), state["enc_cache"])
         if state["enc_first"]:

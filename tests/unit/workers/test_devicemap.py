@@ -30,7 +30,9 @@ def test_parameter_counts_equal_the_built_slices(name):
 def test_tiny_decoder_and_kv_sizes_equal_what_a_stream_allocates():
     gen = GenerationConfig(model=get_config("tiny"))
     weights, _ = devicemap.decoder_bytes(gen, 4)
-    assert weights == 4 * sum(p.numel() for n, p in TinyVAE(gen.model).named_parameters() if not n.startswith("enc"))
+    vae = dict(TinyVAE(gen.model).named_parameters())
+    assert weights == 4 * sum(p.numel() for n, p in vae.items() if not n.startswith("enc"))
+    assert devicemap.encoder_bytes(gen, 4) == 4 * sum(p.numel() for n, p in vae.items() if n.startswith("enc"))
     from tests.engine_cases import collect, local_executor, make_engine
 
     executor = local_executor(gen, 1)
@@ -46,7 +48,8 @@ def test_placement_of_pieces_per_slot():
     gen = GenerationConfig(model="wan2.1-1.3b")
     shared = devicemap.plan(gen, ParallelConfig(stages=2, dtype="bfloat16"))
     assert shared.slots == 2
-    assert [p.name for p in shared.on(0)] == ["stage 0 (blocks 0-14, embeddings)", "text encoder (umt5)"]
+    assert [p.name for p in shared.on(0)] == ["stage 0 (blocks 0-14, embeddings)", "text encoder (umt5)",
+                                              "VAE encoder (wan, video-to-video)"]
     assert [p.name for p in shared.on(1)] == ["stage 1 (blocks 15-29, head)", "decode worker 0 (wan VAE, shared)"]
     dedicated = devicemap.plan(gen, ParallelConfig(stages=2, decode="dedicated", decode_workers=2))
     assert dedicated.slots == 4 and [p.slot for p in dedicated.pieces if p.name.startswith("decode")] == [2, 3]

@@ -255,3 +255,21 @@ def _same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_block_scheduler_counts_a_shared_decode_on_the_last_stage():
+    """A decode worker on the last stage's device takes its time there: the best split moves blocks off it."""
+    cfg = gen_config("sequential")
+    executor = local_executor(cfg, 2, decode_workers=1)
+    try:
+        engine = make_engine(cfg, executor)
+        for b in range(cfg.model.num_layers):
+            engine.block_cost[b] = 1e-4  # equal blocks: an even split is best
+        engine.stage_overhead = {0: 0.0, 1: 0.0}
+        assert engine.planned_split()[0] == [(0, 2), (2, 4)]
+        forwards, tokens = engine._forwards_and_tokens(cfg.sampler.num_steps)
+        engine.latency.observe_decode(2.5 * 1e-4 * tokens * forwards)  # 2.5 blocks' worth per forward
+        split, best, _ = engine.planned_split()
+        assert split == [(0, 3), (3, 4)] and best == pytest.approx(3.5e-4)  # 1 block + its decode share
+    finally:
+        executor.shutdown()

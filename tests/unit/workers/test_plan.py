@@ -85,3 +85,29 @@ def test_latency_model_fits_and_predicts():
     # 1 / (5 forwards x 11 ms) = 18.2 chunks/s x 12 frames = 218 frames/s -> 13 streams at 16 fps
     assert m.max_streams(16.0, 12, 5, 500) == 13
     assert not LatencyModel(num_stages=1).calibrated
+
+
+def _fed(decode_workers: int, shared: bool) -> LatencyModel:
+    m = LatencyModel(num_stages=2, decode_workers=decode_workers, decode_shared=shared)
+    for tokens in (100, 200, 400):
+        m.observe(0, tokens, 0.002 + 1e-5 * tokens)
+        m.observe(1, tokens, 0.001 + 2e-5 * tokens)
+    m.observe_decode(0.02)
+    return m
+
+
+def test_latency_model_counts_decode_shared_and_dedicated():
+    none = _fed(0, True)
+    assert none.decode_time() == 0 and none.max_streams(16.0, 12, 5, 500) == 13  # as above: DiT only
+    shared = _fed(1, True)
+    # 20 ms of decode per chunk on the last stage's device: 4 ms per forward (5 forwards a chunk)
+    assert shared.stage_times(500, 5) == pytest.approx([0.007, 0.015], rel=1e-3)
+    assert shared.chunk_latency(5, 500) == pytest.approx(0.09 + 0.02, rel=1e-3)
+    # 1 / (5 x 15 ms) = 13.3 chunks/s x 12 = 160 frames/s -> 10 streams at 16 fps
+    assert shared.max_streams(16.0, 12, 5, 500) == 10
+    dedicated = _fed(1, False)
+    assert dedicated.tick(500, 5) == pytest.approx(0.011, rel=1e-3)  # the stages do not decode
+    # DiT 18.2 chunks/s, but one worker decodes 50 chunks/s: not the bound here; at 1 forward a chunk it is
+    assert dedicated.max_streams(16.0, 12, 5, 500) == 13
+    assert dedicated.frame_rate(12, 1, 500) == pytest.approx(50 * 12, rel=1e-3)  # 1 worker x 1 / 20 ms
+    assert _fed(2, False).frame_rate(12, 1, 500) == pytest.approx(1 / 0.011 * 12, rel=1e-3)  # 2 workers: DiT bound
