@@ -215,7 +215,7 @@ class TenantsConfig:
     """Per-tenant quotas: over one, a start gets RESOURCE_EXHAUSTED "quota"; other tenants are unaffected."""
 
     default: TenantQuota = dataclasses.field(default_factory=TenantQuota)
-    """The quota of every tenant without its own entry (and of all callers of an open server)."""
+    """The quota of every tenant without its own entry (an open server has no tenants: no quota applies)."""
     by_tenant: dict[TenantId, TenantQuota] = dataclasses.field(default_factory=dict)
     """Tenant id -> its own quota (replaces the default; fields it omits take their built-in defaults)."""
 
@@ -252,7 +252,7 @@ class ServiceConfig:
     autoscaling: AutoscalingConfig | None = None
     """None: a fixed fleet of replicas. Set: start with min_replicas and scale up to max_replicas."""
     tenants: TenantsConfig = dataclasses.field(default_factory=TenantsConfig)
-    """Per-tenant stream quotas (tenants come from the tokens file; an open server has one)."""
+    """Per-tenant stream quotas (tenants come from the tokens file; an open server has none)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServiceConfig:

@@ -3,7 +3,8 @@
 Two limits per tenant (``tenants`` in the config): streams running at once, and streams started in any
 60 s window. A start over either is refused with RESOURCE_EXHAUSTED "quota" and a ``retry-after-ms`` hint;
 other tenants' counts are separate, so they are unaffected. Tenants come from the tokens file, so the
-tables are bounded by it (an open server has one tenant).
+tables are bounded by it. An open server (no tokens file) has one anonymous tenant, everyone: no quota
+applies to it (``enforce`` False), only the server-wide limits and admission.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ WINDOW_S = 60.0
 
 
 class TenantQuotas:
-    def __init__(self, tenants: TenantsConfig, clock: Clock, retry_after_ms: int):
-        self.tenants, self.clock, self.retry_after_ms = tenants, clock, retry_after_ms
+    def __init__(self, tenants: TenantsConfig, clock: Clock, retry_after_ms: int, enforce: bool = True):
+        self.tenants, self.clock, self.retry_after_ms, self.enforce = tenants, clock, retry_after_ms, enforce
         self._active: dict[str, int] = {}
         self._starts: dict[str, deque[float]] = {}
 
     def check(self, tenant: str) -> None:
         """Raise RequestError(QUOTA) if ``tenant`` may not start a stream now. Call ``started`` once the
         stream is admitted (with no await in between, so the check still holds)."""
+        if not self.enforce:
+            return
         quota = self.tenants.quota(tenant)
         if self._active.get(tenant, 0) >= quota.max_streams:
             raise RequestError(Rejection.QUOTA, f"quota: tenant has {quota.max_streams} streams running, its "

@@ -64,14 +64,15 @@ class LiveStream:
 
 class StreamService(stream_pb2_grpc.StreamServiceServicer):
     def __init__(self, cfg: ServiceConfig, replicas: list[ReplicaClient], metrics: Metrics, health_servicer,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, tenants: bool = True):
+        """``tenants``: callers carry tenants (a tokens file), so tenant quotas apply."""
         self.cfg = cfg
         self.replicas = replicas
         self.metrics = metrics
         self.health = health_servicer
         self.clock = clock or Clock()
         self.admission = Admission(cfg.server)
-        self.quotas = TenantQuotas(cfg.tenants, self.clock, cfg.server.retry_after_ms)
+        self.quotas = TenantQuotas(cfg.tenants, self.clock, cfg.server.retry_after_ms, enforce=tenants)
         self.streams: dict[str, LiveStream] = {}
         self.draining = False
         self._drained = asyncio.Event()
@@ -423,7 +424,7 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
     server = grpc.aio.server(interceptors=[guard], options=server_options(cfg),
                              maximum_concurrent_rpcs=cfg.server.maximum_concurrent_rpcs + HEALTH_RPCS)
     health_servicer = health.aio.HealthServicer()
-    service = StreamService(cfg, replicas, metrics, health_servicer)
+    service = StreamService(cfg, replicas, metrics, health_servicer, tenants=security.tokens is not None)
     server.add_generic_rpc_handlers((_handlers(service),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if cfg.server.reflection:

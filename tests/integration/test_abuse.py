@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.auth import HEALTH_RPCS
+from orchestrator.config import TenantQuota, TenantsConfig
 from protos.streamgen.v1 import stream_pb2
 from tests.secured import OWN_POOL, config, health, request, start, stub
 
@@ -50,7 +51,8 @@ def test_keepalive_abuse_gets_goaway_and_polite_clients_are_untouched():
 
 
 def test_over_maximum_concurrent_rpcs_gets_resource_exhausted_while_health_answers():
-    running = start(config(maximum_concurrent_rpcs=2))
+    # an open server (no tokens): the tenant quota of 1 stream does not apply, the call limit does
+    running = start(config(maximum_concurrent_rpcs=2, tenants=TenantsConfig(default=TenantQuota(max_streams=1))))
     refusals = "streamgen_concurrent_rpc_refusals_total"
     try:
         with grpc.insecure_channel(running.target) as ch:

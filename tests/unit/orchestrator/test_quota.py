@@ -51,6 +51,15 @@ def test_starts_per_minute_is_a_sliding_window_with_an_exact_retry_hint():
     q.check("slow")  # the oldest start left the window
 
 
+def test_an_open_server_enforces_no_tenant_quota():
+    tenants = TenantsConfig(default=TenantQuota(max_streams=1, starts_per_minute=1))
+    q = TenantQuotas(tenants, FakeClock(), retry_after_ms=1000, enforce=False)
+    for _ in range(5):
+        q.check("")
+        q.started("")
+    assert q.active("") == 5
+
+
 def test_the_rate_window_keeps_at_most_the_quota():
     clock = FakeClock()
     q = quotas(clock)
