@@ -7,7 +7,7 @@ methods and their cardinality, so an RPC added later (e.g. a bidirectional ``Tra
 code of its own:
 
 1. a bearer token (``authorization: Bearer <token>``) is checked against the tokens file's hashes
-   (``tokens.TokenTable``); missing or unknown -> UNAUTHENTICATED;
+   (``tokens.TokenFile``, re-read when it changes); missing or unknown -> UNAUTHENTICATED;
 2. a method in ``OPERATOR_METHODS`` needs the operator role -> else PERMISSION_DENIED;
 3. at most ``server.maximum_concurrent_rpcs`` calls run at once -> else RESOURCE_EXHAUSTED + retry-after-ms;
 4. the handler runs with its ``Caller`` (principal, request id) in a context variable: ``current_caller()``;
@@ -34,7 +34,7 @@ from orchestrator.clock import Clock
 from orchestrator.config import ServerConfig
 from orchestrator.metrics import Metrics
 from orchestrator.tls import CertificateFiles
-from orchestrator.tokens import ANONYMOUS, OPEN, AuthFailure, Principal, TokenTable, bearer_token
+from orchestrator.tokens import ANONYMOUS, OPEN, AuthFailure, Principal, TokenFile, bearer_token
 
 log = logging.getLogger("streamgen.auth")
 
@@ -82,7 +82,7 @@ async def abort(context, code: grpc.StatusCode, message: str, retry_after_ms: in
 class Security:
     """What the server checks callers with, loaded and validated before any socket opens."""
 
-    tokens: TokenTable | None
+    tokens: TokenFile | None
     certificates: CertificateFiles | None
 
     def describe(self) -> str:
@@ -100,7 +100,7 @@ def load_security(server: ServerConfig) -> Security:
     tokens = None
     if server.auth_tokens:
         try:
-            tokens = TokenTable.load(server.auth_tokens)
+            tokens = TokenFile(server.auth_tokens)
         except OSError as err:
             raise ValueError(f"server.auth_tokens: cannot read {server.auth_tokens}: {err.strerror}") from None
         except ValueError as err:
@@ -159,7 +159,7 @@ class Slots:
 
 
 class ServiceGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: TokenTable | None, server: ServerConfig, metrics: Metrics, clock: Clock | None = None):
+    def __init__(self, tokens: TokenFile | None, server: ServerConfig, metrics: Metrics, clock: Clock | None = None):
         self.tokens, self.metrics = tokens, metrics
         self.retry_after_ms = server.retry_after_ms
         self.calls = Slots(server.maximum_concurrent_rpcs)

@@ -85,7 +85,7 @@ class ServerConfig:
     tls_client_ca: str = ""
     """PEM CA bundle: set, every client must present a certificate it signed (mutual TLS)."""
     auth_tokens: str = ""
-    """YAML list of {name, tenant, role, sha256} bearer tokens; empty: the server runs open (no auth)."""
+    """YAML list of {name, tenant, role, sha256} bearer tokens, re-read on change; empty: the server runs open."""
     health_listen: str = ""
     """Plaintext HOST:PORT serving only grpc.health.v1 (kubelet and Docker probes); empty: off."""
     reflection: bool = False

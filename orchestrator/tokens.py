@@ -7,13 +7,16 @@ never the token::
     - {name: oncall, tenant: ops, role: operator, sha256: 60303ae...}
 
 A presented token is hashed and compared with every entry by ``hmac.compare_digest``, with no early exit,
-so the time taken says nothing about which entry (or how much of one) matched.
+so the time taken says nothing about which entry (or how much of one) matched. ``TokenFile`` re-reads the file
+when it changes, so adding or revoking a token needs no restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Literal
@@ -23,6 +26,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from orchestrator.config import CONFIG, TENANT_PATTERN
 
+log = logging.getLogger("streamgen.tokens")
 BEARER = "bearer "
 MAX_TOKEN_CHARS = 4096  # longer is refused without hashing (cheap to reject a flood of huge headers)
 
@@ -129,6 +133,50 @@ class TokenTable:
             if hmac.compare_digest(entry_digest, digest):
                 found = principal
         return found
+
+
+class TokenFile:
+    """The tokens file as served: checked once per call for a change (one ``stat``), re-read when it changed.
+    A changed file that does not load keeps the last good table in service, and says so once."""
+
+    def __init__(self, path: str):
+        """Loads it now: OSError or ValueError (naming the entry and field) if it is unusable."""
+        self.path = path
+        self._stamp = self._identity()
+        self.table = TokenTable.load(path)
+        self.reloads = 0
+
+    def authenticate(self, token: str) -> Principal | None:
+        self._refresh()
+        return self.table.authenticate(token)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def tenants(self) -> set[str]:
+        return self.table.tenants
+
+    def _identity(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _refresh(self) -> None:
+        try:
+            stamp = self._identity()
+        except OSError:
+            stamp = None
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a broken file is reported once, not on every call
+        try:
+            self.table = TokenTable.load(self.path)
+        except (OSError, ValueError) as err:
+            log.warning("the tokens file changed but cannot be used (%s); the last good one stays in service",
+                        getattr(err, "strerror", None) or err)
+            return
+        self.reloads += 1
+        log.info("tokens file reloaded: %d tokens", len(self.table))
 
 
 def bearer_token(values: list[str]) -> tuple[str | None, AuthFailure | None]:

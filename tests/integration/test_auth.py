@@ -4,6 +4,7 @@ against a real grpc.aio server on 127.0.0.1 (tiny model, one in-process stage)."
 import asyncio
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -233,3 +234,18 @@ def test_canaries_in_the_prompt_and_the_token_never_reach_logs_metrics_or_errors
     assert len(statuses) >= 6 and '"tenant": "c"' in logs and "streamgen_frames_total" in metrics  # all were seen
     for where, text in (("error details", errors), ("logs", logs), ("metrics", metrics), ("process output", output)):
         assert CANARY not in text, where
+
+
+def test_a_revoked_token_is_refused_at_once_without_a_restart(tmp_path):
+    path = write_tokens(tmp_path / "tokens.yaml", {"tok-old": ("a", "client")})
+    running = start(config(auth_tokens=str(path)))
+    try:
+        with grpc.insecure_channel(running.target) as ch:
+            s = stub(ch)
+            assert s.GetCapacity(stream_pb2.CapacityRequest(), metadata=bearer("tok-old")).streams_max > 0
+            os.replace(write_tokens(tmp_path / "next.yaml", {"tok-new": ("a", "client")}), path)
+            err = rpc_error(lambda: s.GetCapacity(stream_pb2.CapacityRequest(), metadata=bearer("tok-old")))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert s.GetCapacity(stream_pb2.CapacityRequest(), metadata=bearer("tok-new")).streams_max > 0
+    finally:
+        running.stop()

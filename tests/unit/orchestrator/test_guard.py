@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from orchestrator.auth import ServiceGuard, current_caller
 from orchestrator.config import ServerConfig
 from orchestrator.metrics import Metrics
-from orchestrator.tokens import TokenTable, token_sha256
+from orchestrator.tokens import TokenFile, token_sha256
 
 SERVICE = "streamgen.v1.StreamService"
 
@@ -34,7 +34,7 @@ async def drain(request, context):
 
 
 class GuardedServer:
-    def __init__(self, tokens: TokenTable):
+    def __init__(self, tokens: TokenFile):
         self.metrics = Metrics()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -64,7 +64,7 @@ def guarded(tmp_path_factory):
     path = tmp_path_factory.mktemp("guard") / "tokens.yaml"
     path.write_text(f"- {{name: c, tenant: acme, role: client, sha256: {token_sha256('tok-c')}}}\n"
                     f"- {{name: o, tenant: ops, role: operator, sha256: {token_sha256('tok-o')}}}\n")
-    server = GuardedServer(TokenTable.load(str(path)))
+    server = GuardedServer(TokenFile(str(path)))
     try:
         yield server
     finally:

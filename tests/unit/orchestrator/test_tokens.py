@@ -1,10 +1,11 @@
 """The tokens file, bearer parsing and token checks (grpc-free)."""
 
 import hashlib
+import os
 
 import pytest
 
-from orchestrator.tokens import AuthFailure, Principal, Role, TokenTable, bearer_token, token_sha256
+from orchestrator.tokens import AuthFailure, Principal, Role, TokenFile, TokenTable, bearer_token, token_sha256
 
 
 def table_file(tmp_path, text: str):
@@ -53,3 +54,20 @@ def test_bearer_header_parsing():
     assert bearer_token(["bearer  abc "]) == ("abc", None)
     for bad in (["Basic abc"], ["Bearer "], ["abc"], ["Bearer a", "Bearer b"], ["Bearer " + "x" * 5000]):
         assert bearer_token(bad) == (None, AuthFailure.MALFORMED), bad
+
+
+def test_the_tokens_file_is_re_read_when_it_changes_and_a_broken_one_keeps_the_last_good(tmp_path, caplog):
+    path = tmp_path / "tokens.yaml"
+
+    def write(text):  # as a Secret volume updates: a new file renamed over the old
+        (tmp_path / "new.yaml").write_text(text)
+        os.replace(tmp_path / "new.yaml", path)
+
+    write(f"- {{name: a, tenant: t, role: client, sha256: {token_sha256('tok-a')}}}\n")
+    tokens = TokenFile(str(path))
+    assert tokens.authenticate("tok-a") and not tokens.authenticate("tok-b")
+    write(f"- {{name: b, tenant: t, role: client, sha256: {token_sha256('tok-b')}}}\n")  # a revoked, b added
+    assert not tokens.authenticate("tok-a") and tokens.authenticate("tok-b") and tokens.reloads == 1
+    write("- {name: b, role: client}\n")  # broken: b stays valid, and it is said once
+    assert tokens.authenticate("tok-b") and tokens.authenticate("tok-b")
+    assert len([r for r in caplog.records if "cannot be used" in r.getMessage()]) == 1
