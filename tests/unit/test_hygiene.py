@@ -2,12 +2,12 @@
 of channels that tests open with plain grpc calls, sync and asyncio, so a leaky server cannot go unnoticed."""
 
 import asyncio
-import threading
 
 import grpc
 import pytest
 
 from tests import hygiene
+from tests.aio_server import ThreadedServer
 
 OK_DETAILS = ["stream_id: no such running stream", "width: 50 is not 96 (or 0 for that)", "quota: tenant has 2 streams",
               "Received message larger than max (5242890 vs. 4194304)", "Method not found: "
@@ -52,40 +52,25 @@ def test_only_the_address_the_client_dialled_may_appear():
     assert hygiene.violations(status(dialled.replace("5000", "5001"), grpc.StatusCode.UNAVAILABLE))
 
 
-class LeakyServer:
-    """A real grpc.aio server whose handlers leak: an escaping exception, and an abort with a path."""
+async def boom(request, context):
+    raise RuntimeError("/srv/app/handler.py failed")
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
 
-    async def _start(self):
-        async def boom(request, context):
-            raise RuntimeError("/srv/app/handler.py failed")
+async def leaky_stream(request, context):
+    yield b"one"
+    await context.abort(grpc.StatusCode.INTERNAL, "worker 10.0.0.9:6379 lost")
 
-        async def stream(request, context):
-            yield b"one"
-            await context.abort(grpc.StatusCode.INTERNAL, "worker 10.0.0.9:6379 lost")
 
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("streamgen.test.Leaky", {
-            "Boom": grpc.unary_unary_rpc_method_handler(boom, lambda b: b, lambda b: b),
-            "Stream": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+def leaky_server() -> ThreadedServer:
+    """A real server whose handlers leak: an escaping exception, and an abort with an address."""
+    return ThreadedServer("streamgen.test.Leaky", {
+        "Boom": grpc.unary_unary_rpc_method_handler(boom, lambda b: b, lambda b: b),
+        "Stream": grpc.unary_stream_rpc_method_handler(leaky_stream, lambda b: b, lambda b: b)})
 
 
 def test_channels_opened_anywhere_in_a_test_are_swept_sync_and_asyncio():
-    leaky = LeakyServer()
-    target = f"127.0.0.1:{leaky.port}"
+    leaky = leaky_server()
+    target = leaky.target
     try:
         with hygiene.expected() as got:
             with grpc.insecure_channel(target) as ch:

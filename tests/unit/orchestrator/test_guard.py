@@ -2,10 +2,8 @@
 bidirectional ``Transform`` is authenticated and sees its caller with no code of its own, an operator RPC is
 refused to clients, and an exception escaping a handler becomes an opaque INTERNAL with a request id."""
 
-import asyncio
 import logging
 import re
-import threading
 
 import grpc
 import pytest
@@ -15,6 +13,7 @@ from orchestrator.auth import ServiceGuard, current_caller
 from orchestrator.config import ServerConfig
 from orchestrator.metrics import Metrics
 from orchestrator.tokens import TokenFile, token_sha256
+from tests.aio_server import ThreadedServer
 
 SERVICE = "streamgen.v1.StreamService"
 
@@ -33,30 +32,14 @@ async def drain(request, context):
     return b"drained"
 
 
-class GuardedServer:
-    def __init__(self, tokens: TokenFile):
-        self.metrics = Metrics()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.port = asyncio.run_coroutine_threadsafe(self._start(tokens), self.loop).result(10)
-
-    async def _start(self, tokens):
-        server = grpc.aio.server(interceptors=[ServiceGuard(tokens, ServerConfig(), self.metrics)])
-        identity = (lambda b: b, lambda b: b)
-        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-            "Transform": grpc.stream_stream_rpc_method_handler(transform, lambda b: b.decode("utf-8"), lambda b: b),
-            "Boom": grpc.unary_unary_rpc_method_handler(boom, *identity),
-            "Drain": grpc.unary_unary_rpc_method_handler(drain, *identity)}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+def guarded_server(tokens: TokenFile, metrics: Metrics) -> ThreadedServer:
+    identity = (lambda b: b, lambda b: b)
+    return ThreadedServer(SERVICE, {
+        "Transform": grpc.stream_stream_rpc_method_handler(transform, lambda b: b.decode("utf-8"), lambda b: b),
+        "Boom": grpc.unary_unary_rpc_method_handler(boom, *identity),
+        "Drain": grpc.unary_unary_rpc_method_handler(drain, *identity)},
+        interceptors=[ServiceGuard(tokens, ServerConfig(), metrics)],
+        setup=lambda server: health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +47,9 @@ def guarded(tmp_path_factory):
     path = tmp_path_factory.mktemp("guard") / "tokens.yaml"
     path.write_text(f"- {{name: c, tenant: acme, role: client, sha256: {token_sha256('tok-c')}}}\n"
                     f"- {{name: o, tenant: ops, role: operator, sha256: {token_sha256('tok-o')}}}\n")
-    server = GuardedServer(TokenFile(str(path)))
+    metrics = Metrics()
+    server = guarded_server(TokenFile(str(path)), metrics)
+    server.metrics = metrics
     try:
         yield server
     finally:
