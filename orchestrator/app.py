@@ -10,11 +10,12 @@ import logging
 import signal
 
 from orchestrator.admission import place
+from orchestrator.auth import Security, load_security
 from orchestrator.autoscale import AutoscalePolicy
 from orchestrator.config import ServiceConfig
 from orchestrator.metrics import Metrics
 from orchestrator.replica_client import ReplicaClient, StreamRecord
-from orchestrator.server import start_server
+from orchestrator.server import start_health_server, start_server
 from workers.core_messages import StreamFailed
 
 log = logging.getLogger("streamgen.app")
@@ -35,6 +36,9 @@ class Service:
         self.server = None
         self.servicer = None
         self.port: int | None = None
+        self.security: Security | None = None
+        self.health_port: int | None = None
+        self._health_server = None
         self._metrics_server = None
         self._ray_started = False
         self._next_index = 0
@@ -45,6 +49,7 @@ class Service:
 
     async def start(self) -> "Service":
         cfg = self.cfg
+        self.security = load_security(cfg.server)  # a bad TLS or tokens file fails before Ray starts or anything binds
         from workers.executor import replica_device_map
 
         replica_device_map(cfg.generation, cfg.parallel).check()  # a piece that cannot fit fails before anything starts
@@ -60,7 +65,10 @@ class Service:
         self.metrics.set_build_info(VERSION)
         if cfg.server.metrics_listen:
             self._metrics_server = self.metrics.serve(cfg.server.metrics_listen)
-        self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics)
+        self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics, self.security)
+        if cfg.server.health_listen:
+            self._health_server, self.health_port = await start_health_server(cfg.server.health_listen,
+                                                                              self.servicer.health)
         self._fleet = asyncio.create_task(self._tend_fleet())
         if cfg.server.probe_period_s:
             self._prober = asyncio.create_task(self._probe())
@@ -218,6 +226,9 @@ class Service:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
+            self._health_server = None
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, host.shutdown) for host in self.replicas))
         self.replicas.clear()

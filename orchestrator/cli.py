@@ -3,6 +3,7 @@
 * ``streamgen serve``: the service (local Ray unless ``--address``), gRPC on ``--listen``, /metrics.
 * ``streamgen generate``: a client: one text-to-video stream into a video file, with a progress bar
   and a summary (frames, achieved fps, TTFF, latency percentiles, deadline misses).
+* ``streamgen health``: exit 0 when a server answers SERVING (Docker HEALTHCHECK, scripts).
 * ``streamgen transform``: a client: a video file through a video-to-video stream into a restyled file.
 * ``streamgen demo-v2v``: starts the service, restyles a test clip it makes (``out/input.mp4``), stops.
 * ``streamgen demo``: the embedded default end to end: starts the service (local Ray, the tiny model,
@@ -31,6 +32,11 @@ SERVICE_FLAGS: dict[str, str] = {
     "listen": "server.listen",
     "metrics-listen": "server.metrics_listen",
     "reflection": "server.reflection",
+    "tls-cert": "server.tls_cert",
+    "tls-key": "server.tls_key",
+    "tls-client-ca": "server.tls_client_ca",
+    "auth-tokens": "server.auth_tokens",
+    "health-listen": "server.health_listen",
     "max-streams": "server.max_streams_per_replica",
     "drain-timeout": "server.drain_timeout_s",
     "model": "generation.model",
@@ -183,8 +189,8 @@ async def _serve(cfg: ServiceConfig) -> int:
         f"joined Ray cluster {cfg.ray_address!r}" if cfg.ray_address else "local Ray on 127.0.0.1"
     print(f"streamgen serving on {host}:{service.port} (model {cfg.generation.model.num_layers}-block, "
           f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on "
-          f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}",
-          flush=True)
+          f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}; "
+          f"{service.security.describe()}", flush=True)
     await service.serve_forever()
     return 0
 
@@ -220,7 +226,7 @@ async def _generate(target: str, args: argparse.Namespace) -> int:
     summary = StreamSummary()
     progress = Progress("receiving", args.frames)
     writer = None
-    async with StreamgenClient(target) as client:
+    async with StreamgenClient(connection_from_args(args, target)) as client:
         call = client.generate(args.prompt, seed=args.seed, fps=args.fps, steps=args.steps, max_frames=args.frames)
         try:
             async for frame in call:
@@ -242,6 +248,26 @@ async def _generate(target: str, args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(_generate(args.target, args))
+
+
+async def _health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with connection_from_args(args).channel() as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                                timeout=args.timeout)
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        return asyncio.run(_health(args))
+    except grpc.aio.AioRpcError as err:
+        print(f"streamgen: health: {err.code().name}", file=sys.stderr)
+        return 1
 
 
 INPUT_OUTCOMES = ("accepted", "dropped_backlog", "dropped_invalid", "dropped_order", "filtered_similar")
@@ -266,7 +292,7 @@ async def _transform(target: str, args: argparse.Namespace) -> int:
 
     received, latency_ms, writer = 0, [], None
     trailers: dict[str, str] = {}
-    async with StreamgenClient(target) as client:
+    async with StreamgenClient(connection_from_args(args, target)) as client:
         call = client.transform(frames(), args.prompt, fps=fps, seed=args.seed, steps=args.steps,
                                 noise_scale=args.noise_scale, motion_aware=not args.no_motion,
                                 similarity_threshold=args.similarity, input_fps=fps)
@@ -300,11 +326,17 @@ def cmd_transform(args: argparse.Namespace) -> int:
     return asyncio.run(_transform(args.target, args))
 
 
+def demo_config(args: argparse.Namespace) -> ServiceConfig:
+    """A demo's service: open, plaintext, on loopback whatever the flags say (its own client is its only caller)."""
+    cfg = service_config(args)
+    return replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen="", health_listen="",
+                                       tls_cert="", tls_key="", tls_client_ca="", auth_tokens=""))
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from orchestrator.app import Service
 
-    cfg = service_config(args)
-    cfg = replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen=""))
+    cfg = demo_config(args)
     print(f"starting streamgen: local Ray, a {cfg.generation.model.num_layers}-block model, "
           f"{cfg.parallel.stages} stages ...", flush=True)
     started = time.monotonic()
@@ -327,8 +359,7 @@ async def _demo_v2v(args: argparse.Namespace) -> int:
     from orchestrator.app import Service
     from orchestrator.video import synthetic_clip
 
-    cfg = service_config(args)
-    cfg = replace(cfg, server=replace(cfg.server, listen="127.0.0.1:0", metrics_listen=""))
+    cfg = demo_config(args)
     if not os.path.exists(args.input):
         m = cfg.generation
         print(f"making a {args.clip_frames}-frame test clip at {args.fps:g} fps: {args.input}", flush=True)
@@ -376,6 +407,28 @@ def _stream_flags(p: argparse.ArgumentParser, out: str, frames: int) -> None:
     p.add_argument("--out", default=out, help=f"video file to write (default {out})")
 
 
+def add_connection_flags(p: argparse.ArgumentParser, target: str = "127.0.0.1:50051") -> None:
+    """--target and how to reach it (TLS, client certificate, token): every client subcommand takes these."""
+    p.add_argument("--target", default=target, help=f"server HOST:PORT (default {target})")
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle that signed the server's certificate: use TLS")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate, for a server with mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--token", help="bearer token (default: $STREAMGEN_TOKEN; the environment keeps it out of the "
+                                   "process list)")
+
+
+def connection_from_args(args: argparse.Namespace, target: str | None = None):
+    """The Connection that ``add_connection_flags``' flags describe (the token from $STREAMGEN_TOKEN unless
+    --token is given)."""
+    from orchestrator.client import Connection
+
+    token = None
+    if hasattr(args, "token"):  # a subcommand with connection flags (the demo has none: its server is open)
+        token = args.token or os.environ.get("STREAMGEN_TOKEN") or None
+    return Connection(target or args.target, getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+                      getattr(args, "tls_key", None), token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Real-time video generation service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,13 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print each replica's device map (pieces per GPU slot, memory) and exit")
     serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="stream a text-to-video stream into a video file")
-    gen.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    add_connection_flags(gen)
     _stream_flags(gen, "video.mp4", 48)
     gen.set_defaults(func=cmd_generate)
     tr = sub.add_parser("transform", help="restyle a video file through a video-to-video stream")
-    tr.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    add_connection_flags(tr)
     _transform_flags(tr, None, "restyled.mp4")
     tr.set_defaults(func=cmd_transform)
+    check = sub.add_parser("health", help="exit 0 if the server answers SERVING (grpc.health.v1)")
+    add_connection_flags(check)
+    check.add_argument("--service", default="", help="health service name ('' liveness, streamgen.v1.StreamService "
+                                                     "readiness)")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    check.set_defaults(func=cmd_health)
     demo = sub.add_parser("demo", help="start the service locally, stream into out/demo.mp4, stop")
     _service_flags(demo)
     _stream_flags(demo, "out/demo.mp4", 48)

@@ -1,4 +1,8 @@
-"""Async Python client for streamgen's gRPC API, plus the per-stream summary the CLI prints."""
+"""Async Python client for streamgen's gRPC API, plus the per-stream summary the CLI prints.
+
+``Connection`` is how any client reaches a server (target, TLS trust, client certificate, bearer token);
+``Connection.channel()`` opens a grpc.aio channel that sends the token on every call of every RPC.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,98 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from orchestrator.config import is_loopback
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where a server is and how to reach it. TLS is on when ``tls_ca`` (or a client certificate) is
+    given; a token is sent as ``authorization: Bearer``, and never in plaintext beyond loopback."""
+
+    target: str
+    """HOST:PORT of the server."""
+    tls_ca: str | None = None
+    """PEM CA bundle that signed the server's certificate (None with a client certificate: system roots)."""
+    tls_cert: str | None = None
+    """PEM client certificate for mutual TLS (with tls_key)."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    token: str | None = None
+    """Bearer token (the server's tokens file holds its SHA-256)."""
+
+    def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.token and not self.secure and not is_loopback(self.target):
+            raise ValueError(f"a token is not sent in plaintext to {self.target}: give --tls-ca")
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None, flag: str) -> bytes | None:
+            if not path:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as err:
+                raise ValueError(f"{flag}: cannot read {path}: {err.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.tls_ca, "--tls-ca"), read(self.tls_key, "--tls-key"),
+                                            read(self.tls_cert, "--tls-cert"))
+
+    def channel(self, options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
+        interceptors = bearer_token_interceptors(self.token) if self.token else None
+        if self.secure:
+            return grpc.aio.secure_channel(self.target, self.credentials(), options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(self.target, options, interceptors=interceptors)
+
+
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+class _TokenUnaryUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._with_token(details), request)
+
+
+class _TokenUnaryStream(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._with_token(details), request)
+
+
+class _TokenStreamUnary(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._with_token(details), request_iterator)
+
+
+class _TokenStreamStream(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._with_token(details), request_iterator)
+
+
+def bearer_token_interceptors(token: str) -> list:
+    """The token on every call, whatever its cardinality. One object per kind: a grpc.aio channel files each
+    interceptor under the first kind it is an instance of, so one object of all four would see unary calls only."""
+    return [cls(token) for cls in (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)]
+
+
 class StreamgenClient:
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024):
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes)])
+    def __init__(self, target: str | Connection, max_message_bytes: int = 64 * 1024 * 1024):
+        connection = target if isinstance(target, Connection) else Connection(target)
+        self.channel = connection.channel([("grpc.max_receive_message_length", max_message_bytes)])
         self.stub = stream_pb2_grpc.StreamServiceStub(self.channel)
 
     async def __aenter__(self) -> "StreamgenClient":

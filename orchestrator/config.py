@@ -29,11 +29,15 @@ __all__ = [
     "ParallelConfig",
     "AutoscalingConfig",
     "ServerConfig",
+    "TenantQuota",
+    "TenantsConfig",
     "ServiceConfig",
     "get_config",
     "load_service_config",
     "read_config_file",
     "service_config_from",
+    "message_limits",
+    "is_loopback",
     "MAX_STEPS",
     "MODEL_CONFIGS",
     "SAMPLER_MODES",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Tenant ids (tokens file, ``tenants.by_tenant``): short, printable, safe in logs."""
 
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 Bytes = Annotated[int, Field(ge=1, le=1 << 31)]
@@ -49,10 +55,17 @@ Fps = Annotated[float, Field(gt=0, le=1000)]
 
 
 def _host_port(value: str, name: str) -> tuple[str, int]:
+    """HOST:PORT with the host named: an empty host (``:9464``) would bind every interface unasked."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not (0 <= int(port) < 65536):
-        raise ValueError(f"{name} must be HOST:PORT, got {value!r}")
+    if not sep or not host.strip("[]") or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise ValueError(f"{name} must be HOST:PORT with the host named (127.0.0.1, or 0.0.0.0 for every "
+                         f"interface), got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a HOST:PORT binds only the loopback interface."""
+    return address.rpartition(":")[0].strip("[]") in LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -64,7 +77,17 @@ class ServerConfig:
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics HOST:PORT; empty disables the endpoint."""
     allow_plaintext_non_loopback: bool = False
-    """Plaintext is loopback-only unless this is set (there is no TLS yet)."""
+    """Serve plaintext on a non-loopback listen (only behind a TLS-terminating mesh: tokens travel in clear)."""
+    tls_cert: str = ""
+    """PEM certificate chain for TLS on the gRPC port (with tls_key); re-read when the file changes."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: set, every client must present a certificate it signed (mutual TLS)."""
+    auth_tokens: str = ""
+    """YAML list of {name, tenant, role, sha256} bearer tokens, re-read on change; empty: the server runs open."""
+    health_listen: str = ""
+    """Plaintext HOST:PORT serving only grpc.health.v1 (kubelet and Docker probes); empty: off."""
     reflection: bool = False
     """Serve gRPC reflection (off by default)."""
     default_fps: Fps = 16.0
@@ -94,7 +117,21 @@ class ServerConfig:
     drain_timeout_s: Seconds = 10.0
     """On SIGTERM / Drain: how long streams may run on before they end UNAVAILABLE."""
     max_receive_message_bytes: Bytes = 4 * 1024 * 1024
-    """Largest gRPC message the server accepts."""
+    """Largest gRPC message the server accepts (at least one raw frame + message_overhead_bytes)."""
+    message_overhead_bytes: Annotated[int, Field(ge=1024, le=1 << 24)] = 64 * 1024
+    """Room beyond one raw RGB frame in the message limits (the send limit is frame + this)."""
+    max_stream_duration_s: Seconds = 4 * 3600.0
+    """A stream is ended DEADLINE_EXCEEDED after this long (the client may reconnect)."""
+    maximum_concurrent_rpcs: Annotated[int, Field(ge=1, le=1 << 20)] = 512
+    """RPCs of the stream service in progress at once (streams count); more get RESOURCE_EXHAUSTED."""
+    keepalive_time_s: Seconds = 20.0
+    """The server pings a connection this often to find dead peers."""
+    keepalive_timeout_s: Seconds = 10.0
+    """A connection whose ping goes unanswered this long is closed."""
+    min_recv_ping_interval_s: Annotated[float, Field(ge=0, le=86400)] = 10.0
+    """Client pings closer together than this (with no data between) count as strikes."""
+    max_ping_strikes: Annotated[int, Field(ge=0, le=1000)] = 2
+    """Strikes before the server sends GOAWAY (too_many_pings); 0: never."""
     stall_frames: Annotated[float, Field(gt=0, le=1e6)] = 1.0
     """A frame later than this many intervals past its due time re-anchors the pacing clock."""
     idle_timeout_s: Seconds = 10.0
@@ -114,19 +151,22 @@ class ServerConfig:
         _host_port(value, "ServerConfig.listen")
         return value
 
-    @field_validator("metrics_listen")
+    @field_validator("metrics_listen", "health_listen")
     @classmethod
-    def _metrics_listen(cls, value: str) -> str:
+    def _optional_listen(cls, value: str, info) -> str:
         if value:
-            _host_port(value, "ServerConfig.metrics_listen")
+            _host_port(value, f"ServerConfig.{info.field_name}")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
-        host, _ = _host_port(self.listen, "ServerConfig.listen")
-        if host not in LOOPBACK_HOSTS and not self.allow_plaintext_non_loopback:
-            raise ValueError(f"ServerConfig.listen {self.listen!r} is not loopback and TLS is not available: "
-                             "bind 127.0.0.1 or set allow_plaintext_non_loopback")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("ServerConfig.tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("ServerConfig.tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not is_loopback(self.listen) and not self.tls_cert and not self.allow_plaintext_non_loopback:
+            raise ValueError(f"ServerConfig.listen {self.listen!r} is not loopback, so it needs TLS: set tls_cert "
+                             "and tls_key (--tls-cert, --tls-key), or listen on 127.0.0.1")
         if self.default_fps > self.max_fps:
             raise ValueError("ServerConfig.default_fps must not exceed max_fps")
         return self
@@ -158,6 +198,32 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True, config=CONFIG)
+class TenantQuota:
+    """What one tenant may use at once and how fast it may start streams."""
+
+    max_streams: Annotated[int, Field(ge=1, le=1 << 20)] = 32
+    """Streams the tenant may have running at once."""
+    starts_per_minute: Annotated[int, Field(ge=1, le=1 << 20)] = 300
+    """Streams the tenant may start in any 60 s window."""
+
+
+TenantId = Annotated[str, Field(pattern=TENANT_PATTERN)]
+
+
+@dataclass(frozen=True, config=CONFIG)
+class TenantsConfig:
+    """Per-tenant quotas: over one, a start gets RESOURCE_EXHAUSTED "quota"; other tenants are unaffected."""
+
+    default: TenantQuota = dataclasses.field(default_factory=TenantQuota)
+    """The quota of every tenant without its own entry (an open server has no tenants: no quota applies)."""
+    by_tenant: dict[TenantId, TenantQuota] = dataclasses.field(default_factory=dict)
+    """Tenant id -> its own quota (replaces the default; fields it omits take their built-in defaults)."""
+
+    def quota(self, tenant: str) -> TenantQuota:
+        return self.by_tenant.get(tenant, self.default)
+
+
+@dataclass(frozen=True, config=CONFIG)
 class ServiceConfig:
     """The root: everything `streamgen serve` runs with.
 
@@ -185,14 +251,33 @@ class ServiceConfig:
     """Logical GPUs a local Ray advertises (tests); None = what the machine has."""
     autoscaling: AutoscalingConfig | None = None
     """None: a fixed fleet of replicas. Set: start with min_replicas and scale up to max_replicas."""
+    tenants: TenantsConfig = dataclasses.field(default_factory=TenantsConfig)
+    """Per-tenant stream quotas (tenants come from the tokens file; an open server has none)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServiceConfig:
         check_topology(self.parallel, self.generation.model)
+        frame = raw_frame_bytes(self.generation)
+        if self.server.max_receive_message_bytes < frame + self.server.message_overhead_bytes:
+            raise ValueError(f"ServiceConfig.server.max_receive_message_bytes must hold one raw "
+                             f"{self.generation.width}x{self.generation.height} frame ({frame} bytes) plus "
+                             f"message_overhead_bytes ({self.server.message_overhead_bytes})")
         if self.replica_host == "serve" and self.parallel.backend != "ray":
             raise ValueError("ServiceConfig.replica_host 'serve' needs parallel.backend 'ray' "
                              "(stage actors in its bundles)")
         return self
+
+
+def raw_frame_bytes(gen: GenerationConfig) -> int:
+    """Bytes of one raw RGB frame at the generated size: the largest payload in either direction (a JPEG
+    of it is smaller but for a few hundred header bytes, which the message overhead covers)."""
+    return gen.width * gen.height * 3
+
+
+def message_limits(cfg: ServiceConfig) -> tuple[int, int]:
+    """(receive, send) gRPC message limits in bytes: receive as configured (it holds one raw frame plus
+    the overhead, checked above), send exactly one raw frame plus the overhead."""
+    return cfg.server.max_receive_message_bytes, raw_frame_bytes(cfg.generation) + cfg.server.message_overhead_bytes
 
 
 def _explain(err: ValidationError, where: str) -> ValueError:

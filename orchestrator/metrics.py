@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from orchestrator.tokens import AuthFailure
 from orchestrator.types import EndReason, FrameOutcome, InputOutcome, Rejection
 
 if TYPE_CHECKING:
@@ -75,6 +76,11 @@ class Metrics:
         self.health_status = Gauge("streamgen_health_status", "1 when SERVING", ["service"], registry=r)
         self.draining = Gauge("streamgen_draining", "1 while draining", registry=r)
         self.build_info = Info("streamgen_build", "Versions", registry=r)
+        self.auth_failures = Counter("streamgen_auth_failures", "Calls refused by the auth interceptor, by reason",
+                                     ["reason"], registry=r)
+        self.concurrent_rpc_refusals = Counter("streamgen_concurrent_rpc_refusals",
+                                               "Calls refused at a concurrent-call limit (server.maximum_concurrent_rpcs; health has its own)",
+                                               registry=r)
         # Every bounded label value exists from the start (a 0 series beats a missing one in PromQL).
         for result in ("admitted", "rejected"):
             self.stream_starts.labels(result)
@@ -82,6 +88,8 @@ class Metrics:
             self.stream_rejections.labels(reason.value)
         for end in EndReason:
             self.streams_ended.labels(end.value)
+        for failure in AuthFailure:
+            self.auth_failures.labels(failure.value)
         for outcome in FrameOutcome:
             self.frames.labels(outcome.value)
         for outcome in InputOutcome:
@@ -161,6 +169,7 @@ CATALOGUE = (
     "streamgen_stage_errors_total", "streamgen_stage_rebuild_seconds", "streamgen_stream_migrations_total", "streamgen_replicas",
     "streamgen_replica_repairs_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
+    "streamgen_auth_failures_total", "streamgen_concurrent_rpc_refusals_total",
 )
 CUDA_ONLY = ("streamgen_gpu_memory_bytes",)
 """Declared (and in the scrape's HELP/TYPE lines) everywhere, with series only where stages run on CUDA."""

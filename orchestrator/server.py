@@ -1,16 +1,19 @@
 """The gRPC front end (grpc.aio): the one module that imports grpc.
 
-Generate: validate -> admit -> open on a replica -> pace frames out at the stream's fps -> close in
-``finally``. Transform (video-to-video): the same admission and end, with ``orchestrator/transform.py``
-between them (input frames in, restyled frames out). Errors are status codes with plain messages (never tracebacks or addresses), following
-RELIABILITY.md's contract; refusals carry a ``retry-after-ms`` trailer where a retry can help.
+Every call first passes the guard (``auth.ServiceGuard``: token, role, call limit; ``current_caller()``).
+Generate: validate -> tenant quota -> admit -> open on a replica -> pace frames out at the stream's fps ->
+close in ``finally``. Transform (video-to-video): the same admission and end, with ``orchestrator/transform.py``
+between them (input frames in, restyled frames out). Errors are status codes with plain messages (never
+tracebacks or addresses), following RELIABILITY.md's contract, sent through ``auth.abort``: trailers carry the
+request id, and ``retry-after-ms`` where a retry can help. A stream belongs to its caller's tenant:
+``find_stream`` is the one lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import secrets
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,10 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator.config import MAX_STEPS
 from orchestrator.admission import Admission, validate, validate_prompt, validate_steps, validate_transform
+from orchestrator.audit import audit
+from orchestrator.auth import HEALTH_RPCS, Security, ServiceGuard, abort, current_caller, load_security
 from orchestrator.clock import Clock
-from orchestrator.config import ServiceConfig
+from orchestrator.config import ServiceConfig, message_limits
 from orchestrator.deadline import Pacer
 from orchestrator.metrics import Metrics
+from orchestrator.quota import TenantQuotas
 from orchestrator.replica_client import ReplicaClient
 from orchestrator.session import Session, State
 from orchestrator.transform import VideoStream
@@ -32,11 +38,13 @@ from workers.core_messages import FrameBatch, StreamFailed
 log = logging.getLogger("streamgen.server")
 SERVICE_NAME = "streamgen.v1.StreamService"
 HAND_OFF_SETTLE_S = 5.0  # a replica in its own process hands its streams back asynchronously
+DEADLINE_SLACK_S = 0.25  # a cancel this close to the call's deadline is the client's deadline expiring
 
 STATUS = {
     Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     Rejection.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Rejection.CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Rejection.QUOTA: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Rejection.BUDGET: grpc.StatusCode.FAILED_PRECONDITION,
     Rejection.DRAINING: grpc.StatusCode.UNAVAILABLE,
 }
@@ -51,6 +59,8 @@ class LiveStream:
     """Finished chunks (FrameBatch), a StreamFailed, or None (drain / cancel) for the stream's handler."""
     replica: ReplicaClient
     """The replica holding its caches (changes when the stream moves); controls and close go there."""
+    tenant: str
+    """The tenant that started it: only callers of that tenant find it."""
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while output may flow (not paused, or ended)."""
     video: VideoStream | None = None
@@ -59,13 +69,15 @@ class LiveStream:
 
 class StreamService(stream_pb2_grpc.StreamServiceServicer):
     def __init__(self, cfg: ServiceConfig, replicas: list[ReplicaClient], metrics: Metrics, health_servicer,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, tenants: bool = True):
+        """``tenants``: callers carry tenants (a tokens file), so tenant quotas apply."""
         self.cfg = cfg
         self.replicas = replicas
         self.metrics = metrics
         self.health = health_servicer
         self.clock = clock or Clock()
         self.admission = Admission(cfg.server, cfg.generation.sampler.chunk_frames)
+        self.quotas = TenantQuotas(cfg.tenants, self.clock, cfg.server.retry_after_ms, enforce=tenants)
         self.streams: dict[str, LiveStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's (streams are opened on it)
         self.draining = False
@@ -79,10 +91,13 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
     # -- Generate ------------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
+        caller = current_caller()
         if request is MALFORMED:
-            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:malformed")
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
         start = self.clock.now()
-        live = await self._admit(context, lambda: validate(request, self.cfg.server, self.cfg.generation), start)
+        live = await self._admit(context, caller, lambda: validate(request, self.cfg.server, self.cfg.generation),
+                                 start)
         reason = EndReason.INTERNAL  # stands if anything unexpected escapes
         try:
             async for frame in self._frames(live):
@@ -92,11 +107,12 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             reason = self._cancelled(live, context)
             raise
         finally:
-            self._release(live, reason, start)
+            self._release(live, reason, start, caller)
         await self._end_status(live, context)
 
     async def Transform(self, request_iterator, context):
         """Video-to-video: the first request is the config; then input frames and controls (transform.py)."""
+        caller = current_caller()
         start = self.clock.now()
         requests = request_iterator.__aiter__()
         try:
@@ -104,13 +120,15 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         except StopAsyncIteration:
             first = None
         if first is MALFORMED:
-            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:malformed")
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
         if first is None or first.WhichOneof("kind") != "config":
             self.metrics.stream_starts.labels("rejected").inc()
             self.metrics.stream_rejections.labels(Rejection.INVALID.value).inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be config")
-        live = await self._admit(context, lambda: validate_transform(first.config, self.cfg.server,
-                                                                     self.cfg.generation), start)
+            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:invalid")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "first message must be config")
+        live = await self._admit(context, caller, lambda: validate_transform(first.config, self.cfg.server,
+                                                                             self.cfg.generation), start)
         video = live.video = VideoStream(self, live, context, self.cfg.generation.sampler.chunk_frames, MALFORMED,
                                          self.cfg.generation.model.vae_stride[0])
         reader = asyncio.create_task(video.read(requests))
@@ -125,22 +143,26 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         finally:
             reader.cancel()
             video.finish()
-            self._release(live, reason, start)
-            context.set_trailing_metadata(tuple((f"input-{k.value.replace('_', '-')}", str(n))
-                                                for k, n in sorted(video.totals.items())))
+            self._release(live, reason, start, caller)
+        counts = tuple((f"input-{k.value.replace('_', '-')}", str(n)) for k, n in sorted(video.totals.items()))
         if video.ended is not None:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if video.ended.reason is EndReason.IDLE else \
                 grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, video.ended.message)
-        await self._end_status(live, context)
+            await abort(context, code, video.ended.message, trailers=counts)
+        await self._end_status(live, context, counts)
+        context.set_trailing_metadata(counts)
 
-    async def _admit(self, context, make_spec, start: float) -> LiveStream:
-        """Validate (``make_spec``), admit, and open the stream on the chosen replica; refusals abort the call."""
+    async def _admit(self, context, caller, make_spec, start: float) -> LiveStream:
+        """Validate (``make_spec``), check the tenant's quota, admit, and open the stream on the chosen replica;
+        refusals abort the call (audited)."""
+        tenant = caller.principal.tenant
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0.001:
-            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired", None, None)
+            audit("stream_start", caller.request_id, tenant, "rejected:deadline")
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired")
         try:
             spec = make_spec()
+            self.quotas.check(tenant)
             serving = [r for r in self.replicas if not r.draining and r.healthy]
             decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
@@ -148,13 +170,16 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 self.capacity_refusals += 1
             self.metrics.stream_starts.labels("rejected").inc()
             self.metrics.stream_rejections.labels(err.reason.value).inc()
-            await self._refuse(context, STATUS[err.reason], err.message, err.retry_after_ms, err.reason)
+            audit("stream_start", caller.request_id, tenant, f"rejected:{err.reason.value}")
+            await abort(context, STATUS[err.reason], err.message, err.retry_after_ms)
+        self.quotas.started(tenant)
         self.metrics.stream_starts.labels("admitted").inc()
-        stream_id = uuid.uuid4().hex
+        stream_id = secrets.token_hex(16)  # 128 random bits: ids are not guessable (tenancy is checked anyway)
         replica = serving[decision.replica]
         session = Session(stream_id, spec, replica.index, decision.utilisation, start)
+        audit("stream_start", caller.request_id, tenant, "admitted", stream_id=stream_id)
         loop = self._loop = asyncio.get_running_loop()
-        live = LiveStream(session, asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8), replica)
+        live = LiveStream(session, asyncio.Queue(maxsize=self.cfg.server.output_chunks_ahead + 8), replica, tenant)
         live.resumed.set()
 
         def sink(item):  # engine thread -> this loop
@@ -166,26 +191,34 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         return live
 
     def _cancelled(self, live: LiveStream, context) -> EndReason:
+        # The client's deadline fires first: its cancel reaches us a moment before our own copy of it expires.
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
         return live.session.end_reason or (EndReason.DEADLINE if expired else EndReason.CLIENT_CANCEL)
 
-    def _release(self, live: LiveStream, reason: EndReason, start: float) -> None:
-        """The stream's one end: its replica frees it, its session and metrics record why."""
+    def _release(self, live: LiveStream, reason: EndReason, start: float, caller) -> None:
+        """The stream's one end: its replica frees it, its quota, session, metrics and audit line record it."""
         session = live.session
         live.replica.close(session.stream_id)
         session.end(reason)
         self.streams.pop(session.stream_id, None)
+        self.quotas.ended(live.tenant)
         self.metrics.streams_active.dec()
         self.metrics.streams_ended.labels(session.end_reason.value).inc()
-        self.metrics.stream_duration.observe(self.clock.now() - start)
+        duration = self.clock.now() - start
+        self.metrics.stream_duration.observe(duration)
+        audit("stream_end", caller.request_id, live.tenant, session.end_reason.value, duration, session.stream_id)
         if self.draining and not self.streams:
             self._drained.set()
 
-    async def _end_status(self, live: LiveStream, context) -> None:
-        if live.session.end_reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
-            context.set_trailing_metadata((("retry-after-ms", str(self.cfg.server.retry_after_ms)),))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[live.session.end_reason])
+    async def _end_status(self, live: LiveStream, context, trailers: tuple = ()) -> None:
+        """The status of a stream that ended on the server's side (draining, lost, silent, too long)."""
+        reason = live.session.end_reason
+        if reason in (EndReason.DRAIN, EndReason.WORKER_LOST, EndReason.NO_OUTPUT):
+            await abort(context, grpc.StatusCode.UNAVAILABLE, _END_MESSAGES[reason], self.cfg.server.retry_after_ms,
+                        trailers)
+        if reason is EndReason.MAX_DURATION:
+            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, _END_MESSAGES[reason], trailers=trailers)
 
     async def _frames(self, live: LiveStream):
         """Pace the stream's frames out; ends by returning (max_frames, drain) or by cancellation."""
@@ -194,11 +227,13 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         pacer = Pacer(spec.fps, spec.late_policy, server.stall_frames)
         slot = 0  # generated frames (sent or dropped): the pacer's frame number; wire indices have no gaps
         last_sent: float | None = None
+        ends_at = session.started + server.max_stream_duration_s
         while not session.done and session.state is not State.ENDED:
+            left = ends_at - self.clock.now()
             try:
-                item = await asyncio.wait_for(out.get(), timeout=server.no_output_timeout_s)
+                item = await asyncio.wait_for(out.get(), timeout=max(0.0, min(server.no_output_timeout_s, left)))
             except asyncio.TimeoutError:
-                session.end(EndReason.NO_OUTPUT)
+                session.end(EndReason.NO_OUTPUT if left > server.no_output_timeout_s else EndReason.MAX_DURATION)
                 return
             if item is None:  # drain or cancel
                 return
@@ -214,10 +249,16 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 if session.done or session.state is State.ENDED:  # max_frames, or ended by drain / cancel
                     break
                 if session.state is State.PAUSED:  # output stops; the engine waits on its look-ahead bound
-                    await live.resumed.wait()
+                    try:
+                        await asyncio.wait_for(live.resumed.wait(), max(0.0, ends_at - self.clock.now()))
+                    except asyncio.TimeoutError:
+                        session.end(EndReason.MAX_DURATION)
                     if session.state is State.ENDED:
                         break
                     pacer.resume(slot, self.clock.now())
+                if self.clock.now() >= ends_at:
+                    session.end(EndReason.MAX_DURATION)
+                    break
                 placement = pacer.place(slot, max(item.ready_at, self.clock.now()))
                 slot += 1
                 if placement.lost:
@@ -283,12 +324,20 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
 
     # -- Control, capacity, drain ----------------------------------------------------------------------
 
+    def find_stream(self, stream_id: str) -> LiveStream | None:
+        """The caller's running stream ``stream_id``. Another tenant's stream is None, exactly as an unknown
+        id is: the one ownership check, for every RPC that names a stream."""
+        live = self.streams.get(stream_id)
+        if live is None or live.tenant != current_caller().principal.tenant:
+            return None
+        return live
+
     async def Control(self, request, context):
         if request is MALFORMED:
-            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
-        live = self.streams.get(request.stream_id)
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
+        live = self.find_stream(request.stream_id)
         if live is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "stream_id: no such running stream")
+            await abort(context, grpc.StatusCode.NOT_FOUND, "stream_id: no such running stream")
         session = live.session
         if request.cancel:
             self._end(live, EndReason.CLIENT_CANCEL)
@@ -299,7 +348,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             if request.HasField("steps"):
                 validate_steps(request.steps)
         except RequestError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
         if request.HasField("prompt"):
             session.prompt_revision += 1
             live.replica.set_prompt(request.stream_id, request.prompt)
@@ -316,28 +365,29 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
 
     async def GetCapacity(self, request, context):
         if request is MALFORMED:
-            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
         fps = request.fps or self.cfg.server.default_fps
         steps = request.steps or self.cfg.generation.sampler.num_steps
         if fps <= 0 or fps != fps or not (1 <= steps <= MAX_STEPS):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
         serving = [r for r in self.replicas if not r.draining and r.healthy]
         total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
         latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
         states = [stream_pb2.ReplicaState(index=r.index, streams_active=r.active(), draining=r.draining,
-                                          healthy=r.healthy) for r in self.replicas]
+                                          healthy=r.healthy) for r in self.replicas] \
+            if current_caller().principal.operator else []  # replica details are for operators
         return stream_pb2.CapacityReply(streams_active=len(self.streams), streams_max=total,
                                         predicted_chunk_latency_s=latency, replicas=len(self.replicas),
                                         draining=self.draining, replica_states=states)
 
     async def Drain(self, request, context):
         if request is MALFORMED:
-            await context.abort(grpc.StatusCode.INTERNAL, "request could not be parsed")
+            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self.cfg.server.drain_timeout_s
         if request.HasField("replica"):
             host = next((r for r in self.replicas if r.index == request.replica), None)
             if host is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no replica {request.replica} (GetCapacity lists them)")
+                await abort(context, grpc.StatusCode.NOT_FOUND, f"no replica {request.replica} (GetCapacity lists them)")
             return stream_pb2.DrainReply(streams_active=await self.drain_replica(host, timeout))
         await self.drain(timeout)
         return stream_pb2.DrainReply(streams_active=len(self.streams))
@@ -381,16 +431,12 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             except asyncio.TimeoutError:
                 log.warning("%d streams still open after drain", len(self.streams))
 
-    async def _refuse(self, context, code, message, retry_after_ms, reason) -> None:
-        if retry_after_ms is not None:
-            context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
-        await context.abort(code, message)
-
 
 _END_MESSAGES = {
     EndReason.DRAIN: "server is draining; reconnect elsewhere",
     EndReason.WORKER_LOST: "the pipeline serving this stream failed",
     EndReason.NO_OUTPUT: "no output within the no-output timeout",
+    EndReason.MAX_DURATION: "the stream reached the server's maximum duration; start a new one to go on",
 }
 
 
@@ -425,15 +471,32 @@ def _handlers(service: StreamService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
-async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics) -> tuple[grpc.aio.Server, StreamService, int]:
-    """Build and start the grpc.aio server; returns (server, servicer, bound port)."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+def server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:
+    """The grpc channel arguments every abuse limit of ``server`` sets (S5, S6), each from the config."""
+    server = cfg.server
+    receive, send = message_limits(cfg)
+    return [
+        ("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", send),
+        ("grpc.keepalive_time_ms", round(server.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(server.keepalive_timeout_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
-    ])
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", round(server.min_recv_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", server.max_ping_strikes),
+    ]
+
+
+async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
+                       security: Security | None = None) -> tuple[grpc.aio.Server, StreamService, int]:
+    """Build and start the grpc.aio server; returns (server, servicer, bound port). The TLS and tokens files
+    are read before anything binds (``security``, or loaded here)."""
+    security = security or load_security(cfg.server)
+    guard = ServiceGuard(security.tokens, cfg.server, metrics)  # first: interceptors added later go after it
+    # The guard bounds the service's calls and, apart, health's; the library's bound is their sum, so a health
+    # Check still answers while the service is at its limit, and no flood of health calls crowds the service.
+    server = grpc.aio.server(interceptors=[guard], options=server_options(cfg),
+                             maximum_concurrent_rpcs=cfg.server.maximum_concurrent_rpcs + HEALTH_RPCS)
     health_servicer = health.aio.HealthServicer()
-    service = StreamService(cfg, replicas, metrics, health_servicer)
+    service = StreamService(cfg, replicas, metrics, health_servicer, tenants=security.tokens is not None)
     server.add_generic_rpc_handlers((_handlers(service),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if cfg.server.reflection:
@@ -442,7 +505,10 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics) -> 
         names = (stream_pb2.DESCRIPTOR.services_by_name["StreamService"].full_name, reflection.SERVICE_NAME,
                  health.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(cfg.server.listen)
+    if security.certificates is not None:
+        port = server.add_secure_port(cfg.server.listen, security.certificates.credentials())
+    else:
+        port = server.add_insecure_port(cfg.server.listen)
     if port == 0:
         raise RuntimeError(f"could not bind {cfg.server.listen}")
     await server.start()
@@ -451,3 +517,15 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics) -> 
     metrics.health_status.labels(SERVICE_NAME).set(1)
     log.info("streamgen listening on %s", cfg.server.listen.rsplit(":", 1)[0] + f":{port}")
     return server, service, port
+
+
+async def start_health_server(listen: str, health_servicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only grpc.health.v1 (``server.health_listen``), sharing the main server's
+    statuses: for probes that present neither a certificate nor a token (kubelet, Docker HEALTHCHECK)."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=HEALTH_RPCS)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not bind {listen}")
+    await server.start()
+    return server, port

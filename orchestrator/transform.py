@@ -177,13 +177,19 @@ class VideoStream:
 
         session, live, metrics, clock = self.live.session, self.live, self.service.metrics, self.service.clock
         spec, server = session.spec, self.service.cfg.server
+        ends_at = session.started + server.max_stream_duration_s
         while session.state is not State.ENDED:
             if self.input_ended and self.ingress.pending == 0:
                 session.end(EndReason.CLIENT_DONE)
                 return
+            left = ends_at - clock.now()
             try:
-                item = await asyncio.wait_for(live.outbox.get(), timeout=server.no_output_timeout_s)
+                item = await asyncio.wait_for(live.outbox.get(), timeout=max(0.0, min(server.no_output_timeout_s,
+                                                                                        left)))
             except asyncio.TimeoutError:
+                if left <= server.no_output_timeout_s:
+                    session.end(EndReason.MAX_DURATION)
+                    return
                 if self.ingress.pending:  # the engine holds chunks and gives nothing back
                     session.end(EndReason.NO_OUTPUT)
                     return

@@ -25,6 +25,7 @@ class EndReason(str, Enum):
     WORKER_LOST = "worker_lost"  # its pipeline failed and no replica could continue it
     NO_OUTPUT = "no_output"  # nothing came within no_output_timeout_s
     DRAIN = "drain"  # the server drained
+    MAX_DURATION = "max_duration"  # it ran for the server's max_stream_duration_s
     IDLE = "idle"  # a video-to-video stream got no input for its idle timeout
     INVALID_INPUT = "invalid_input"  # a video-to-video stream sent too many unusable frames in a row
     INTERNAL = "internal"  # an unexpected error in the server
@@ -57,6 +58,7 @@ class Rejection(str, Enum):
     INVALID = "invalid"
     NOT_FOUND = "not_found"
     CAPACITY = "capacity"
+    QUOTA = "quota"  # the tenant's concurrent-stream or start-rate quota
     BUDGET = "budget"
     DRAINING = "draining"
 

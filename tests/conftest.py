@@ -27,3 +27,41 @@ except ImportError:  # grpcio-tools missing: the gRPC tests will fail to import,
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# -- error hygiene (RELIABILITY S7, S-T10): every non-OK status the suite's clients see is swept ------------
+
+from tests import hygiene  # noqa: E402 - after the environment set-up above
+
+
+def pytest_configure(config):
+    hygiene.install()
+
+
+def pytest_unconfigure(config):
+    hygiene.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _error_hygiene():
+    """Each test's non-OK statuses pass the sweep's rules (failing at that test's teardown, so it is named)."""
+    start = hygiene.count()
+    yield
+    bad = hygiene.report(hygiene.seen()[start:])
+    if bad:
+        pytest.fail("error hygiene (S7): a status leaks internals:\n" + "\n".join(bad), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    statuses = hygiene.seen()
+    bad = hygiene.report(statuses)
+    codes = sorted({s.code.name for s in statuses})
+    terminalreporter.write_line(f"error hygiene sweep: {len(statuses)} non-OK statuses ({', '.join(codes) or 'none'}), "
+                                f"{len(bad)} leaking")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole suite's statuses, including any that arrived after their test ended."""
+    bad = hygiene.report(hygiene.seen())
+    if bad and session.exitstatus == 0:
+        session.exitstatus = 1

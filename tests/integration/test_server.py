@@ -380,6 +380,7 @@ def test_a_client_deadline_mid_stream_ends_it_with_reason_deadline(server, stub)
     def ended(reason):
         return server.service.metrics.registry.get_sample_value("streamgen_streams_ended_total", {"reason": reason})
 
+    assert wait_for(lambda: not server.service.servicer.sessions, 5.0)  # earlier tests' cancels have landed
     deadline, cancel = ended("deadline"), ended("client_cancel")
     frames = []
     with pytest.raises(grpc.RpcError) as err:

@@ -11,7 +11,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Torch-, Ray- and gRPC-free control-plane modules; "autoscale" is the autoscaling policy (any of its names).
-CORE = ["config", "types", "clock", "deadline", "admission", "autoscale", "autoscaling", "autoscaler", "session"]
+CORE = ["config", "types", "clock", "deadline", "admission", "autoscale", "autoscaling", "autoscaler", "session",
+        "quota", "tokens", "audit"]
 HEAVY = {"torch", "ray", "grpc"}
 
 

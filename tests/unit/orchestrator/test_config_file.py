@@ -23,7 +23,8 @@ def test_the_documented_file_carries_every_knob():
                 "generation.sampler": (cfg.generation.sampler, raw["generation"]["sampler"]),
                 "generation.cache": (cfg.generation.cache, raw["generation"]["cache"]),
                 "engine": (cfg.engine, raw["engine"]), "parallel": (cfg.parallel, raw["parallel"]),
-                "server": (cfg.server, raw["server"]), "autoscaling": (cfg.autoscaling, raw["autoscaling"])}
+                "server": (cfg.server, raw["server"]), "autoscaling": (cfg.autoscaling, raw["autoscaling"]),
+                "tenants": (cfg.tenants, raw["tenants"]), "tenants.default": (cfg.tenants.default, raw["tenants"]["default"])}
     for where, (section, keys) in sections.items():
         fields = {f.name for f in dataclasses.fields(section)}
         assert set(keys) == fields, f"deploy/streamgen.yaml section {where or '(root)'!r}: " \

@@ -3,10 +3,12 @@ context: what overflows it is counted and gives its look-ahead slot back."""
 
 import asyncio
 
+from orchestrator.auth import _CALLER, Caller
 from orchestrator.metrics import Metrics
 from orchestrator.server import StreamService
 from protos.streamgen.v1 import stream_pb2
 from tests.integration.test_server import service_config
+from orchestrator.tokens import OPEN
 from workers.core_messages import FrameBatch
 
 
@@ -61,13 +63,17 @@ def batch(stream_id: str, chunk: int) -> FrameBatch:
 
 def test_an_overflowing_output_queue_counts_the_dropped_chunk_and_frees_its_look_ahead_slot():
     async def run():
+        _CALLER.set(Caller(OPEN, "test"))  # what the guard sets for each call (it is not in this path)
         cfg = service_config()
         metrics, replica = Metrics(), FakeReplica()
         service = StreamService(cfg, [replica], metrics, health_servicer=None)
         gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), FakeContext())
         reader = asyncio.ensure_future(gen.__anext__())
-        while not replica.sinks:
+        for _ in range(1000):
+            if replica.sinks or reader.done():
+                break
             await asyncio.sleep(0)
+        assert replica.sinks, reader
         (stream_id, sink), = replica.sinks.items()
         await service.Control(stream_pb2.ControlRequest(stream_id=stream_id, paused=True), FakeContext())
         sink(batch(stream_id, 0))  # taken off the queue, then output waits on the pause
