@@ -59,6 +59,8 @@ def test_missing_and_bad_tokens_are_unauthenticated_on_every_rpc_and_health_stay
         "Control": lambda md: s.Control(stream_pb2.ControlRequest(stream_id="x", cancel=True), metadata=md, timeout=10),
         "GetCapacity": lambda md: s.GetCapacity(stream_pb2.CapacityRequest(), metadata=md, timeout=10),
         "Drain": lambda md: s.Drain(stream_pb2.DrainRequest(timeout_ms=1), metadata=md, timeout=10),
+        "Transform": lambda md: list(s.Transform(iter([stream_pb2.TransformRequest(
+            config=stream_pb2.TransformConfig(prompt="x", fps=8.0))]), metadata=md, timeout=10)),
     }
     bad = {"none": None, "unknown": bearer("tok-mallory"), "basic": (("authorization", "Basic dG9rLWFsaWNl"),),
            "empty": (("authorization", "Bearer "),), "two": bearer("tok-alice") + bearer("tok-alice")}
