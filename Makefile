@@ -41,9 +41,10 @@ test-slow: setup
 demo: setup
 	$(PY) -m orchestrator.cli demo --out out/demo.mp4
 
-# Video-to-video: makes a 64-frame test clip (out/input.mp4), restyles it through a real Transform stream.
+# Video-to-video: makes a 64-frame test clip (out/input.mp4), restyles it through a real Transform stream
+# (chunks of one latent frame, 4 video frames, as StreamDiffusionV2: less input buffering).
 demo-v2v: setup
-	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4
+	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4 --chunk-frames 1
 
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json

@@ -312,10 +312,11 @@ async def _transform(target: str, args: argparse.Namespace) -> int:
         finally:
             if writer is not None:
                 writer.close()
-    dropped = ", ".join(f"{k} {trailers.get('input-' + k.replace('_', '-'), '?')}" for k in INPUT_OUTCOMES[1:])
+    counts = {k: trailers.get("input-" + k.replace("_", "-"), "0") for k in INPUT_OUTCOMES}
+    dropped = ", ".join(f"{k} {counts[k]}" for k in INPUT_OUTCOMES[1:])
     p50, p99 = (np.percentile(latency_ms, q) if latency_ms else float("nan") for q in (50, 99))
     print(f"wrote {args.out}: frames in {sent[0]}, out {received}; input accepted "
-          f"{trailers.get('input-accepted', '?')}, {dropped}; latency from capture p50 {p50:.0f} ms / p99 {p99:.0f} ms")
+          f"{counts['accepted']}, {dropped}; latency from capture p50 {p50:.0f} ms / p99 {p99:.0f} ms")
     return 0
 
 
