@@ -90,7 +90,9 @@ class PipelineDeployment:
                 self._routes.pop(stream_id, None)
             self.core.submit(CloseStream(stream_id))
 
-    def control(self, msg: ControlMessage) -> None:
+    async def control(self, msg: ControlMessage) -> None:
+        """On the replica's event loop, so one caller's controls reach the core in the order sent (a sync method
+        would run on Serve's thread pool, where two calls can overtake each other: video input chunks must not)."""
         self.core.submit(msg)
 
     def status(self) -> CoreStatus:
