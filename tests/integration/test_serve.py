@@ -101,6 +101,18 @@ def test_streams_spread_complete_in_order_and_metrics_reach_the_orchestrator(ser
     assert wait_for(lambda: metric(server, "streamgen_chunk_latency_seconds_count") >= before + 4 * 48 / 12, 5)
 
 
+def test_a_video_to_video_stream_through_a_serve_replica_keeps_its_frames_in_order(server):
+    """Input chunks travel as Serve calls to the replica process, whose core takes them in the order sent."""
+    import asyncio
+
+    from tests.integration.test_transform import clip, run_transform
+
+    settle(server)
+    got, trailers = asyncio.run(run_transform(server.target, clip(41), 8.0, budget_ms=8000))
+    assert [f.input_index for _, f in got] == list(range(41))
+    assert trailers.get("input-accepted") == "41"
+
+
 @pytest.mark.parametrize("how", ["ray_kill", "sigkill"])
 def test_dead_stage_inside_a_replica_resumes_and_spares_the_other_replica(server, how):
     settle(server)
