@@ -1,9 +1,16 @@
-"""Shared by the benchmarks: writing results."""
+"""Shared by the benchmarks: writing results, running `streamgen serve` as a child process."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_json(path: str, results) -> None:
@@ -11,3 +18,33 @@ def write_json(path: str, results) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {path}")
+
+
+def start_serve(config_path: str, log_path: str, timeout_s: float = 600) -> tuple[subprocess.Popen, int, int | None]:
+    """`streamgen serve --config FILE` (listen 127.0.0.1:0); once it serves: the process, its gRPC port and its
+    /metrics port (None when the file turns metrics off)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config", config_path], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=log, text=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            metrics = re.search(r"metrics on 127\.0\.0\.1:(\d+)", line)
+            return proc, int(m.group(1)), int(metrics.group(1)) if metrics else None
+    stop_serve(proc)
+    raise RuntimeError(f"streamgen serve did not start; its log: {log_path}")
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM (it drains and stops its Ray), then a kill if it does not exit within a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

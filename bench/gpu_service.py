@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 import tempfile
 import time
@@ -36,8 +35,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) 
 
 import torch  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
-from bench.service_overhead import Delivery, admitted_fps, steady_rate, stop_serve  # noqa: E402
+from bench.common import start_serve, stop_serve, write_json  # noqa: E402
+from bench.service_overhead import Delivery, admitted_fps, steady_rate  # noqa: E402
 
 from workers.batch import OutputFormat  # noqa: E402
 from workers.config import (CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig,  # noqa: E402
@@ -120,25 +119,6 @@ def engine_run(gen: GenerationConfig, par: ParallelConfig, chunks: int, warmup: 
 
 # -- (b): the service --------------------------------------------------------------------------------------
 
-def start_serve(config_path: str, log_path: str):
-    """`streamgen serve --config FILE`; returns the process, its gRPC port and its /metrics port once it serves."""
-    import subprocess
-
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config", config_path], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=log, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving on 127\.0\.0\.1:(\d+).*metrics on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            return proc, int(m.group(1)), int(m.group(2))
-    stop_serve(proc)
-    raise RuntimeError(f"streamgen serve did not start; its log: {log_path}")
-
-
 def write_service_config(path: str, args, steps: int, decoder: str, paths: dict) -> None:
     lines = ["generation:", f"  model: {{name: {args.model}, vae_decoder: {decoder}}}",
              "  sampler:", f"    denoising_steps: {list(step_list(steps))}", "    chunk_frames: 1", "    shift: 8.0",
@@ -184,31 +164,41 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
 
 
 async def drive(port: int, streams: int, fps: float | None, frames: int, max_fps: float) -> dict:
+    """``streams`` streams (0: as many as admission allows: opened one after another until one is refused) at
+    ``fps`` (None: one stream at 0.9 of the highest fps the latency model admits, late frames sent at once)."""
+    import grpc
+
     from orchestrator.client import StreamgenClient
 
     async with StreamgenClient(f"127.0.0.1:{port}") as client:
-        if fps is None:  # one stream flat out: the highest fps the latency model admits, late frames sent at once
-            fps = await admitted_fps(client, max_fps)
+        if fps is None:
+            fps = 0.9 * await admitted_fps(client, max_fps)  # the model moves a little as decodes are measured
         cap = (await client.capacity(fps=fps)).streams_max
-        n = streams or max(1, cap)
         deliveries: list[Delivery] = []
-        ttff, late = [], [0] * n
+        ttff, late, tasks = [], [], []
 
-        async def one(s: int) -> None:
-            start = time.monotonic()
-            call = client.generate(PROMPT, seed=s, fps=fps, max_frames=frames, late_policy="deliver_flagged")
-            first = True
-            async for frame in call:
-                now = time.monotonic()
-                if first:
-                    ttff.append(now - start)
-                    first = False
-                deliveries.append(Delivery(now, s, frame.chunk, 1))
+        async def read(s: int, call, first, started: float) -> None:
+            ttff.append(time.monotonic() - started)
+            deliveries.append(Delivery(time.monotonic(), s, first.chunk, 1))
+            late[s] += not first.deadline_met
+            while (frame := await call.read()) is not grpc.aio.EOF:
+                deliveries.append(Delivery(time.monotonic(), s, frame.chunk, 1))
                 late[s] += not frame.deadline_met
 
-        await asyncio.gather(*(one(s) for s in range(n)))
-    return {"streams": n, "fps_requested": fps, "capacity_at_fps": cap, "deliveries": deliveries, "ttff": ttff,
-            "late": late}
+        for s in range(streams or 64):
+            started = time.monotonic()
+            call = client.generate(PROMPT, seed=s, fps=fps, max_frames=frames, late_policy="deliver_flagged")
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as err:
+                if streams or err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not tasks:
+                    raise
+                break  # admission says no more
+            late.append(0)
+            tasks.append(asyncio.create_task(read(s, call, first, started)))
+        await asyncio.gather(*tasks)
+    return {"streams": len(tasks), "fps_requested": fps, "capacity_at_fps": cap, "deliveries": deliveries,
+            "ttff": ttff, "late": late}
 
 
 def service_run(args, steps: int, decoder: str, paths: dict, workdir: str) -> dict:

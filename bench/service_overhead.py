@@ -23,10 +23,7 @@ import argparse
 import asyncio
 import os
 import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 # on every worker's, where bench/kernels.py would shadow the `kernels` package (from any other cwd than ROOT).
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
-from bench.common import write_json  # noqa: E402
+from bench.common import start_serve, stop_serve, write_json  # noqa: E402
 
 PROMPT = "a red fox running through fresh snow, cinematic"
 
@@ -139,34 +136,6 @@ def run_engine(cfg, streams: int, chunks: int, warmup: int, encoding: str) -> di
 
 # -- (b) the service ---------------------------------------------------------------------------------------
 
-def start_serve(config_path: str, log_path: str) -> tuple[subprocess.Popen, int]:
-    """`streamgen serve --config FILE` (listen 127.0.0.1:0); returns the process and its port once it serves."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config", config_path], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=log, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            return proc, int(m.group(1))
-    stop_serve(proc)
-    raise RuntimeError(f"streamgen serve did not start; its log: {log_path}")
-
-
-def stop_serve(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # drain (no streams left) and stop Ray
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def admitted_fps(client, max_fps: float) -> float:
     """The highest fps at which the service's latency model still admits one stream (GetCapacity)."""
     lo, hi = 0.0, max_fps
@@ -202,7 +171,7 @@ async def drive_service(port: int, streams: int, frames_per_stream: list[int], e
 
 def run_service(config_path: str, streams: int, frames_per_stream: list[int], warmup: int, encoding: str,
                 max_fps: float, log_path: str) -> dict:
-    proc, port = start_serve(config_path, log_path)
+    proc, port, _ = start_serve(config_path, log_path)
     try:
         got = asyncio.run(drive_service(port, streams, frames_per_stream, encoding, max_fps))
     finally:

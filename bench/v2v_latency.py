@@ -21,9 +21,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) 
 
 import numpy as np  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
-from bench.gpu_service import pct, start_serve  # noqa: E402
-from bench.service_overhead import stop_serve  # noqa: E402
+from bench.common import start_serve, stop_serve, write_json  # noqa: E402
+from bench.gpu_service import pct  # noqa: E402
 
 CASES = {"tiny": 8.0, "small": 2.0}
 """Model -> the stream fps (small is ~20x the compute of tiny on these 2 cores)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -334,21 +335,28 @@ def demo_config(args: argparse.Namespace) -> ServiceConfig:
                                        tls_cert="", tls_key="", tls_client_ca="", auth_tokens=""))
 
 
-async def _demo(args: argparse.Namespace) -> int:
+@contextlib.asynccontextmanager
+async def _local_service(cfg: ServiceConfig):
+    """The demos' own service: started with progress lines, stopped (drained) on the way out."""
     from orchestrator.app import Service
 
-    cfg = demo_config(args)
-    print(f"starting streamgen: local Ray, a {cfg.generation.model.num_layers}-block model, "
+    where = "local Ray" if cfg.parallel.backend == "ray" else "in-process stages"
+    print(f"starting streamgen: {where}, a {cfg.generation.model.num_layers}-block model, "
           f"{cfg.parallel.stages} stages ...", flush=True)
     started = time.monotonic()
     service = await Service(cfg).start()
     try:
-        print(f"ready in {time.monotonic() - started:.1f} s on 127.0.0.1:{service.port}; streaming {args.frames} "
-              f"frames at {args.fps:g} fps", flush=True)
-        return await _generate(f"127.0.0.1:{service.port}", args)
+        print(f"ready in {time.monotonic() - started:.1f} s on 127.0.0.1:{service.port}", flush=True)
+        yield service
     finally:
         await service.stop(drain_timeout=5.0)
         print("service stopped", flush=True)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    async with _local_service(demo_config(args)) as service:
+        print(f"streaming {args.frames} frames at {args.fps:g} fps", flush=True)
+        return await _generate(f"127.0.0.1:{service.port}", args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -357,7 +365,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _demo_v2v(args: argparse.Namespace) -> int:
-    from orchestrator.app import Service
     from orchestrator.video import synthetic_clip
 
     cfg = demo_config(args)
@@ -365,15 +372,9 @@ async def _demo_v2v(args: argparse.Namespace) -> int:
         m = cfg.generation
         print(f"making a {args.clip_frames}-frame test clip at {args.fps:g} fps: {args.input}", flush=True)
         synthetic_clip(args.input, args.clip_frames, args.fps, m.width, m.height)
-    print(f"starting streamgen: a {cfg.generation.model.num_layers}-block model, {cfg.parallel.stages} stages ...",
-          flush=True)
-    service = await Service(cfg).start()
-    try:
-        print(f"ready on 127.0.0.1:{service.port}; restyling {args.input} at {args.fps:g} fps", flush=True)
+    async with _local_service(cfg) as service:
+        print(f"restyling {args.input} at {args.fps:g} fps", flush=True)
         return await _transform(f"127.0.0.1:{service.port}", args)
-    finally:
-        await service.stop(drain_timeout=5.0)
-        print("service stopped", flush=True)
 
 
 def cmd_demo_v2v(args: argparse.Namespace) -> int:

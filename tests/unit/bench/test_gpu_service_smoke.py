@@ -23,7 +23,7 @@ def test_gpu_service_bench_smoke(tmp_path):
     for row in (svc["one_stream"], svc["admitted_at_16fps"]):
         assert row["delivered_fps"] > 0 and row["frames"] == row["streams"] * 24 and row["ttff_p50_s"] > 0
         assert 0 < row["frame_latency_p50_s"] <= row["frame_latency_p99_s"]
-    assert svc["admitted_at_16fps"]["streams"] == svc["admitted_at_16fps"]["capacity_at_fps"] >= 1
+    assert svc["admitted_at_16fps"]["streams"] >= 1  # opened until admission refused one
     assert svc["service_over_engine"] > 0
     assert result["graphs"]["max_abs_latent_diff"] == 0.0 and result["graphs"]["replays"] == 0  # CPU: eager
     assert "StreamDiffusionV2" in proc.stdout
