@@ -37,6 +37,7 @@ SERVICE_FLAGS: dict[str, str] = {
     "tls-client-ca": "server.tls_client_ca",
     "auth-tokens": "server.auth_tokens",
     "health-listen": "server.health_listen",
+    "web-listen": "server.web_listen",
     "max-streams": "server.max_streams_per_replica",
     "drain-timeout": "server.drain_timeout_s",
     "model": "generation.model",
