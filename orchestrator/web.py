@@ -78,10 +78,10 @@ class WebServer:
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._asset)
         app.router.add_get("/ws", self._socket)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         host, _, port = self.cfg.server.web_listen.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=self._tls(), shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=self._tls())
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("browser page on %s", self.address)
