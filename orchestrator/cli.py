@@ -192,6 +192,8 @@ async def _serve(cfg: ServiceConfig) -> int:
           f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on "
           f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}; "
           f"{service.security.describe()}", flush=True)
+    if service.web is not None:
+        print(f"browser page on {service.web.address}", flush=True)
     await service.serve_forever()
     return 0
 

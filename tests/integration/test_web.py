@@ -298,3 +298,20 @@ def test_the_endpoint_binds_loopback_unless_tls_and_then_serves_https(tmp_path):
         assert ok == 200 and hello["type"] == "hello"
     finally:
         running.stop()
+
+
+def test_streamgen_serve_web_listen_prints_the_page_and_serves_it():
+    import re
+    import urllib.request
+
+    from tests.integration.test_server import serve_process
+
+    with serve_process("--web-listen", "127.0.0.1:0", "--backend", "local", "--model", "tiny", "--stages", "1") \
+            as (proc, _, lines):
+        line = proc.stdout.readline()
+        m = re.search(r"browser page on (http://127\.0\.0\.1:\d+/)", line)
+        assert m, "".join(lines + [line])[-2000:]
+        with urllib.request.urlopen(m.group(1), timeout=10) as r:
+            assert r.status == 200 and b"<title>streamgen" in r.read()
+        proc.terminate()  # SIGTERM: drain, then the page and its socket go
+        assert proc.wait(60) == 0
