@@ -47,6 +47,7 @@ def freed(server) -> bool:
 
 def test_frames_advance_at_the_asked_fps_and_a_prompt_change_shows(server, driver):
     page = Page(driver, url(server))
+    assert not page.el("token-row").is_displayed()  # an open server: no token asked
     page.start(fps=FPS)
     assert wait_for(lambda: page.frames() >= 8, 30), page.message()
     (stream_id,) = streams(server)  # the page's stream is one of the server's streams, under the same id
