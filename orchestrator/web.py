@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import ssl
 import tempfile
@@ -46,6 +47,7 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 HEARTBEAT_S = 10.0  # a page that vanished without closing its socket is noticed within about twice this
+TLS_CHECK_S = 2.0  # how often the certificate files are checked for a rotation (one stat each)
 
 
 class WebServer:
@@ -60,6 +62,7 @@ class WebServer:
         self._assets = {name: resources.files("orchestrator").joinpath("static", name).read_bytes()
                         for name in ASSETS}
         self._runner: web.AppRunner | None = None
+        self._reload: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
         self._loopback = is_loopback(cfg.server.web_listen)
 
@@ -81,8 +84,11 @@ class WebServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         host, _, port = self.cfg.server.web_listen.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=self._tls())
+        context = self._tls()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=context)
         await site.start()
+        if context is not None:
+            self._reload = asyncio.create_task(self._reload_tls(context))
         self.port = self._runner.addresses[0][1]
         log.info("browser page on %s", self.address)
         return self
@@ -99,8 +105,41 @@ class WebServer:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
+    def _tls_files(self) -> tuple:
+        """The certificate files' identities (inode, size, mtime), as orchestrator/tls.py compares them."""
+        stamps = []
+        for path in (self.cfg.server.tls_cert, self.cfg.server.tls_key, self.cfg.server.tls_client_ca):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                st = None
+            stamps.append(st and (st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+    async def _reload_tls(self, context: ssl.SSLContext) -> None:
+        """Rotated files go into the live context (new handshakes use them; open pages keep theirs), as the gRPC
+        port reloads its own; files that do not load keep the current certificate in service."""
+        stamp = self._tls_files()
+        while True:
+            await asyncio.sleep(TLS_CHECK_S)
+            now = self._tls_files()
+            if now == stamp:
+                continue
+            try:
+                context.load_cert_chain(self.cfg.server.tls_cert, self.cfg.server.tls_key)
+                if self.cfg.server.tls_client_ca:
+                    context.load_verify_locations(self.cfg.server.tls_client_ca)
+            except (OSError, ssl.SSLError):
+                log.warning("the page's TLS files changed but cannot be used yet; keeping the current certificate")
+                continue
+            stamp = now
+            log.info("the page's TLS certificate reloaded")
+
     async def stop(self) -> None:
         """Close every page (its stream is cancelled: the server frees it), then the endpoint and the channel."""
+        if self._reload is not None:
+            self._reload.cancel()
+            self._reload = None
         await asyncio.gather(*(page.close() for page in list(self.pages)), return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()

@@ -8,6 +8,7 @@ import io
 import json
 import ssl
 import time
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -110,6 +111,8 @@ def test_the_page_is_a_client_of_the_same_service(server):
     """Its stream has a server stream id, obeys a gRPC Control, counts in the same admission and metrics."""
     service = server.service
     starts = service.metrics.stream_starts.labels("admitted")._value.get()
+    socket_dir = Path(service.web.internal_target.removeprefix("unix:")).parent
+    assert socket_dir.stat().st_mode & 0o777 == 0o700  # only this user reaches the internal socket
 
     async def run(socket, hello):
         assert hello["auth"] is False and hello["max_fps"] == 60.0 and hello["width"] == 96
@@ -268,7 +271,9 @@ def test_tokens_are_checked_by_the_guard_and_the_tenant_owns_the_stream(tmp_path
         assert other == grpc.StatusCode.NOT_FOUND and mine == 1  # tenant a's stream, as for its gRPC streams
         assert wait_for(lambda: not service.servicer.streams, 2.0)  # the socket closed: the stream went with it
     finally:
+        socket_dir = Path(service.web.internal_target.removeprefix("unix:")).parent
         running.stop()
+    assert not socket_dir.exists()  # stopping removes the internal socket
 
 
 def test_the_endpoint_binds_loopback_unless_tls_and_then_serves_https(tmp_path):
@@ -296,6 +301,21 @@ def test_the_endpoint_binds_loopback_unless_tls_and_then_serves_https(tmp_path):
 
         ok, hello = asyncio.run(fetch())
         assert ok == 200 and hello["type"] == "hello"
+
+        # rotation: new files renamed over the old ones are served to new connections, without a restart
+        rotated = CA(tmp_path, "ca2").issue("server2")
+        rotated.key.rename(leaf.key)
+        rotated.cert.rename(leaf.cert)
+
+        async def trusted_by_new_ca() -> bool:
+            trust = ssl.create_default_context(cafile=str(tmp_path / "ca2.crt"))
+            try:
+                async with aiohttp.ClientSession() as session, session.get(address, ssl=trust) as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        assert wait_for(lambda: asyncio.run(trusted_by_new_ca()), 6.0, period=0.5)
     finally:
         running.stop()
 
