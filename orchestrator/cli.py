@@ -348,6 +348,8 @@ async def _demo(args: argparse.Namespace) -> int:
     try:
         print(f"ready in {time.monotonic() - started:.1f} s on 127.0.0.1:{service.port}; streaming {args.frames} "
               f"frames at {args.fps:g} fps", flush=True)
+        if service.web is not None:  # `streamgen demo --web-listen 127.0.0.1:8080`: watch while it runs
+            print(f"browser page on {service.web.address}", flush=True)
         return await _generate(f"127.0.0.1:{service.port}", args)
     finally:
         await service.stop(drain_timeout=5.0)
