@@ -26,6 +26,8 @@ test: lint tools
 # promtool for tests/unit/test_k8s.py, beside the venv's python: taken out of Debian's prometheus package rather
 # than installing it (which would start a Prometheus server). Best effort: where apt is missing, or the package
 # lists are stale and this is not root, the promtool check is skipped (saying so); the build never fails here.
+# Headless Chromium and its driver for tests/integration/test_web_browser.py: installed (root with apt), else
+# those tests skip, saying why.
 tools: setup
 	@test -x $(VENV)/bin/promtool || command -v promtool >/dev/null 2>&1 || ( \
 	  set -e; command -v apt-get >/dev/null; tmp=$$(mktemp -d); cd $$tmp; \
@@ -33,6 +35,13 @@ tools: setup
 	    apt-get download prometheus >/dev/null 2>&1; }; \
 	  dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(CURDIR)/$(VENV)/bin/promtool; rm -rf $$tmp \
 	) || echo "promtool not available (no apt, or stale package lists and not root): its check is skipped"
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || ( \
+	  set -e; command -v apt-get >/dev/null; [ "$$(id -u)" = 0 ]; \
+	  echo "installing Debian's chromium and chromium-driver for the browser page's tests (a few minutes) ..."; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
+	) || echo "chromium not available (no apt, or not root): the browser page's tests are skipped"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

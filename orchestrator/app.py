@@ -1,4 +1,4 @@
-"""Service composition: Ray (local or a cluster), pipeline replicas, the gRPC server and /metrics.
+"""Service composition: Ray (local or a cluster), pipeline replicas, the gRPC server, /metrics and the page.
 
 The one place that starts and stops everything, in order, and undoes it in reverse on shutdown.
 """
@@ -46,6 +46,7 @@ class Service:
         self._fleet: asyncio.Task | None = None
         self._next_repair = 0.0  # loop time before which no replacement replica is started
         self._prober: asyncio.Task | None = None
+        self.web = None  # the browser page (orchestrator/web.py), when server.web_listen is set
 
     async def start(self) -> "Service":
         cfg = self.cfg
@@ -65,7 +66,14 @@ class Service:
         self.metrics.set_build_info(VERSION)
         if cfg.server.metrics_listen:
             self._metrics_server = self.metrics.serve(cfg.server.metrics_listen)
-        self.server, self.servicer, self.port = await start_server(cfg, self.replicas, self.metrics, self.security)
+        if cfg.server.web_listen:  # the page is a gRPC client of this server, on a socket only it knows
+            from orchestrator.web import WebServer
+
+            self.web = WebServer(cfg, self.metrics, self.security)
+        self.server, self.servicer, self.port = await start_server(
+            cfg, self.replicas, self.metrics, self.security, self.web.internal_target if self.web else None)
+        if self.web is not None:
+            await self.web.start()
         if cfg.server.health_listen:
             self._health_server, self.health_port = await start_health_server(cfg.server.health_listen,
                                                                               self.servicer.health)
@@ -224,6 +232,9 @@ class Service:
         self._fleet = self._prober = None
         if self.servicer is not None:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
+        if self.web is not None:  # after the drain: pages saw their streams end with its status
+            await self.web.stop()
+            self.web = None
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self._health_server is not None:

@@ -38,6 +38,7 @@ SERVICE_FLAGS: dict[str, str] = {
     "tls-client-ca": "server.tls_client_ca",
     "auth-tokens": "server.auth_tokens",
     "health-listen": "server.health_listen",
+    "web-listen": "server.web_listen",
     "max-streams": "server.max_streams_per_replica",
     "drain-timeout": "server.drain_timeout_s",
     "model": "generation.model",
@@ -192,6 +193,8 @@ async def _serve(cfg: ServiceConfig) -> int:
           f"{cfg.parallel.stages} stages x {cfg.replicas} replicas, {ray}); metrics on "
           f"{host_of(cfg.server.metrics_listen) + ':' + str(service.metrics_port) if service.metrics_port else 'off'}; "
           f"{service.security.describe()}", flush=True)
+    if service.web is not None:
+        print(f"browser page on {service.web.address}", flush=True)
     await service.serve_forever()
     return 0
 
@@ -347,6 +350,8 @@ async def _local_service(cfg: ServiceConfig):
     service = await Service(cfg).start()
     try:
         print(f"ready in {time.monotonic() - started:.1f} s on 127.0.0.1:{service.port}", flush=True)
+        if service.web is not None:  # `streamgen demo --web-listen 127.0.0.1:8080`: watch while it runs
+            print(f"browser page on {service.web.address}", flush=True)
         yield service
     finally:
         await service.stop(drain_timeout=5.0)

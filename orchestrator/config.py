@@ -77,7 +77,7 @@ class ServerConfig:
     metrics_listen: str = "127.0.0.1:9464"
     """Prometheus /metrics HOST:PORT; empty disables the endpoint."""
     allow_plaintext_non_loopback: bool = False
-    """Serve plaintext on a non-loopback listen (only behind a TLS-terminating mesh: tokens travel in clear)."""
+    """Serve plaintext on a non-loopback listen / web_listen (only behind a TLS-terminating mesh: tokens in clear)."""
     tls_cert: str = ""
     """PEM certificate chain for TLS on the gRPC port (with tls_key); re-read when the file changes."""
     tls_key: str = ""
@@ -90,6 +90,10 @@ class ServerConfig:
     """Plaintext HOST:PORT serving only grpc.health.v1 (kubelet and Docker probes); empty: off."""
     reflection: bool = False
     """Serve gRPC reflection (off by default)."""
+    web_listen: str = ""
+    """HOST:PORT of the browser page (HTTP and a WebSocket; HTTPS with tls_cert); empty: off. Loopback unless TLS."""
+    web_frames_in_flight: Annotated[int, Field(ge=1, le=64)] = 2
+    """Frames a browser page may have unacknowledged; a newer frame replaces one waiting (no lag builds up)."""
     default_fps: Fps = 16.0
     """Frame rate of a stream whose request gives 0."""
     max_fps: Fps = 60.0
@@ -151,7 +155,7 @@ class ServerConfig:
         _host_port(value, "ServerConfig.listen")
         return value
 
-    @field_validator("metrics_listen", "health_listen")
+    @field_validator("metrics_listen", "health_listen", "web_listen")
     @classmethod
     def _optional_listen(cls, value: str, info) -> str:
         if value:
@@ -167,6 +171,10 @@ class ServerConfig:
         if not is_loopback(self.listen) and not self.tls_cert and not self.allow_plaintext_non_loopback:
             raise ValueError(f"ServerConfig.listen {self.listen!r} is not loopback, so it needs TLS: set tls_cert "
                              "and tls_key (--tls-cert, --tls-key), or listen on 127.0.0.1")
+        if self.web_listen and not is_loopback(self.web_listen) and not self.tls_cert and \
+                not self.allow_plaintext_non_loopback:
+            raise ValueError(f"ServerConfig.web_listen {self.web_listen!r} is not loopback, so it needs TLS: set "
+                             "tls_cert and tls_key (the page is then served over HTTPS), or listen on 127.0.0.1")
         if self.default_fps > self.max_fps:
             raise ValueError("ServerConfig.default_fps must not exceed max_fps")
         return self

@@ -81,9 +81,21 @@ class Metrics:
         self.concurrent_rpc_refusals = Counter("streamgen_concurrent_rpc_refusals",
                                                "Calls refused at a concurrent-call limit (server.maximum_concurrent_rpcs; health has its own)",
                                                registry=r)
+        self.web_pages = Gauge("streamgen_web_pages", "Browser pages connected (their WebSockets)", registry=r)
+        self.web_frames = Counter("streamgen_web_frames", "Frames for browser pages: sent, or dropped (replaced by a "
+                                  "newer one while the page had web_frames_in_flight unacknowledged)", ["outcome"],
+                                  registry=r)
+        self.web_input_frames = Counter("streamgen_web_input_frames", "Camera frames from browser pages: forwarded to "
+                                        "the stream, or dropped (a newer one came first)", ["outcome"], registry=r)
+        self.web_bad_messages = Counter("streamgen_web_bad_messages", "Page messages answered with an error (bad JSON, "
+                                        "an unknown type, a value out of range); the page's stream goes on", registry=r)
         # Every bounded label value exists from the start (a 0 series beats a missing one in PromQL).
         for result in ("admitted", "rejected"):
             self.stream_starts.labels(result)
+        for outcome in ("sent", "dropped"):
+            self.web_frames.labels(outcome)
+        for outcome in ("forwarded", "dropped"):
+            self.web_input_frames.labels(outcome)
         for reason in Rejection:
             self.stream_rejections.labels(reason.value)
         for end in EndReason:
@@ -170,6 +182,8 @@ CATALOGUE = (
     "streamgen_replica_repairs_total",
     "streamgen_health_status", "streamgen_draining", "streamgen_build_info",
     "streamgen_auth_failures_total", "streamgen_concurrent_rpc_refusals_total",
+    "streamgen_web_pages", "streamgen_web_frames_total", "streamgen_web_input_frames_total",
+    "streamgen_web_bad_messages_total",
 )
 CUDA_ONLY = ("streamgen_gpu_memory_bytes",)
 """Declared (and in the scrape's HELP/TYPE lines) everywhere, with series only where stages run on CUDA."""

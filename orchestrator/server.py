@@ -485,10 +485,12 @@ def server_options(cfg: ServiceConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
-                       security: Security | None = None) -> tuple[grpc.aio.Server, StreamService, int]:
+async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics, security: Security | None = None,
+                       internal_listen: str | None = None) -> tuple[grpc.aio.Server, StreamService, int]:
     """Build and start the grpc.aio server; returns (server, servicer, bound port). The TLS and tokens files
-    are read before anything binds (``security``, or loaded here)."""
+    are read before anything binds (``security``, or loaded here). ``internal_listen``: a unix socket the same
+    server also serves, plaintext, for the browser page's endpoint (orchestrator/web.py); the guard still checks
+    every call on it."""
     security = security or load_security(cfg.server)
     guard = ServiceGuard(security.tokens, cfg.server, metrics)  # first: interceptors added later go after it
     # The guard bounds the service's calls and, apart, health's; the library's bound is their sum, so a health
@@ -511,6 +513,8 @@ async def start_server(cfg: ServiceConfig, replicas: list, metrics: Metrics,
         port = server.add_insecure_port(cfg.server.listen)
     if port == 0:
         raise RuntimeError(f"could not bind {cfg.server.listen}")
+    if internal_listen and server.add_insecure_port(internal_listen) == 0:
+        raise RuntimeError("could not bind the page's internal socket")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

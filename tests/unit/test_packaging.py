@@ -50,7 +50,8 @@ def test_wheel_carries_generated_modules_and_console_script_and_runs_from_them(t
     wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        for path in GENERATED + ("protos/streamgen/v1/stream.proto",):
+        page = tuple(f"orchestrator/static/{name}" for name in ("index.html", "page.js", "page.css"))
+        for path in GENERATED + ("protos/streamgen/v1/stream.proto",) + page:  # the browser page ships as it is
             assert path in names, sorted(names)
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
@@ -60,7 +61,7 @@ def test_wheel_carries_generated_modules_and_console_script_and_runs_from_them(t
     assert "[console_scripts]" in entry_points and "streamgen = orchestrator.cli:main" in entry_points
     reqs = _requirements(metadata)
     assert "grpcio-tools" not in reqs, reqs  # build-time only
-    for name in ("pydantic", "pyyaml", "grpcio", "protobuf", "torch"):
+    for name in ("pydantic", "pyyaml", "grpcio", "protobuf", "torch", "aiohttp"):
         assert name in reqs, (name, reqs)
     assert reqs["torch"].replace(" ", "") == "torch==2.13.0"
 

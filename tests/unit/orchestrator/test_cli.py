@@ -60,7 +60,8 @@ def _other_value(action: argparse.Action, default):
     if action.type in (int, float):
         return action.type((default or 0) + 1)  # None: an optional number (gpu_memory_gib)
     return {"server.listen": "127.0.0.1:6000", "server.metrics_listen": "127.0.0.1:6001",
-            "server.health_listen": "127.0.0.1:6002", "generation.model": "small"}.get(action.dest, "/somewhere/else")
+            "server.health_listen": "127.0.0.1:6002", "server.web_listen": "127.0.0.1:6003",
+            "generation.model": "small"}.get(action.dest, "/somewhere/else")
 
 
 COMPANIONS = {  # flags that are only valid together with others
