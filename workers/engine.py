@@ -366,7 +366,10 @@ class PipelineEngine:
                  and (s.max_ahead is None or s.produced - s.consumed < s.max_ahead)]
         if not ready:
             return None
-        ready.sort(key=lambda s: (s.program.chained(), s.due(), s.stream_id))
+        # streams with nothing in flight first (earliest deadline first), then chained ones by the age of the
+        # forward they wait on: the oldest is the likeliest to be back when stage 0 gets to this one
+        ready.sort(key=lambda s: (s.program.chained(), max(s.outstanding, default=-1) if s.program.chained() else -1,
+                                  s.due(), s.stream_id))
         size = max(1, min(self.engine_cfg.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
         self.stats.ready_streams = max(0, len(ready) - size)
         works, prompts, now = [], {}, self.clock()

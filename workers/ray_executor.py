@@ -272,8 +272,8 @@ class DriverTraffic:
 
 
 class RayExecutor(Executor):
-    """P stage actors and the decode worker actors in Ray; submission-ordered, at most P micro-batches in
-    flight (the engine's bound)."""
+    """P stage actors and the decode worker actors in Ray; submission-ordered, at most P + 1 micro-batches in
+    flight (the engine's bound: ``max_inflight``)."""
 
     def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None,
                  placement_group=None, first_bundle: int = 0):
@@ -326,6 +326,12 @@ class RayExecutor(Executor):
         self._inflight: deque = deque()  # (seq, [result ref per stage])
         self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: refs of decode calls
         self.traffic = DriverTraffic()
+
+    @property
+    def max_inflight(self) -> int:
+        """One micro-batch more than the stages: it waits in stage 0's task queue, so stage 0 starts it as soon as
+        it is free instead of after the driver hears the oldest one came back and submits the next."""
+        return self.num_stages + 1
 
     def _slot(self, slot: int, cpus: float, gpus: float) -> dict:
         """Ray options of an actor on GPU slot ``slot`` (its placement-group bundle, if any)."""
