@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.streamgen-installed
 
-.PHONY: setup lint test test-slow demo demo-v2v bench clean tools
+.PHONY: setup lint test test-slow demo demo-v2v train-demo bench clean tools
 
 setup: $(STAMP)
 
@@ -46,7 +46,7 @@ tools: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# The embedded default: local Ray, the tiny model, 2 stages, a real gRPC stream into out/demo.mp4.
+# The embedded default: local Ray, the demo model (trained, shipped), 2 stages, a real gRPC stream into out/demo.mp4.
 demo: setup
 	$(PY) -m orchestrator.cli demo --out out/demo.mp4
 
@@ -55,10 +55,17 @@ demo: setup
 demo-v2v: setup
 	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4 --chunk-frames 1
 
+# Retrain the demo model from scratch on CPU (one thread, about 90 minutes; resumes from out/train-demo/state.pt).
+# DEMO_CKPT=workers/weights/demo.pt replaces the shipped checkpoint.
+DEMO_CKPT ?= out/train-demo/demo.pt
+train-demo: setup
+	$(PY) -m workers.demo.train --out $(DEMO_CKPT) --state out/train-demo/state.pt
+
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json
 	$(PY) bench/pipeline_scaling.py --out bench/out/pipeline_scaling.json
 	$(PY) bench/service_overhead.py --out bench/out/service_overhead.json
+	$(PY) bench/quality.py --out bench/out/quality.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out out protos/streamgen/v1/*_pb2*

@@ -6,7 +6,7 @@
 * ``streamgen health``: exit 0 when a server answers SERVING (Docker HEALTHCHECK, scripts).
 * ``streamgen transform``: a client: a video file through a video-to-video stream into a restyled file.
 * ``streamgen demo-v2v``: starts the service, restyles a test clip it makes (``out/input.mp4``), stops.
-* ``streamgen demo``: the embedded default end to end: starts the service (local Ray, the tiny model,
+* ``streamgen demo``: the embedded default end to end: starts the service (local Ray, the demo model,
   2 stages), streams a real gRPC stream into ``out/demo.mp4``, prints the summary, shuts down.
 """
 
@@ -65,6 +65,8 @@ SERVICE_FLAGS: dict[str, str] = {
     "replica-host": "replica_host",
     "address": "ray_address",
 }
+DEMO_PROMPT = "a red ball moving right"
+"""The default prompt: in the demo model's vocabulary (workers/demo/clips.py)."""
 FLAG_NOTES = {
     "replicas": "with autoscaling, sets its min_replicas",
     "max-replicas": "autoscale between --replicas and this many; 0: a fixed fleet",
@@ -406,7 +408,9 @@ def _service_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _stream_flags(p: argparse.ArgumentParser, out: str, frames: int) -> None:
-    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"the prompt (default {DEMO_PROMPT!r}; the demo model knows "
+                                                       "'a COLOUR SHAPE moving DIRECTION': red|green|blue|yellow, "
+                                                       "ball|square, left|right|up|down)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=frames, help=f"frames to receive (default {frames})")
     p.add_argument("--fps", type=float, default=16.0)

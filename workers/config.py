@@ -10,6 +10,7 @@ they keep ``dataclasses.replace`` (which validates again) and pickle as they are
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -26,6 +27,7 @@ __all__ = [
     "ParallelConfig",
     "MODEL_CONFIGS",
     "get_config",
+    "shipped_weights",
     "check_topology",
     "KERNEL_BACKENDS",
     "SAMPLER_MODES",
@@ -91,10 +93,12 @@ class ModelConfig:
     """Video width in pixels when a request gives 0."""
     text_encoder: Literal["umt5", "hash"] = "umt5"
     """umt5 (real, local path) or hash (small, deterministic, no weights)."""
-    vae: Literal["wan", "tiny"] = "wan"
-    """wan (real Wan VAE, local path) or tiny (small causal VAE, seeded weights)."""
+    vae: Literal["wan", "tiny", "demo"] = "wan"
+    """wan (real Wan VAE, local path), tiny (small causal VAE, seeded weights) or demo (trained, with its DiT)."""
     vae_decoder: Literal["wan", "taehv"] = "wan"
     """Decoder: wan (the vae's own) or taehv (TAEW2.1 tiny decoder; the vae still encodes)."""
+    weights: Annotated[str, Field(max_length=128, pattern=r"^([A-Za-z0-9_.-]+\.(pt|safetensors))?$")] = ""
+    """Shipped checkpoint (a file in workers/weights/) loaded, EMA, when model_path is empty; empty: seeded weights."""
     init_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     """Seed for weights when no checkpoint is loaded (tiny / small configs and tests)."""
     kernel_backend: KernelBackend = "auto"
@@ -110,6 +114,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.patch_size[0] must be 1 (one token belongs to one latent frame)")
         if self.vae_decoder == "taehv" and self.vae_stride != (4, 8, 8):
             raise ValueError(f"ModelConfig.vae_decoder 'taehv' needs vae_stride (4, 8, 8), got {self.vae_stride}")
+        if self.vae == "demo" and (self.vae_stride != (4, 8, 8) or self.in_channels != self.out_channels):
+            raise ValueError("ModelConfig.vae 'demo' needs vae_stride (4, 8, 8) and in_channels = out_channels")
         try:
             self.latent_grid(self.default_height, self.default_width)
         except ValueError as err:
@@ -136,13 +142,28 @@ class ModelConfig:
         return (lh // self.patch_size[1]) * (lw // self.patch_size[2])
 
 
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+"""Checkpoints shipped with streamgen (package data, so an installed package finds them): ``demo.pt``, the demo
+model's DiT (``generator`` / ``generator_ema``) and VAE (``vae``), made by ``make train-demo``."""
+
+
+def shipped_weights(name: str) -> str:
+    """Path of a shipped checkpoint (``ModelConfig.weights``)."""
+    return os.path.join(WEIGHTS_DIR, name)
+
+
 MODEL_CONFIGS: dict[str, ModelConfig] = {
-    # Tests and the demo: a chunk's forward takes a few ms on one CPU thread.
+    # Tests: random weights; a chunk's forward takes a few ms on one CPU thread.
     "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=4, text_dim=32, freq_dim=32,
                         text_len=16, default_height=64, default_width=96, text_encoder="hash", vae="tiny"),
     # Benchmarks: compute-dominated on CPU (well over 50 ms per chunk per half-model on one thread).
     "small": ModelConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=8, text_dim=128, freq_dim=64,
                          text_len=32, default_height=128, default_width=256, text_encoder="hash", vae="tiny"),
+    # The demo: trained on synthetic clips (workers/demo/, `make train-demo`) with its own small VAE (64x64 RGB
+    # <-> 8x8x8 latents, 4 frames per latent frame); DiT and VAE weights ship in workers/weights/demo.pt.
+    "demo": ModelConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32, freq_dim=64, in_channels=8,
+                        out_channels=8, patch_size=(1, 1, 1), text_len=8, default_height=64, default_width=64,
+                        text_encoder="hash", vae="demo", weights="demo.pt"),
     "wan2.1-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
@@ -278,8 +299,8 @@ def _model_field(value: Any) -> Any:
 class GenerationConfig:
     """What one stream generates with: model, sampler, cache and video size."""
 
-    model: ModelConfig = dataclasses.field(default_factory=lambda: get_config("tiny"))
-    """Model shape: a named config (tiny, small, wan2.1-1.3b, wan2.1-14b), or a name plus field overrides."""
+    model: ModelConfig = dataclasses.field(default_factory=lambda: get_config("demo"))
+    """Model shape: a named config (demo, tiny, small, wan2.1-1.3b, wan2.1-14b), or a name plus field overrides."""
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     """Few-step sampler: step list, shift, chunk size and mode."""
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
@@ -303,6 +324,20 @@ class GenerationConfig:
     @classmethod
     def _named_model(cls, value: Any) -> Any:
         return _model_field(value)
+
+    def checkpoint(self) -> tuple[str, bool]:
+        """(path, use_ema) of the DiT weights to load: ``model_path``, else the model's shipped ``weights``
+        (their generator_ema), else ("", False) for seeded random weights."""
+        if self.model_path or not self.model.weights:
+            return self.model_path, self.use_ema
+        return shipped_weights(self.model.weights), True
+
+    def vae_checkpoint(self) -> str:
+        """Where the VAE's weights are: ``vae_path``, else, for a VAE stored with its DiT (vae demo), the DiT's
+        checkpoint (so a retrained pair stays a pair)."""
+        if self.vae_path or self.model.vae != "demo":
+            return self.vae_path
+        return self.checkpoint()[0]
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:

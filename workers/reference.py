@@ -29,8 +29,9 @@ class ReferenceGenerator:
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = CausalWanModel(cfg.model).to(self.device, dtype).eval()
-        if cfg.model_path:
-            load_weights(self.model, cfg.model_path, cfg.use_ema)
+        weights_path, use_ema = cfg.checkpoint()
+        if weights_path:
+            load_weights(self.model, weights_path, use_ema)
         self.text_encoder = build_text_encoder(cfg.model, cfg.text_encoder_path, self.device, dtype)
         self.vae = build_decoder(cfg, self.device, dtype)
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
@@ -131,7 +132,7 @@ class ReferenceGenerator:
         for i, frames in enumerate(chunks):
             side.push(frames, i, program)
         program.end_input()
-        encoder = build_vae(cfg.model, cfg.vae_path, self.device, self.model.dtype)
+        encoder = build_vae(cfg.model, cfg.vae_checkpoint(), self.device, self.model.dtype)
         state = encoder.new_state()
 
         def encode(_sid, frames):

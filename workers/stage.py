@@ -37,8 +37,9 @@ class StageWorker:
         self.device = torch.device(device)
         self.model = CausalWanModel(gen.model, block_range, with_embed=stage == 0,
                                     with_head=stage == num_stages - 1).to(self.device, dtype).eval()
-        if gen.model_path:
-            load_weights(self.model, gen.model_path, gen.use_ema)
+        weights_path, use_ema = gen.checkpoint()  # model_path, or the model's shipped weights
+        if weights_path:
+            load_weights(self.model, weights_path, use_ema)
         self.text_encoder: TextEncoder | None = None
         if stage == 0:
             self.text_encoder = build_text_encoder(gen.model, gen.text_encoder_path, self.device, dtype)
@@ -75,7 +76,7 @@ class StageWorker:
             self.store.open(stream_id)
         if video and self.stage == 0:
             if self.encoder is None:
-                self.encoder = build_vae(self._gen.model, self._gen.vae_path, self.device, self._dtype)
+                self.encoder = build_vae(self._gen.model, self._gen.vae_checkpoint(), self.device, self._dtype)
             self._encode_states[stream_id] = self.encoder.new_state()
 
     @torch.no_grad()

@@ -91,10 +91,10 @@ def stub(server):
 
 @contextlib.contextmanager
 def serve_process(*args: str, env: dict | None = None):
-    """`streamgen serve --listen 127.0.0.1:0 ...args` as a child process: yields (process, port, first
+    """`streamgen serve --listen 127.0.0.1:0 --model tiny ...args` as a child process: yields (process, port, first
     lines of output) once it serves; kills it on the way out if it is still running."""
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--listen", "127.0.0.1:0",
-                             "--metrics-listen", "", *args], cwd=ROOT,
+                             "--metrics-listen", "", "--model", "tiny", *args], cwd=ROOT,
                             env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

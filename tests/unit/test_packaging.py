@@ -1,5 +1,5 @@
 """`pip install .` gives a working `streamgen`: the wheel's build step generates the gRPC modules, the wheel
-carries them and the console script, and grpcio-tools is needed only to build.
+carries them, the console script and the demo model's weights, and grpcio-tools is needed only to build.
 
 The wheel is built from a copy of the source without generated modules, without build isolation (which would
 download setuptools and grpcio-tools), so the test runs offline with the test environment's build tools.
@@ -51,7 +51,8 @@ def test_wheel_carries_generated_modules_and_console_script_and_runs_from_them(t
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         page = tuple(f"orchestrator/static/{name}" for name in ("index.html", "page.js", "page.css"))
-        for path in GENERATED + ("protos/streamgen/v1/stream.proto",) + page:  # the browser page ships as it is
+        shipped = GENERATED + ("protos/streamgen/v1/stream.proto", "workers/weights/demo.pt") + page
+        for path in shipped:  # the browser page ships as it is, the demo weights too
             assert path in names, sorted(names)
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
@@ -79,6 +80,10 @@ for mod in (stream_pb2, stream_pb2_grpc, orchestrator.cli):
 (ep,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "streamgen"]
 assert stream_pb2.GenerateRequest(prompt="x").prompt == "x"
 assert hasattr(stream_pb2_grpc, "StreamServiceStub")
+import os
+from workers.config import GenerationConfig
+weights, use_ema = GenerationConfig().checkpoint()  # the default model's shipped weights, found in the install
+assert weights.startswith({str(site)!r}) and os.path.isfile(weights) and use_ema, weights
 sys.exit(ep.load()(["--help"]))
 """
     proc = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120)

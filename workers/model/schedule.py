@@ -50,7 +50,10 @@ def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...],
     step i > 0 re-noises to step i. Counter-based, so any executor and any interleaving of streams
     draws the same numbers, and a stream can resume on another replica from (seed, chunk) alone. (CPU and
     CUDA generators differ: a stream's numbers are the same on every device of one kind.)"""
-    key = (int(seed) * 0x9E3779B97F4A7C15 + int(chunk) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB)
+    # The odd offset keeps (seed 0, chunk 0, step 0) off generator seed 0, which weight initialisation uses
+    # (init_seed): a stream's first noise would otherwise replay the model's initial weights.
+    key = (int(seed) * 0x9E3779B97F4A7C15 + int(chunk) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB
+           + 0xD1B54A32D192ED03)
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(key % (2**63 - 1))  # drawn on the device: no host copy
     return torch.randn(shape, generator=gen, dtype=torch.float32, device=device).to(dtype)

@@ -215,6 +215,11 @@ def build_vae(cfg: ModelConfig, path: str = "", device: torch.device | str = "cp
     """The VAE ``cfg.vae`` names (it decodes and encodes), on ``device`` in ``dtype``."""
     if cfg.vae == "tiny":
         return TinyVAE(cfg).to(device, dtype)
+    if cfg.vae == "demo":  # stored with the DiT: ``path`` (GenerationConfig.vae_checkpoint()) or the shipped file
+        from workers.config import shipped_weights
+        from workers.model.demo_vae import load_demo_vae  # imports this module
+
+        return load_demo_vae(path or shipped_weights(cfg.weights), cfg.in_channels, device).to(dtype)
     return WanVAE.from_path(path, device, dtype)
 
 
@@ -223,7 +228,7 @@ def build_decoder(gen: GenerationConfig, device: torch.device | str = "cpu", dty
     """The decoder ``gen.model.vae_decoder`` names, from the generation config's local paths: the VAE's own
     (``vae`` when already built) or TAEHV."""
     if gen.model.vae_decoder == "wan":
-        return vae if vae is not None else build_vae(gen.model, gen.vae_path, device, dtype)
+        return vae if vae is not None else build_vae(gen.model, gen.vae_checkpoint(), device, dtype)
     from workers.model.taehv import build_taehv  # deferred: taehv.py imports this module's contract
 
     return build_taehv(gen.model, gen.taehv_path, device, dtype)

@@ -142,4 +142,4 @@ def test_help_lists_the_config_defaults(capsys):
     assert done.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--stages STAGES Pipeline stages per replica" in out
-    assert "(default: 2; config parallel.stages)" in out and "(default: tiny; config generation.model)" in out
+    assert "(default: 2; config parallel.stages)" in out and "(default: demo; config generation.model)" in out

@@ -151,3 +151,15 @@ def test_max_steps_is_defined_once():
                 if any(isinstance(t, ast.Name) and t.id == "MAX_STEPS" for t in targets):
                     where.append(str(path.relative_to(ROOT)))
     assert where == ["workers/config.py"]
+
+
+def test_the_demo_config_needs_its_vae_layout_and_a_plain_weights_name():
+    demo = get_config("demo")
+    assert (demo.vae, demo.vae_stride, demo.weights) == ("demo", (4, 8, 8), "demo.pt")
+    with pytest.raises(ValueError, match="vae 'demo' needs"):
+        get_config("demo", vae_stride=(1, 8, 8))
+    with pytest.raises(ValueError, match="vae 'demo' needs"):
+        get_config("demo", out_channels=4)
+    for bad in ("../demo.pt", "/abs/demo.pt", "demo.bin"):
+        with pytest.raises(ValueError, match="weights"):
+            get_config("demo", weights=bad)

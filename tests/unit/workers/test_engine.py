@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, local_executor, make_engine
+from workers.config import GenerationConfig, get_config
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
@@ -155,13 +156,25 @@ def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
 
     cfg = gen_config("sequential")
     executor = local_executor(cfg, 2, split=[(0, 1), (1, 4)])  # stage 1 does 3x the blocks
+    real_collect = executor.collect
+
+    def collect_on_a_fake_clock(wait):
+        """Each block costs 1 ms per token, whatever the machine's load: the split decision is deterministic."""
+        got = real_collect(wait)
+        for done in got.finished:
+            for s in done.stats:
+                s.block_s = {b: 1e-3 * s.tokens for b in s.block_s}
+                s.compute_s = sum(s.block_s.values())
+        return got
+
+    executor.collect = collect_on_a_fake_clock
     engine = make_engine(cfg, executor)
     engine.engine_cfg = EngineConfig(profile_every=1, rebalance_every=8, rebalance_threshold=0.2)
     for sid, (prompt, seed) in STREAMS.items():
         engine.add_stream(sid, prompt, seed)
     got = collect(engine, {sid: 6 for sid in STREAMS})
     assert engine.rebalances >= 1
-    assert executor.split() != [(0, 1), (1, 4)]
+    assert executor.split() == [(0, 2), (2, 4)]  # equal block costs: half each
     split, best, now = engine.planned_split()
     assert now <= (1 + 0.2) * best or split == executor.split()
     assert_matches_reference(cfg, got, STREAMS, 6)
@@ -273,3 +286,27 @@ def test_block_scheduler_counts_a_shared_decode_on_the_last_stage():
         assert split == [(0, 3), (3, 4)] and best == pytest.approx(3.5e-4)  # 1 block + its decode share
     finally:
         executor.shutdown()
+
+
+def test_frames_per_chunk_follow_the_vae_temporal_stride():
+    """Capacity and deadlines count video frames: a latent frame is vae_stride[0] of them (4 for the Wan VAE,
+    1 in pixel space), not a literal 4."""
+    engines = {}
+    for stride in (4, 1):
+        cfg = gen_config("sequential")
+        cfg = GenerationConfig(model=get_config("tiny", vae_stride=(stride, 8, 8)), sampler=cfg.sampler,
+                               cache=cfg.cache, height=cfg.height, width=cfg.width)
+        engine = make_engine(cfg, local_executor(cfg, 2))
+        for stage in range(2):  # the same measured costs for both
+            engine.latency.observe(stage, 48, 0.01)
+            engine.latency.observe(stage, 96, 0.02)
+        engine.add_stream("a", "p", 0, fps=8.0)
+        engine.streams["a"].program.next_chunk = 3
+        engines[stride] = engine
+    four, one = engines[4], engines[1]
+    assert four.video_frames_per_chunk == 4 * 2 and one.video_frames_per_chunk == 2
+    assert four.frame_rate(4) == pytest.approx(4 * one.frame_rate(4))
+    assert four.max_streams(2.0, 4) >= 4 * one.max_streams(2.0, 4) >= 4
+    # chunk 3 starts at video frame 3 * 8 (stride 4) or 3 * 2 (stride 1), due at that frame / fps
+    assert four.streams["a"].due() - four.streams["a"].started == pytest.approx(3 * 8 / 8.0)
+    assert one.streams["a"].due() - one.streams["a"].started == pytest.approx(3 * 2 / 8.0)

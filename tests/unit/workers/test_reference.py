@@ -101,6 +101,15 @@ def test_noise_is_counter_based():
     assert not torch.equal(a, chunk_noise(6, 3, 1, (2, 3)))
 
 
+def test_a_streams_first_noise_does_not_replay_the_weight_init_draws():
+    """Seed 0's first chunk once drew from generator seed 0, the generator that initialises the weights and the
+    hash text encoder (init_seed 0): its noise was their draws, and the demo model misread its prompts on it."""
+    shape = (3, 16, 8, 8)
+    for init_seed in (0, 1):
+        init = torch.randn(shape, generator=torch.Generator().manual_seed(init_seed))
+        assert not torch.equal(chunk_noise(0, 0, 0, shape), init)
+
+
 @pytest.mark.parametrize("policy", ["sink", "ema_sink", "none"])
 def test_long_stream_has_constant_cache_memory(policy):
     """2,000 chunks: KV memory and positions stay bounded, outputs stay finite."""

@@ -1,0 +1,105 @@
+"""The demo trainer: deterministic data, the layouts the engine's cache produces, exact resume."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from workers.demo import train
+from workers.demo.config import TrainConfig
+from workers.demo.train import Trainer, layout, lr_at, make_batch, sampler_sigmas
+from workers.demo.bank import LatentBank, clip_groups
+from workers.demo.train_vae import PROMPTS, render_groups, vae_batch
+from workers.model.demo_vae import DemoVAE
+
+SMALL = TrainConfig(vae_steps=2, vae_batch=2, vae_width=16, steps=3, batch=2, warmup_steps=1, eval_every_s=0,
+                    checkpoint_every_s=3600, log_every_s=3600)
+
+
+def test_sampler_sigmas_are_the_engines():
+    s = sampler_sigmas(5.0)
+    assert s[-1] == 1.0 and 0.9375 in s and 0.625 in s and len(s) == 6  # 4 steps: 1, .9375, .833, .625; + 3 steps
+
+
+def test_layouts_mirror_the_cache():
+    gen = torch.Generator().manual_seed(0)
+    cfg = TrainConfig(switch=0.5)
+    seen = {"sink": 0, "start": 0, "switch": 0}
+    for _ in range(300):
+        latents, per_latent, text, first = layout(gen, cfg)
+        assert len(latents) == len(per_latent) == 12 and 0 <= first < 4
+        if latents[3] != latents[2] + 1:  # [first chunk | a window after the first eviction]
+            seen["sink"] += 1
+            assert latents[:3] == [0, 1, 2] and latents[3] >= 6 and first >= 1
+        elif latents[0] == 0:
+            seen["start"] += 1
+        if len(set(per_latent)) == 2:  # a switch at a chunk boundary: only blocks after it are trained
+            seen["switch"] += 1
+            m = per_latent.index(per_latent[-1])
+            assert m % 3 == 0 and first * 3 >= m and text == per_latent[-1]
+    assert min(seen.values()) > 30, seen
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    cfg = dataclasses.replace(SMALL, batch=3)
+    trainer = Trainer(cfg, "/nonexistent/state.pt")
+    bank = LatentBank.build(trainer.vae.eval())
+    a = make_batch(cfg, 5, trainer.sigmas, bank)
+    b = make_batch(cfg, 5, trainer.sigmas, bank)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.sigma, b.sigma) and torch.equal(a.text, b.text)
+    assert a.x0.shape == (3, 12, 8, 8, 8)
+    assert not torch.equal(a.x0, make_batch(cfg, 6, trainer.sigmas, bank).x0)
+    assert torch.equal(a.loss_mask, (a.sigma > 0).float())
+
+
+@pytest.mark.parametrize("prompt,start", [(0, (10, 20)), (13, (62, 2)), (30, (0, 36))])
+def test_the_bank_equals_rendering_and_encoding(prompt, start):
+    """Circular padding: a whole-cell shift of the frames is a one-cell roll of the latents, so the 4x4 sub-cell
+    positions of the bank give every group of every clip (here through an edge and across a sink gap)."""
+    torch.manual_seed(prompt)
+    vae = DemoVAE(z_dim=8, width=16).eval()
+    bank = LatentBank.build(vae)
+    latents = list(range(0, 6)) + list(range(20, 23))
+    got = bank.lookup([prompt] * 9, *clip_groups(latents, [prompt] * 9, start))
+    groups = render_groups(latents, [PROMPTS[prompt]] * 9, tuple(float(v) for v in start))
+    with torch.no_grad():
+        want = vae.normalise(vae.encode_raw(groups.flatten(1, 2)))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (got[3] - got[4]).abs().max() > 1e-3  # the object moved
+    groups, start = vae_batch(0, 1, 4)
+    assert groups.shape == (4, 4, 4, 3, 64, 64) and start.dtype == torch.bool
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    assert lr_at(1.0, 0, 100, 10, 0.1) == pytest.approx(0.1)  # step 1 of 10 of the warm-up
+    curve = [lr_at(1.0, s, 100, 10, 0.1) for s in range(9, 101)]
+    assert 0.95 < curve[0] <= 1.0 and all(a >= b for a, b in zip(curve, curve[1:]))
+    assert curve[-1] == pytest.approx(0.1)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "measure_latents", lambda vae, seed: None)  # 64 clips: not needed to compare
+    straight = Trainer(SMALL, str(tmp_path / "a.pt"), log=lambda line: None)
+    straight.run(str(tmp_path / "a_eval.pt"))
+    assert (straight.vae_step, straight.step) == (2, 3)
+
+    first = Trainer(SMALL, str(tmp_path / "b.pt"), log=lambda line: None)
+    first.vae_train_step(), first.vae_train_step(), first.train_step()
+    first.save()
+    resumed = Trainer(SMALL, str(tmp_path / "b.pt"), log=lambda line: None)
+    assert resumed.load() and (resumed.vae_step, resumed.step) == (2, 1)
+    resumed.run(str(tmp_path / "b_eval.pt"))
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.vae.state_dict().values(), resumed.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(dataclasses.replace(SMALL, steps=4), str(tmp_path / "b.pt")).load()
+    assert Trainer(dataclasses.replace(SMALL, log_every_s=1.0), str(tmp_path / "b.pt")).load()  # cadence only
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        TrainConfig(model="tiny")  # not a demo-VAE model
+    with pytest.raises(ValueError):
+        TrainConfig(switch=1.5)
