@@ -4,8 +4,9 @@ Trained with the demo DiT (``workers/demo/train.py``) and shipped in the same ch
 entry). The layout follows the Wan VAE so the engine needs nothing special: a latent frame is 4 video frames
 (``vae_stride`` (4, 8, 8)), except the stream's first, which is frame 0 alone.
 
-* Encoder (training only): each group of 4 frames -> one latent [C, 8, 8]; the first group is frame 0
-  repeated 4 times. Per group, no temporal state.
+* Encoder (``StreamingEncoder``, training and video-to-video): each group of 4 frames -> one latent [C, 8, 8];
+  the first group is frame 0 repeated 4 times. Per group, no temporal state: the only stream state is whether
+  the first frame has been seen.
 * Decoder (``StreamingDecoder``): latent k and latent k-1 (a causal temporal kernel of 2; the cache is the
   previous latent, zeros at the stream start) -> 4 frames. The first latent's 3 leading frames are dropped.
   The only state is the previous latent, so decoding chunk by chunk equals decoding the whole video.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.vae import StreamingDecoder
+from workers.model.vae import StreamingDecoder, StreamingEncoder, encode_groups
 
 T_UP = 4
 """Video frames per latent frame."""
@@ -34,7 +35,7 @@ def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2, padding_mode="circular")
 
 
-class DemoVAE(nn.Module, StreamingDecoder):
+class DemoVAE(nn.Module, StreamingDecoder, StreamingEncoder):
     def __init__(self, z_dim: int = 8, width: int = 64):
         super().__init__()
         self.z_dim, self.width = z_dim, width
@@ -98,7 +99,19 @@ class DemoVAE(nn.Module, StreamingDecoder):
         return self.decode_raw(z, prev)[T_UP - 1:]
 
     def new_state(self) -> dict:
-        return {"prev": None, "emitted": 0}
+        return {"prev": None, "emitted": 0, "enc_first": True}
+
+    @torch.no_grad()
+    def encode_chunk(self, pixels: torch.Tensor, state: dict) -> torch.Tensor:
+        """Pixels [N, 3, H, W] in [-1, 1] (1 + 4k on the stream's first call, else 4k) -> latents [F, z, h, w].
+        Chunk by chunk equals ``encode`` of the whole video: groups carry no state across calls."""
+        encode_groups(pixels.shape[0], state["enc_first"], T_UP)  # checks the frame count
+        x = pixels.to(self.latent_mean.device, torch.float32)
+        if state["enc_first"]:
+            groups, state["enc_first"] = self.groups(x), False
+        else:
+            groups = x.reshape(-1, T_UP * 3, *x.shape[2:])  # [N/4, 12, H, W]
+        return self.normalise(self.encode_raw(groups))
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: dict) -> torch.Tensor:

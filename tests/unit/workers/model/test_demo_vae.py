@@ -1,4 +1,4 @@
-"""The demo VAE: the StreamingDecoder contract (chunk by chunk equals all at once), the Wan frame layout,
+"""The demo VAE: the StreamingDecoder and StreamingEncoder contracts (chunk by chunk equals all at once), the Wan frame layout,
 training-time decode equal to streaming decode, and loading from a demo checkpoint."""
 
 import pytest
@@ -49,6 +49,21 @@ def test_encode_groups_frames_like_the_wan_vae():
     assert vae.encode(video).shape == (3, 8, 8, 8)
     with pytest.raises(ValueError, match="1 \\+ 4k frames"):
         vae.groups(video[:8])
+
+
+@pytest.mark.parametrize("sizes", [[1, 4, 4], [5, 8], [13]])
+def test_streaming_encode_equals_encoding_everything(sizes):
+    """Video-to-video encodes chunk by chunk through the StreamingEncoder interface: 1 + 4k frames first,
+    then 4k; it equals encoding the whole video, and bad frame counts are refused."""
+    vae = _vae()
+    video = torch.rand(sum(sizes), 3, 64, 64) * 2 - 1
+    state, parts, i = vae.new_state(), [], 0
+    for n in sizes:
+        parts.append(vae.encode_chunk(video[i:i + n], state))
+        i += n
+    assert (torch.cat(parts) - vae.encode(video)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="4k frames"):
+        vae.encode_chunk(video[:3], state)
 
 
 def test_loads_from_a_demo_checkpoint_through_build_vae(tmp_path):
