@@ -258,13 +258,13 @@ def plan(cfg: PlanConfig, profile: Profile) -> list[PlanRow]:
 
 
 def table(rows: list[PlanRow], cfg: PlanConfig) -> str:
-    head = (f"{'GPUs':>4}  {'plan (replicas x layer ranges)':<44} {'FPS/pipe':>8} {'FPS':>8} {'eff':>5} "
+    head = (f"{'GPUs':>4}  {'plan (replicas x layer ranges)':<52} {'FPS/pipe':>8} {'FPS':>8} {'eff':>5} "
             f"{'streams@' + format(cfg.fps, 'g'):>10} {'/GPU':>5} {'TTFF s':>7} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'peak GiB/GPU':>13}  bottleneck")
     lines = [head]
     for r in rows:
-        grid = r.grid if len(r.grid) <= 44 else r.grid[:41] + "..."
-        lines.append(f"{r.gpus:>4}  {grid:<44} {r.frames_per_s_pipeline:8.2f} {r.frames_per_s:8.2f} "
+        grid = r.grid if len(r.grid) <= 52 else r.grid[:49] + "..."
+        lines.append(f"{r.gpus:>4}  {grid:<52} {r.frames_per_s_pipeline:8.2f} {r.frames_per_s:8.2f} "
                      f"{r.efficiency:5.0%} {r.streams:>10} {r.streams / r.gpus:5.2f} {r.ttff_s:7.2f} "
                      f"{r.latency_p50_ms:7.0f} {r.latency_p99_ms:7.0f} {max(r.memory_gib):13.2f}  {r.bottleneck}")
     return "\n".join(lines)
