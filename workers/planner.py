@@ -131,8 +131,14 @@ def _simulate(cfg: PlanConfig, profile: Profile, stages: int, decode: str, strea
     lanes = stages if (cfg.policy == "sdv2" or cfg.mode == "stream_batch") else 1
     gen = cfg.generation(lanes)
     parallel = ParallelConfig(stages=stages, decode=decode, decode_workers=workers, dtype=profile.dtype)
+    # streams may run ahead by what fills the pipeline and its decoders (the service's output_chunks_ahead)
     return simulate(gen, parallel, profile, streams, cfg.duration_s, fps=cfg.fps, noise=cfg.noise,
-                    engine_cfg=EngineConfig(profile_every=8, rebalance_every=32))
+                    engine_cfg=EngineConfig(profile_every=8, rebalance_every=32), max_ahead=ahead(stages, workers))
+
+
+def ahead(stages: int, workers: int) -> int:
+    """Chunks a stream may have issued and not delivered in a plan: one per stage and decode worker, plus one."""
+    return stages + workers + 1
 
 
 def _ok(cfg: PlanConfig, r: SimResult) -> bool:

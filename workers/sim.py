@@ -89,6 +89,7 @@ class SimExecutor(Executor):
         self.stage_busy = [0.0] * self.num_stages  # DiT seconds per stage (shared decode counted in decode_busy)
         self.decode_free = [0.0] * self.decode_workers
         self.decode_busy = [0.0] * self.decode_workers
+        self.busy: dict[str, list[tuple[float, float]]] = {}  # resource -> (start, end) of each piece of work
         self.ring_ready: dict[tuple[str, int], float] = {}  # (stream, lane) -> when its ring latents reach stage 0
         self.streams: set[str] = set()
         self._done: deque[tuple[float, Finished]] = deque()  # in submission order; ends are increasing (FIFO)
@@ -143,6 +144,7 @@ class SimExecutor(Executor):
             idle = max(0.0, start - self.stage_free[k])
             self.stage_free[k] = end
             self.stage_busy[k] += cost
+            self.busy.setdefault(f"stage {k} compute", []).append((start, end))
             sent = act_bytes if k < last else mb.ring_frames() * math.prod(self.latent_shape) * 4
             block_s = {}
             if mb.profile:  # the block scheduler's costs, scaled as the call was
@@ -177,6 +179,9 @@ class SimExecutor(Executor):
             start = max(self.decode_free[w], ready + self.cost_profile.transfer_s(nbytes))
             self.decode_free[w] = start + cost
         self.decode_busy[w] += cost
+        self.busy.setdefault("decode" if self.decode_shared else f"decode {w}", []).append((start, start + cost))
+        if self.decode_shared:
+            self.busy.setdefault(f"stage {self.num_stages - 1} compute", []).append((start, start + cost))
         video_frames = frames * self.gen.model.vae_stride[0]
         out = DecodedChunk(stream_id, chunk, [b""] * video_frames, self.gen.width, self.gen.height, cost)
         heapq.heappush(self._decodes, _Decode(start + cost, self._order, out))
@@ -187,6 +192,18 @@ class SimExecutor(Executor):
         if frames not in self._zeros:
             self._zeros[frames] = torch.zeros((frames,) + self.latent_shape)
         return self._zeros[frames]
+
+    def utilization(self, t0: float, t1: float) -> dict[str, float]:
+        """Busy share of [t0, t1] per resource ("stage k compute" includes a shared decode; "decode": the
+        busiest dedicated decode worker, or the shared decode's share)."""
+        span = max(t1 - t0, 1e-12)
+        share = {name: sum(max(0.0, min(e, t1) - max(s, t0)) for s, e in spans) / span
+                 for name, spans in self.busy.items()}
+        out = {f"stage {k} compute": share.get(f"stage {k} compute", 0.0) for k in range(self.num_stages)}
+        if self.decode_workers:
+            out["decode"] = share.get("decode", 0.0) if self.decode_shared else \
+                max(share.get(f"decode {w}", 0.0) for w in range(self.decode_workers))
+        return out
 
     def next_event(self) -> float | None:
         times = ([self._done[0][0]] if self._done else []) + ([self._decodes[0].end] if self._decodes else [])
@@ -328,26 +345,27 @@ def build(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, eng
 
 def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, streams: int, duration_s: float,
              fps: float = 16.0, warmup_s: float | None = None, engine_cfg: EngineConfig | None = None,
-             noise: float = 0.0, seed: int = 0, extra_inflight: int = 1) -> SimResult:
+             noise: float = 0.0, seed: int = 0, extra_inflight: int = 1, max_ahead: int | None = None) -> SimResult:
     """Run ``streams`` streams flat out for ``duration_s`` simulated seconds; measure after ``warmup_s``
-    (default a quarter of the run)."""
+    (default a quarter of the run). Each output is consumed at once; ``max_ahead``: chunks a stream may have
+    issued and not delivered (the service's ``output_chunks_ahead``; None: unbounded, so a decode slower
+    than the DiT lets its queue grow)."""
     if streams < 1:
         raise ValueError("simulate needs at least one stream")
     engine, executor, clock = build(gen, parallel, profile, engine_cfg, noise, seed, extra_inflight)
     for i in range(streams):
-        engine.add_stream(f"s{i}", f"prompt {i}", i, fps=fps)
+        engine.add_stream(f"s{i}", f"prompt {i}", i, fps=fps, max_ahead=max_ahead)
     warmup = duration_s / 4 if warmup_s is None else warmup_s
     vfpc = engine.video_frames_per_chunk
     first: dict[str, float] = {}
     outputs: list[tuple[float, str, float]] = []  # (time, stream, chunk latency)
-    marks: list[tuple[float, list[float], list[float]]] = []  # (time, stage busy, decode busy) per step
     stalls = 0
     while clock.now() < duration_s:
         before = clock.now()
-        marks.append((before, list(executor.stage_busy), list(executor.decode_busy)))
         for out in engine.step():
             first.setdefault(out.stream_id, clock.now())
             outputs.append((clock.now(), out.stream_id, out.latency_s))
+            engine.consumed(out.stream_id)
         stalls = stalls + 1 if clock.now() == before else 0
         if stalls > 10_000:
             raise RuntimeError("the simulation made no progress (nothing in flight and nothing ready)")
@@ -357,24 +375,18 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
     steady = [o for o in outputs if o[0] > t0]
     t1 = steady[-1][0] if steady else clock.now()
     window = max(t1 - t0, 1e-12)
-    counts = {f"s{i}": 0 for i in range(streams)}
-    for _, sid, _ in steady:
-        counts[sid] += 1
+    times: dict[str, list[float]] = {f"s{i}": [] for i in range(streams)}
+    for t, sid, _ in steady:
+        times[sid].append(t)
     latencies = [lat for _, _, lat in steady]
-    per_stream = {sid: n * vfpc / window for sid, n in counts.items()}
-    m0 = max([m for m in marks if m[0] <= t0], key=lambda m: m[0], default=marks[0])
-    m1 = min([m for m in marks if m[0] >= t1], key=lambda m: m[0], default=(clock.now(), executor.stage_busy,
-                                                                            executor.decode_busy))
-    span = max(m1[0] - m0[0], 1e-12)
-    util = {f"stage {k} compute": (m1[1][k] - m0[1][k]) / span for k in range(executor.num_stages)}
-    if executor.decode_workers:
-        dec = [(m1[2][w] - m0[2][w]) / span for w in range(executor.decode_workers)]
-        if executor.decode_shared:  # shared decode time sits on the last stage's device
-            util[f"stage {executor.num_stages - 1} compute"] += sum(dec)
-        util["decode"] = sum(dec) if executor.decode_shared else max(dec)
+    # a stream's rate from its own outputs (first to last, so a window holding a few chunks per stream does not
+    # round it by a whole chunk); a stream with fewer than 2 outputs in the window gets what it got over it
+    per_stream = {sid: (len(ts) - 1) * vfpc / (ts[-1] - ts[0]) if len(ts) > 2 and ts[-1] > ts[0]
+                  else len(ts) * vfpc / window for sid, ts in times.items()}
+    util = executor.utilization(t0, t1)
     dmap = executor.device_map()
     memory = [dmap.weight_bytes(s) + streams * dmap.stream_bytes(s) for s in range(dmap.slots)]
-    result = SimResult(streams, executor.split(), sum(per_stream.values()), min(per_stream.values()),
+    result = SimResult(streams, executor.split(), len(steady) * vfpc / window, min(per_stream.values()),
                        max(first.values(), default=float("inf")) if len(first) == streams else float("inf"),
                        percentile(latencies, 50), percentile(latencies, 99), util, memory, dmap.max_streams(),
                        engine.max_streams(fps), len(steady), per_stream_fps=per_stream)
@@ -383,10 +395,15 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
 
 
 def bottleneck(result: SimResult, executor: SimExecutor) -> str:
-    """The busiest resource; a stage whose busy share comes mostly from a shared decode is "decode"."""
-    name = max(result.utilization, key=result.utilization.get)
-    if executor.decode_shared and executor.decode_workers and name == f"stage {executor.num_stages - 1} compute":
-        dit = result.utilization[name] - result.utilization["decode"]
-        if result.utilization["decode"] >= dit:
+    """The busiest resource. Decode wins a tie (within 2%): the engine fills a stage's idle time with smaller
+    micro-batches, so a saturated decoder often sits beside a stage that looks as busy; a shared decode
+    counts as "decode" when it takes most of its stage's time."""
+    util = result.utilization
+    name = max(util, key=util.get)
+    if "decode" in util and executor.decode_workers:
+        dec = util["decode"]
+        if not executor.decode_shared and dec >= util[name] - 0.02:
+            return "decode"
+        if executor.decode_shared and name == f"stage {executor.num_stages - 1} compute" and dec >= util[name] - dec:
             return "decode"
     return name
