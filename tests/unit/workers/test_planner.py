@@ -34,6 +34,7 @@ def test_streams_at_fps_known_answer():
     cfg = small_plan(decode="shared", fps=15.0)
     n, r, why = best_streams(cfg, hand_profile(0.010), 1, "shared")
     assert n == 26
+    assert r.admission_streams == n  # the engine's max_streams (its latency model) agrees with the planner
     assert r.min_stream_fps >= 15 and r.frames_per_s == pytest.approx(400, rel=0.01)
     assert why == "stage 0 compute"
 
