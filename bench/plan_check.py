@@ -2,10 +2,11 @@
 measured profile, then ``plan error fps=<x>% latency=<y>%`` (simulated vs real, frames/s and p50 chunk latency).
 
     python bench/plan_check.py --model small --stages 2 --steps 4 --streams 4 --mode sequential
+    python bench/plan_check.py --matrix   # P=1,2 x both modes x 1,4 streams (the issue's "Must show")
 
 The real run is bench/pipeline_scaling.py's: one torch thread per stage, streams flat out, the window from
-the last warm-up output to the last output. The simulation runs the same engine config for as long as the
-real run took. Writes JSON (``--out``).
+the last warm-up output to the last output. The simulation runs the same engine config and is measured
+the same way (warm-up chunks, then measured chunks per stream). Writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
             "latency_p99_s": percentile(latencies, 99), "wall_s": wall, "split": split}
 
 
+def check(args, profile) -> dict:
+    """One case: the real run, then the simulation over as long as the real run took."""
+    gen, parallel, engine_cfg = case(args)
+    real = run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup)
+    # measured as the real run is: after `warmup` chunks per stream, until each stream has `chunks` more
+    sim = simulate(gen, parallel, profile, args.streams, 100 * real["wall_s"], engine_cfg=engine_cfg,
+                   chunks=(args.warmup, args.chunks))
+    err_fps = (sim.frames_per_s - real["frames_per_s"]) / real["frames_per_s"] * 100
+    err_lat = (sim.latency_p50_s - real["latency_p50_s"]) / real["latency_p50_s"] * 100
+    print(f"P={args.stages} {args.mode} streams={args.streams} steps={args.steps}")
+    print(f"  real: {real['frames_per_s']:.2f} frames/s, p50 {real['latency_p50_s']:.3f} s, split {real['split']}")
+    print(f"  plan: {sim.frames_per_s:.2f} frames/s, p50 {sim.latency_p50_s:.3f} s, split {sim.split}, "
+          f"bottleneck {sim.bottleneck}")
+    print(f"plan error fps={err_fps:+.1f}% latency={err_lat:+.1f}%", flush=True)
+    return {"case": {k: getattr(args, k) for k in ("model", "stages", "steps", "streams", "mode", "lanes",
+                                                  "decode_workers", "chunks", "warmup")},
+            "real": real,
+            "plan": {"frames_per_s": sim.frames_per_s, "latency_p50_s": sim.latency_p50_s,
+                     "latency_p99_s": sim.latency_p99_s, "split": sim.split, "bottleneck": sim.bottleneck,
+                     "utilization": sim.utilization},
+            "error_pct": {"fps": err_fps, "latency_p50": err_lat}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -84,10 +108,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="chunks per stream ignored at the start")
     parser.add_argument("--profile", default="profiles/cpu-2core.json")
     parser.add_argument("--out", default="bench/out/plan_check.json")
+    parser.add_argument("--matrix", action="store_true", help="P=1,2 x both modes x 1,4 streams")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    gen, parallel, engine_cfg = case(args)
     profile = load_profile(args.profile)
+    runs = [args]
+    if args.matrix:
+        runs = [argparse.Namespace(**{**vars(args), "stages": p, "mode": m, "streams": n})
+                for p in (1, 2) for m in ("sequential", "stream_batch") for n in (1, 4)]
 
     from workers.ray_executor import start_local_ray
 
@@ -95,24 +123,15 @@ def main() -> None:
     import ray
 
     try:
-        real = run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup)
+        rows = [check(run, profile) for run in runs]
     finally:
         ray.shutdown()
-    warm = real["wall_s"] * args.warmup / (args.warmup + args.chunks)
-    sim = simulate(gen, parallel, profile, args.streams, real["wall_s"], warmup_s=warm, engine_cfg=engine_cfg)
-    err_fps = (sim.frames_per_s - real["frames_per_s"]) / real["frames_per_s"] * 100
-    err_lat = (sim.latency_p50_s - real["latency_p50_s"]) / real["latency_p50_s"] * 100
-    print(f"real: {real['frames_per_s']:.2f} frames/s, p50 {real['latency_p50_s']:.3f} s, split {real['split']}")
-    print(f"plan: {sim.frames_per_s:.2f} frames/s, p50 {sim.latency_p50_s:.3f} s, split {sim.split}, "
-          f"bottleneck {sim.bottleneck}")
-    write_json(args.out, {"case": vars(args), "machine": {"python": platform.python_version(),
-                                                         "torch": torch.__version__, "cpu_count": os.cpu_count()},
-                          "profile": profile.name, "real": real,
-                          "plan": {"frames_per_s": sim.frames_per_s, "latency_p50_s": sim.latency_p50_s,
-                                   "latency_p99_s": sim.latency_p99_s, "split": sim.split,
-                                   "bottleneck": sim.bottleneck, "utilization": sim.utilization},
-                          "error_pct": {"fps": err_fps, "latency_p50": err_lat}})
-    print(f"plan error fps={err_fps:+.1f}% latency={err_lat:+.1f}%")
+    write_json(args.out, {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                      "cpu_count": os.cpu_count()}, "profile": profile.name, "cases": rows})
+    if len(rows) > 1:
+        worst_fps = max(abs(r["error_pct"]["fps"]) for r in rows)
+        worst_lat = max(abs(r["error_pct"]["latency_p50"]) for r in rows)
+        print(f"worst plan error fps={worst_fps:.1f}% latency={worst_lat:.1f}% over {len(rows)} cases")
 
 
 if __name__ == "__main__":

@@ -345,9 +345,11 @@ def build(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, eng
 
 def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, streams: int, duration_s: float,
              fps: float = 16.0, warmup_s: float | None = None, engine_cfg: EngineConfig | None = None,
-             noise: float = 0.0, seed: int = 0, extra_inflight: int = 1, max_ahead: int | None = None) -> SimResult:
+             noise: float = 0.0, seed: int = 0, extra_inflight: int = 1, max_ahead: int | None = None,
+             chunks: tuple[int, int] | None = None) -> SimResult:
     """Run ``streams`` streams flat out for ``duration_s`` simulated seconds; measure after ``warmup_s``
-    (default a quarter of the run). Each output is consumed at once; ``max_ahead``: chunks a stream may have
+    (default a quarter of the run). ``chunks`` = (warm-up, measured): measure as the benches do instead, until
+    every stream has both, from the last warm-up output on, latencies of measured chunks only. Each output is consumed at once; ``max_ahead``: chunks a stream may have
     issued and not delivered (the service's ``output_chunks_ahead``; None: unbounded, so a decode slower
     than the DiT lets its queue grow)."""
     if streams < 1:
@@ -355,23 +357,28 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
     engine, executor, clock = build(gen, parallel, profile, engine_cfg, noise, seed, extra_inflight)
     for i in range(streams):
         engine.add_stream(f"s{i}", f"prompt {i}", i, fps=fps, max_ahead=max_ahead)
-    warmup = duration_s / 4 if warmup_s is None else warmup_s
+    warmup = 0.0 if chunks is not None else duration_s / 4 if warmup_s is None else warmup_s
     vfpc = engine.video_frames_per_chunk
     first: dict[str, float] = {}
     outputs: list[tuple[float, str, float]] = []  # (time, stream, chunk latency)
+    got = {f"s{i}": 0 for i in range(streams)}
     stalls = 0
-    while clock.now() < duration_s:
+    while clock.now() < duration_s and (chunks is None or min(got.values()) < sum(chunks)):
         before = clock.now()
         for out in engine.step():
             first.setdefault(out.stream_id, clock.now())
-            outputs.append((clock.now(), out.stream_id, out.latency_s))
+            if chunks is None or out.chunk >= chunks[0]:
+                outputs.append((clock.now(), out.stream_id, out.latency_s))
+            else:  # a warm-up chunk: the window starts at the last of them
+                warmup = clock.now()
+            got[out.stream_id] += 1
             engine.consumed(out.stream_id)
         stalls = stalls + 1 if clock.now() == before else 0
         if stalls > 10_000:
             raise RuntimeError("the simulation made no progress (nothing in flight and nothing ready)")
     # the window runs from the last output at or before the warm-up to the last output: outputs come in
     # bursts (one micro-batch's chunks), so it starts at a burst's end, not inside one
-    t0 = max([t for t, _, _ in outputs if t <= warmup], default=0.0)
+    t0 = warmup if chunks is not None else max([t for t, _, _ in outputs if t <= warmup], default=0.0)
     steady = [o for o in outputs if o[0] > t0]
     t1 = steady[-1][0] if steady else clock.now()
     window = max(t1 - t0, 1e-12)

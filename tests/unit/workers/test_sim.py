@@ -153,3 +153,12 @@ def test_profile_errors(tmp_path):
     assert prof.costs("small").block(1000) == 0.1
     with pytest.raises(ValueError, match="no costs for model 'tiny'"):
         prof.costs("tiny")
+
+
+def test_measured_like_the_benches():
+    # P=1, 10 ms a forward: chunk 0 out at 40 ms (warm-up), then one every 50 ms (4 steps + the context pass)
+    r = simulate(gen(), ParallelConfig(stages=1, decode_workers=0), profile(per_call(0.010, 8)), streams=1,
+                 duration_s=100.0, chunks=(1, 2))
+    assert r.chunks == 2
+    assert r.frames_per_s == pytest.approx(2 * FPC / 0.100)
+    assert r.latency_p50_s == pytest.approx(0.050)
