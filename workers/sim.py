@@ -21,7 +21,7 @@ import heapq
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -86,9 +86,7 @@ class SimExecutor(Executor):
         self.latent_shape = (m.out_channels, lh, lw)
         self.tokens_per_frame = m.tokens_per_frame(gen.height, gen.width)
         self.stage_free = [0.0] * self.num_stages
-        self.stage_busy = [0.0] * self.num_stages  # DiT seconds per stage (shared decode counted in decode_busy)
         self.decode_free = [0.0] * self.decode_workers
-        self.decode_busy = [0.0] * self.decode_workers
         self.busy: dict[str, list[tuple[float, float]]] = {}  # resource -> (start, end) of each piece of work
         self.ring_ready: dict[tuple[str, int], float] = {}  # (stream, lane) -> when its ring latents reach stage 0
         self.streams: set[str] = set()
@@ -143,7 +141,6 @@ class SimExecutor(Executor):
             end = start + cost
             idle = max(0.0, start - self.stage_free[k])
             self.stage_free[k] = end
-            self.stage_busy[k] += cost
             self.busy.setdefault(f"stage {k} compute", []).append((start, end))
             sent = act_bytes if k < last else mb.ring_frames() * math.prod(self.latent_shape) * 4
             block_s = {}
@@ -178,7 +175,6 @@ class SimExecutor(Executor):
             nbytes = frames * math.prod(self.latent_shape) * 4
             start = max(self.decode_free[w], ready + self.cost_profile.transfer_s(nbytes))
             self.decode_free[w] = start + cost
-        self.decode_busy[w] += cost
         self.busy.setdefault("decode" if self.decode_shared else f"decode {w}", []).append((start, start + cost))
         if self.decode_shared:
             self.busy.setdefault(f"stage {self.num_stages - 1} compute", []).append((start, start + cost))
@@ -271,14 +267,8 @@ class SimExecutor(Executor):
         gib = self.cost_profile.gpu_memory_gib
         capacity = [None if gib is None else int(gib * devicemap.GIB)] * self.parallel.gpu_slots
         parallel = self.parallel if self.parallel.dtype == self.cost_profile.dtype else \
-            _replace_parallel(self.parallel, dtype=self.cost_profile.dtype)
+            replace(self.parallel, dtype=self.cost_profile.dtype)
         return devicemap.plan(self.gen, parallel, self._split, capacity)
-
-
-def _replace_parallel(parallel: ParallelConfig, **changes) -> ParallelConfig:
-    from dataclasses import replace
-
-    return replace(parallel, **changes)
 
 
 def _model_name(gen: GenerationConfig) -> str:
