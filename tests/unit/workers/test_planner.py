@@ -108,3 +108,10 @@ def test_cli_plan_bad_input(tmp_path, capsys):
     assert "cannot read profile" in capsys.readouterr().err
     assert main(["plan", "--profile", SDV2, "--gpus", "1,x"]) == 2
     assert "--gpus" in capsys.readouterr().err
+
+
+def test_cli_plan_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--profile", SDV2, "--gpus", "1,2", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
