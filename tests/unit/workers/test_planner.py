@@ -115,3 +115,15 @@ def test_cli_plan_plot(tmp_path):
     png = tmp_path / "plan.png"
     assert main(["plan", "--profile", SDV2, "--gpus", "1,2", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mode,stages", [("stream_batch", 1), ("stream_batch", 2), ("sequential", 2)])
+def test_admission_agrees_with_the_planner_when_batching_pays(mode, stages):
+    # a fixed cost per block call that batching splits: the engine's max_streams counts micro-batches of the
+    # size its scheduler makes, as the simulation runs them (one stream's forward alone would admit fewer)
+    fixed = Profile(name="fixed", dtype="float32", models={"small": ModelCosts(
+        block=Linear(0.002, 0.004 / 8 / 256))})
+    cfg = small_plan(mode=mode, fps=40.0, steps=2, decode="shared")
+    n, r, _ = best_streams(cfg, fixed, stages, "shared")
+    assert n >= 4
+    assert abs(r.admission_streams - n) <= 1
