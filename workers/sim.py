@@ -320,6 +320,8 @@ class SimResult:
     chunks: int = 0
     bottleneck: str = ""
     per_stream_fps: dict[str, float] = field(default_factory=dict)
+    streams_at_fps: int = 0
+    """Streams of this run that got ``fps`` (the planner searches the stream count where all of them do)."""
 
 
 def build(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, engine_cfg: EngineConfig | None = None,
@@ -388,6 +390,7 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
                        percentile(latencies, 50), percentile(latencies, 99), util, memory, dmap.max_streams(),
                        engine.max_streams(fps), len(steady), per_stream_fps=per_stream)
     result.bottleneck = bottleneck(result, executor)
+    result.streams_at_fps = sum(v >= fps * (1 - 1e-9) for v in per_stream.values())
     return result
 
 

@@ -38,6 +38,7 @@ def test_two_stages_of_10ms_tick_10ms():
     assert r.frames_per_s == pytest.approx(100 / 5 * FPC, rel=0.01)  # one forward per 10 ms tick
     assert r.utilization["stage 0 compute"] == pytest.approx(1.0, abs=0.01)
     assert r.min_stream_fps == pytest.approx(r.frames_per_s / 2, rel=0.01)
+    assert r.streams_at_fps == 2  # 40 frames/s each, at the default 16
     # a chunk finishes with its 4th step: 4 chained forwards through 2 stages of 10 ms, after 10 ms in stage 0's
     # queue (the Ray executor's one micro-batch beyond the stages)
     assert r.latency_p50_s == pytest.approx(4 * 0.020 + 0.010, rel=0.01)
