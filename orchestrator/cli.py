@@ -6,6 +6,8 @@
 * ``streamgen health``: exit 0 when a server answers SERVING (Docker HEALTHCHECK, scripts).
 * ``streamgen transform``: a client: a video file through a video-to-video stream into a restyled file.
 * ``streamgen demo-v2v``: starts the service, restyles a test clip it makes (``out/input.mp4``), stops.
+* ``streamgen plan``: the capacity planner: per GPU count, the best layout and the streams it serves, from a
+  cost profile through the simulator (``workers.planner``).
 * ``streamgen demo``: the embedded default end to end: starts the service (local Ray, the demo model,
   2 stages), streams a real gRPC stream into ``out/demo.mp4``, prints the summary, shuts down.
 """
@@ -440,6 +442,36 @@ def connection_from_args(args: argparse.Namespace, target: str | None = None):
                       getattr(args, "tls_key", None), token)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from workers.costs import load_profile
+    from workers.planner import PlanConfig, plan, plot, table, to_json, write_json
+
+    try:
+        gpus = tuple(int(g) for g in args.gpus.split(","))
+    except ValueError:
+        raise ValueError(f"--gpus must be comma-separated integers, got {args.gpus!r}") from None
+    profile = load_profile(args.profile)
+    cfg = PlanConfig(model=args.model, gpus=gpus, fps=args.fps, height=args.height, width=args.width,
+                     steps=args.steps, chunk_frames=args.chunk_frames, mode=args.mode, decode=args.decode,
+                     budget_ms=args.budget_ms, policy=args.policy, max_gpus_per_replica=args.max_gpus_per_replica,
+                     duration_s=args.duration, noise=args.noise)
+    rows = plan(cfg, profile)
+    print(f"{cfg.model} {cfg.height}x{cfg.width}, {cfg.steps} step(s), {cfg.mode}, policy {cfg.policy}, "
+          f"profile {profile.name} ({profile.device}); streams at {cfg.fps:g} fps")
+    print(table(rows, cfg))
+    if args.json:
+        write_json(args.json, to_json(rows, cfg, profile))
+    if args.plot:
+        series = {f"{cfg.policy} policy (simulated)": rows}
+        if cfg.policy == "streamgen":  # StreamDiffusionV2's layout on the same profile, beside its published points
+            layers = MODEL_CONFIGS[cfg.model].num_layers
+            sd = replace(cfg, policy="sdv2", gpus=tuple(g for g in cfg.gpus if g <= layers))
+            series["sdv2 policy (simulated)"] = plan(sd, profile)
+        plot(args.plot, series, cfg.fps, f"{cfg.model} {cfg.height}x{cfg.width}, {cfg.steps} step(s), "
+                                         f"profile {profile.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Real-time video generation service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -462,6 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "readiness)")
     check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     check.set_defaults(func=cmd_health)
+    pl = sub.add_parser("plan", help="capacity plan: streams, FPS and latency per GPU count, from a cost profile")
+    pl.add_argument("--profile", required=True, help="cost profile JSON (profiles/*.json)")
+    pl.add_argument("--model", default="wan2.1-1.3b", help="named model config")
+    pl.add_argument("--gpus", default="1,2,4,8,16", help="GPU counts, comma-separated")
+    pl.add_argument("--fps", type=float, default=16.0, help="video frames/s per stream")
+    pl.add_argument("--height", type=int, default=480)
+    pl.add_argument("--width", type=int, default=832)
+    pl.add_argument("--steps", type=int, default=1, help="denoising steps")
+    pl.add_argument("--chunk-frames", type=int, default=1, help="latent frames per chunk")
+    pl.add_argument("--mode", default="stream_batch", choices=("stream_batch", "sequential"))
+    pl.add_argument("--decode", default="auto", choices=("auto", "shared", "dedicated"))
+    pl.add_argument("--budget-ms", type=float, default=None, help="largest p99 chunk latency a plan may have")
+    pl.add_argument("--policy", default="streamgen", choices=("streamgen", "sdv2"))
+    pl.add_argument("--max-gpus-per-replica", type=int, default=8)
+    pl.add_argument("--duration", type=float, default=6.0, help="simulated seconds per run")
+    pl.add_argument("--noise", type=float, default=0.0, help="lognormal sigma on every cost")
+    pl.add_argument("--json", metavar="FILE", help="write the plans as JSON")
+    pl.add_argument("--plot", metavar="FILE.png", help="draw streams and FPS against GPUs (matplotlib)")
+    pl.set_defaults(func=cmd_plan)
     demo = sub.add_parser("demo", help="start the service locally, stream into out/demo.mp4, stop")
     _service_flags(demo)
     _stream_flags(demo, "out/demo.mp4", 48)

@@ -12,7 +12,6 @@ finished, and their frames come back encoded from the decode workers.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ import torch
 from workers.config import EngineConfig, GenerationConfig, SamplerConfig
 from workers.batch import DecodedChunk, Finished, MicroBatch, OutputFormat, StageStats, Work
 from workers.executor import Executor
-from workers.plan import LatencyModel, balanced_split, stage_costs
+from workers.plan import LatencyModel, balanced_split, batch_streams, stage_costs
 from workers.stream import StreamProgram
 from workers.v2v import VideoInput, VideoParams
 
@@ -370,7 +369,7 @@ class PipelineEngine:
         # forward they wait on: the oldest is the likeliest to be back when stage 0 gets to this one
         ready.sort(key=lambda s: (s.program.chained(), max(s.outstanding, default=-1) if s.program.chained() else -1,
                                   s.due(), s.stream_id))
-        size = max(1, min(self.engine_cfg.max_batch_streams, math.ceil(len(self.streams) / self.executor.num_stages)))
+        size = batch_streams(len(self.streams), self.executor.num_stages, self.engine_cfg.max_batch_streams)
         self.stats.ready_streams = max(0, len(ready) - size)
         works, prompts, now = [], {}, self.clock()
         for stream in ready[:size]:
@@ -505,10 +504,12 @@ class PipelineEngine:
         return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens)
 
     def max_streams(self, fps: float, num_steps: int | None = None) -> int:
-        """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model."""
+        """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model, batched as the
+        scheduler batches them."""
         steps = num_steps or self.cfg.sampler.num_steps
         forwards, tokens = self._forwards_and_tokens(steps)
-        return self.latency.max_streams(fps, self.video_frames_per_chunk, forwards, tokens)
+        return self.latency.max_streams(fps, self.video_frames_per_chunk, forwards, tokens,
+                                        self.engine_cfg.max_batch_streams)
 
     def _observe_costs(self, stats: list[StageStats]) -> None:
         d = self.engine_cfg.cost_decay

@@ -161,19 +161,41 @@ class LatencyModel:
         """Predicted time from a chunk's first forward to its frames, pipeline otherwise idle."""
         return forwards_per_chunk * self.forward_latency(tokens_per_forward) + self.decode_time()
 
-    def frame_rate(self, video_frames_per_chunk: float, forwards_per_chunk: float, tokens_per_forward: int) -> float:
-        """Video frames per second the pipeline sustains over all its streams: one forward leaves per tick,
-        and dedicated decode workers take one chunk each per decode time."""
-        tick = self.tick(tokens_per_forward, forwards_per_chunk)
+    def frame_rate(self, video_frames_per_chunk: float, forwards_per_chunk: float, tokens_per_forward: int,
+                   streams_per_batch: int = 1) -> float:
+        """Video frames per second the pipeline sustains over all its streams: one micro-batch (the forwards of
+        ``streams_per_batch`` streams) leaves per tick, and dedicated decode workers take one chunk each per
+        decode time."""
+        size = max(1, streams_per_batch)
+        # a micro-batch finishes size / forwards_per_chunk chunks: a shared decode adds theirs to the last stage
+        tick = self.tick(size * tokens_per_forward, forwards_per_chunk / size)
         if tick <= 0:
             return 0.0
-        chunks_per_s = 1.0 / (forwards_per_chunk * tick)
+        chunks_per_s = size / (forwards_per_chunk * tick)
         decode = self.decode_time()
         if decode > 0 and not self.decode_shared:
             chunks_per_s = min(chunks_per_s, self.decode_workers / decode)
         return chunks_per_s * video_frames_per_chunk
 
     def max_streams(self, fps: float, video_frames_per_chunk: float, forwards_per_chunk: float,
-                    tokens_per_forward: int) -> int:
-        """Streams the pipeline sustains at ``fps`` video frames/s each."""
-        return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward) / fps)
+                    tokens_per_forward: int, max_batch_streams: int = 1) -> int:
+        """Streams the pipeline sustains at ``fps`` video frames/s each. n streams share micro-batches of
+        ``batch_streams(n, ...)`` streams (the engine's scheduler), which split the stages' fixed costs."""
+        if max_batch_streams <= 1:
+            return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward) / fps)
+        n = 0
+        while n < MAX_STREAMS:
+            size = batch_streams(n + 1, self.num_stages, max_batch_streams)
+            if self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward, size) < (n + 1) * fps:
+                break
+            n += 1
+        return n
+
+
+MAX_STREAMS = 4096
+"""Most streams ``LatencyModel.max_streams`` counts to."""
+
+
+def batch_streams(streams: int, stages: int, max_batch_streams: int) -> int:
+    """Streams per micro-batch the engine schedules: enough that P micro-batches in flight carry them all."""
+    return max(1, min(max_batch_streams, math.ceil(streams / stages)))
