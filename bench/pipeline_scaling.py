@@ -30,10 +30,11 @@ import torch  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
 
-from workers.config import CacheConfig, EngineConfig, GenerationConfig, SamplerConfig, get_config  # noqa: E402
+from workers.config import (CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig,  # noqa: E402
+                            get_config)
 from workers.engine import PipelineEngine  # noqa: E402
-from workers.model.text import build_text_encoder  # noqa: E402
-from workers.ray_executor import RayExecutor, start_local_ray  # noqa: E402
+from workers.executor import build_executor  # noqa: E402
+from workers.ray_executor import start_local_ray  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,10 +47,10 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
     cfg = GenerationConfig(model=get_config(model),
                            sampler=SamplerConfig(denoising_steps=steps, chunk_frames=1, mode=mode, lanes=lanes),
                            cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=3))
-    executor = RayExecutor(cfg.model, stages, threads_per_stage=1, num_cpus_per_stage=1)
+    executor = build_executor(cfg, ParallelConfig(stages=stages, backend="ray", threads_per_stage=1, cpus_per_stage=1,
+                                                  decode_workers=0))  # DiT only: the clean latents come back
     try:
-        engine = PipelineEngine(cfg, executor, build_text_encoder(cfg.model),
-                                engine_cfg=EngineConfig(profile_every=4, rebalance_every=8))
+        engine = PipelineEngine(cfg, executor, EngineConfig(profile_every=4, rebalance_every=8))
         for i in range(streams):
             engine.add_stream(f"s{i}", f"prompt {i}", i)
         stamps, latencies = [], []

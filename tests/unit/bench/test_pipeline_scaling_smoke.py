@@ -1,0 +1,34 @@
+"""bench/pipeline_scaling.py runs end to end (tiny model, a few chunks, one repeat): every case measured, the
+ratios taken from the measured rates. Not a speed threshold: the real run is `make bench`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_pipeline_scaling_bench_smoke(tmp_path):
+    out = tmp_path / "pipeline_scaling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_scaling.py"), "--model", "tiny",
+                           "--chunks", "4", "--warmup", "1", "--repeats", "1", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cases = result["cases"]
+    assert {(c["stages"], c["mode"], c["streams"]) for c in cases.values()} == {
+        (1, "stream_batch", 1), (2, "stream_batch", 1), (1, "sequential", 4), (2, "sequential", 4),
+        (1, "sequential", 1)}
+    for c in cases.values():
+        assert c["chunks_measured"] > 0 and c["frames_per_s"] > 0 and len(c["repeats_frames_per_s"]) == 1
+        assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
+        assert len(c["split"]) == c["stages"]
+    ratios = result["ratios"]
+    assert ratios["sequential_P2_over_P1"] == pytest.approx(
+        cases["sequential4_P2"]["frames_per_s"] / cases["sequential4_P1"]["frames_per_s"])
+    assert ratios["stream_batch_P2_over_P1"] == pytest.approx(
+        cases["stream_batch_P2"]["frames_per_s"] / cases["stream_batch_P1"]["frames_per_s"])
+    assert f"sequential={ratios['sequential_P2_over_P1']:.2f}x" in proc.stdout
