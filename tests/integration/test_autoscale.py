@@ -33,7 +33,7 @@ def test_phased_load_scales_up_and_back_down_without_stream_errors(host):
             time.sleep(0.1)
 
     def stream(seed, frames):
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         with grpc.insecure_channel(running.target) as ch:
             stub = stream_pb2_grpc.StreamServiceStub(ch)
             while True:
@@ -54,12 +54,14 @@ def test_phased_load_scales_up_and_back_down_without_stream_errors(host):
     watcher.start()
     try:
         assert len(service.replicas) == 1
-        long = threading.Thread(target=stream, args=(0, 560))  # ~35 s: phase 1 and 3
+        long = threading.Thread(target=stream, args=(0, 800))  # ~50 s: phase 1 and 3
         long.start()
         time.sleep(2.0)
         burst = []
-        for seed in (1, 2, 3):  # up to 2C = 4 streams, one a second
-            t = threading.Thread(target=stream, args=(seed, 100))
+        # up to 2C = 4 streams, one a second, for ~20 s each: the 2C phase outlasts a replica start, which takes
+        # ~26 s here in serve mode while the first replica serves on the same 2 cores
+        for seed in (1, 2, 3):
+            t = threading.Thread(target=stream, args=(seed, 320))
             t.start()
             burst.append(t)
             time.sleep(1.0)
