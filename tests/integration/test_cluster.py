@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from tests.integration.test_server import request, serve_process
@@ -44,10 +45,8 @@ def cluster(tmp_path_factory):
         yield address, env, head
     finally:
         try:  # workers and the Serve controller run in sessions of their own: note them to end them too
-            import psutil
-
             descendants = psutil.Process(head.pid).children(recursive=True)
-        except Exception:  # noqa: BLE001 - psutil missing, or the head already gone
+        except psutil.Error:  # the head already gone
             descendants = []
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
@@ -99,7 +98,6 @@ def _resources(address: str, env: dict, timeout: float) -> dict | None:
 @pytest.mark.parametrize("host", ["driver", "serve"])
 def test_serve_joins_an_existing_cluster_with_address_auto(cluster, host):
     address, env, head = cluster
-    psutil = pytest.importorskip("psutil")
     with serve_process("--address", "auto", "--stages", "2", "--gpus-per-stage", "1", "--drain-timeout", "1",
                        "--replica-host", host, env=dict(env, RAY_ADDRESS=address)) as (serve, port, lines):
         assert "joined Ray cluster 'auto'" in lines[-1]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -430,7 +431,6 @@ def test_leak_check_after_the_suite(server):
 
 def non_loopback_listeners() -> list:
     """Listening sockets of this process, its children and the Ray processes that are not on loopback."""
-    psutil = pytest.importorskip("psutil")
     import os
 
     ours = {os.getpid()}
@@ -453,7 +453,6 @@ def non_loopback_listeners() -> list:
 def test_listening_sockets_are_loopback_only(server):
     """S-T12: Ray (GCS, raylet, workers), gRPC and /metrics listen on 127.0.0.1 only, and gloo talks
     over loopback. Runs before the drain test below; reads only this machine's sockets."""
-    psutil = pytest.importorskip("psutil")
     assert not non_loopback_listeners()
     assert any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.service.port
                for c in psutil.net_connections(kind="inet"))
