@@ -13,6 +13,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of ``values``; NaN when empty."""
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))] if v else float("nan")
+
+
+def outputs_rate(stamps: list[float], warmup_outputs: int) -> tuple[int, float]:
+    """(outputs, per second) over the steady window: from the last warm-up output to the last output. Outputs
+    come in bursts of one micro-batch, so the window starts at a burst's end, not inside one."""
+    steady = stamps[warmup_outputs:]
+    return len(steady), len(steady) / (steady[-1] - stamps[warmup_outputs - 1])
+
+
 def write_json(path: str, results) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

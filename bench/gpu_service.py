@@ -35,7 +35,7 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) 
 
 import torch  # noqa: E402
 
-from bench.common import start_serve, stop_serve, write_json  # noqa: E402
+from bench.common import percentile as pct, start_serve, stop_serve, write_json  # noqa: E402
 from bench.service_overhead import Delivery, admitted_fps, steady_rate  # noqa: E402
 
 from workers.batch import OutputFormat  # noqa: E402
@@ -222,11 +222,6 @@ def service_run(args, steps: int, decoder: str, paths: dict, workdir: str) -> di
     finally:
         stop_serve(proc)
     return rows
-
-
-def pct(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))] if v else float("nan")
 
 
 # -- the run -----------------------------------------------------------------------------------------------

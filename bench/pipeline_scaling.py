@@ -28,18 +28,13 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 
 import torch  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
+from bench.common import outputs_rate, percentile, write_json  # noqa: E402
 
 from workers.config import (CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig,  # noqa: E402
                             get_config)
 from workers.engine import PipelineEngine  # noqa: E402
 from workers.executor import build_executor  # noqa: E402
 from workers.ray_executor import start_local_ray  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
 
 
 def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunks: int, warmup: int,
@@ -66,14 +61,10 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
         executor_split = executor.split()
     finally:
         executor.shutdown()
-    # Window: from the last warm-up output to the last output; counts the outputs inside it (outputs
-    # come in bursts of one micro-batch, so the window starts at a burst's end, not inside one).
-    start = stamps[warmup * streams - 1]
-    steady = stamps[warmup * streams:]
-    chunks_per_s = len(steady) / (steady[-1] - start)
+    measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
             "split": executor_split, "rebalances": engine.rebalances,
-            "steps": len(steps), "chunks_measured": len(steady), "chunks_per_s": chunks_per_s,
+            "steps": len(steps), "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
 

@@ -22,12 +22,12 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 
 import torch  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
+from bench.common import outputs_rate, percentile, write_json  # noqa: E402
 from workers.config import CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig, \
     get_config  # noqa: E402
 from workers.costs import load_profile  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
-from workers.sim import percentile, simulate  # noqa: E402
+from workers.sim import simulate  # noqa: E402
 
 
 def case(args) -> tuple[GenerationConfig, ParallelConfig, EngineConfig]:
@@ -65,9 +65,7 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
         split = executor.split()
     finally:
         executor.shutdown()
-    t0 = stamps[warmup * streams - 1]
-    steady = stamps[warmup * streams:]
-    fps = len(steady) * engine.video_frames_per_chunk / (steady[-1] - t0)
+    fps = outputs_rate(stamps, warmup * streams)[1] * engine.video_frames_per_chunk
     return {"frames_per_s": fps, "latency_p50_s": percentile(latencies, 50),
             "latency_p99_s": percentile(latencies, 99), "wall_s": wall, "split": split}
 

@@ -22,8 +22,7 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import start_serve, stop_serve, write_json  # noqa: E402
-from bench.gpu_service import pct  # noqa: E402
+from bench.common import percentile as pct, start_serve, stop_serve, write_json  # noqa: E402
 
 CASES = {"tiny": 8.0, "small": 1.0}
 """Model -> the stream fps (small is ~20x the compute of tiny on these 2 cores: at 2 fps one stream got 1.3)."""
