@@ -177,17 +177,24 @@ async def drive(port: int, streams: int, fps: float | None, frames: int, max_fps
         deliveries: list[Delivery] = []
         ttff, late, tasks = [], [], []
 
+        all_open = asyncio.Event()
+
         async def read(s: int, call, first, started: float) -> None:
+            """Reads until ``frames`` frames came after the last stream opened, then ends the stream: opened one
+            after another, the streams still overlap for a steady window of ``frames`` frames each."""
             ttff.append(time.monotonic() - started)
             deliveries.append(Delivery(time.monotonic(), s, first.chunk, 1))
             late[s] += not first.deadline_met
-            while (frame := await call.read()) is not grpc.aio.EOF:
+            after = 0
+            while after < frames and (frame := await call.read()) is not grpc.aio.EOF:
                 deliveries.append(Delivery(time.monotonic(), s, frame.chunk, 1))
                 late[s] += not frame.deadline_met
+                after += all_open.is_set()
+            call.cancel()
 
         for s in range(streams or 64):
             started = time.monotonic()
-            call = client.generate(PROMPT, seed=s, fps=fps, max_frames=frames, late_policy="deliver_flagged")
+            call = client.generate(PROMPT, seed=s, fps=fps, late_policy="deliver_flagged")
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
@@ -196,6 +203,7 @@ async def drive(port: int, streams: int, fps: float | None, frames: int, max_fps
                 break  # admission says no more
             late.append(0)
             tasks.append(asyncio.create_task(read(s, call, first, started)))
+        all_open.set()
         await asyncio.gather(*tasks)
     return {"streams": len(tasks), "fps_requested": fps, "capacity_at_fps": cap, "deliveries": deliveries,
             "ttff": ttff, "late": late}
@@ -234,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--chunks", type=int, default=24, help="measured chunks of the engine rows")
     parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--service-frames", type=int, default=160, help="frames per stream of the service rows")
+    parser.add_argument("--service-frames", type=int, default=160,
+                        help="frames each stream of the service rows reads once every stream is open")
     parser.add_argument("--quick", action="store_true", help="few chunks and frames (smoke runs)")
     parser.add_argument("--decoders", default="taehv,wan")
     parser.add_argument("--steps", default="1,4")

@@ -25,6 +25,7 @@ from orchestrator.config import MAX_STEPS
 from orchestrator.config import ServiceConfig
 from workers.core import EngineCore
 from workers.core_messages import CloseStream, ControlMessage, CoreOutput, CoreStats, StreamEvicted, StreamFailed
+from workers.ray_executor import take_serving_priority
 
 log = logging.getLogger("streamgen.deployment")
 MAX_HELD_STATS = 1_000  # stats of outputs whose stream call had ended, kept for the next status()
@@ -62,6 +63,7 @@ class PipelineDeployment:
         self._lock = threading.Lock()
         self.core = EngineCore(cfg.generation, cfg.engine, cfg.parallel, self._route, index, max_ahead=cfg.server.output_chunks_ahead,
                                placement_group=get_current_placement_group(), first_bundle=1, checkpoints=True)
+        take_serving_priority(cfg.parallel.serving_nice)  # this process and its engine thread serve from here on
 
     def _route(self, item: CoreOutput) -> None:
         with self._lock:

@@ -393,6 +393,10 @@ class ParallelConfig:
     """CPUs each stage actor reserves (0 lets tests pack many actors on 2 cores)."""
     gpus_per_stage: Annotated[float, Field(ge=0, le=64)] = 0.0
     """GPUs each stage actor reserves (1 on GPU clusters; logical GPUs fake a cluster in tests)."""
+    # serving pipelines outrank processes still starting beside them on shared cores (a sibling replica's
+    # rebuild: Python, torch, a model load); lowering niceness needs CAP_SYS_NICE, else Ray's 15 stays
+    serving_nice: Annotated[int, Field(ge=-20, le=19)] | None = 5
+    """Niceness a stage, decode worker or Serve-hosted core takes once ready (Ray starts them at 15; None: keep it)."""
     stage_call_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
     placement_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 60.0

@@ -63,6 +63,8 @@ RING_TAG = 1
 DECODE_TAG = 2
 """Tag of the last stage -> decode worker messages (a finished chunk's clean latents)."""
 SHUTDOWN_WAIT = timedelta(seconds=5)
+PEER_DEATH_WAIT_S = 1.0
+"""How long a stage's error waits for a peer's call to fail as a death (the error's likely cause)."""
 
 
 def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
@@ -104,6 +106,22 @@ class _Peer:
             dist.destroy_process_group()
 
 
+def take_serving_priority(nice: int | None) -> bool:
+    """Set every thread of this process to ``nice`` (Linux niceness is per thread; threads started later
+    inherit their creator's). Whether it took: lowering niceness needs CAP_SYS_NICE."""
+    if nice is None:
+        return False
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    except PermissionError:
+        log.info("pid %d keeps niceness %d: no CAP_SYS_NICE to serve at %d", os.getpid(), os.nice(0), nice)
+        return False
+    except (FileNotFoundError, ProcessLookupError):  # not Linux, or a thread that just ended
+        return False
+    return True
+
+
 class StageActorBody(_Peer):
     """A stage actor: a StageWorker plus its torch.distributed endpoints (rank = stage)."""
 
@@ -119,8 +137,10 @@ class StageActorBody(_Peer):
         self.dtype = self.worker.model.dtype
         self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
         self._join(stage, world, rendezvous, self.device)
+        self._nice = parallel.serving_nice
 
     def ready(self) -> tuple[int, int]:
+        take_serving_priority(self._nice)  # started at Ray's 15; from here on it serves
         return self.worker.block_range
 
     def free_memory(self) -> int | None:
@@ -225,8 +245,10 @@ class DecodeActorBody(_Peer):
         self.worker = DecodeWorker(gen, self.device, getattr(torch, parallel.dtype), index)
         self.num_stages = parallel.stages
         self._join(parallel.stages + index, parallel.stages + parallel.decode_workers, rendezvous, self.device)
+        self._nice = parallel.serving_nice
 
     def ready(self) -> int:
+        take_serving_priority(self._nice)
         return self.worker.index
 
     def free_memory(self) -> int | None:
@@ -391,7 +413,7 @@ class RayExecutor(Executor):
         while True:
             ready, pending = self._ray.wait(refs, num_returns=len(refs), timeout=0.05 if block else 0)
             for ref in ready:  # surface a death now, even while later stages still wait
-                self._get([ref])
+                self._get([ref], peers=[r for r in refs if r != ref])
             if not pending:
                 return True
             if not block:
@@ -399,14 +421,25 @@ class RayExecutor(Executor):
             if time.monotonic() > deadline:
                 raise StageFailure("timeout", f"no answer from a stage within {self.call_timeout_s:g} s")
 
-    def _get(self, refs: list, timeout: float | None = None):
+    def _get(self, refs: list, timeout: float | None = None, peers: list = ()):
+        """``peers``: calls of the same micro-batch still pending. A stage's error may be a send or recv to a
+        peer that died; the peer's own call then fails as a death within moments, and that is the cause."""
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
             return self._ray.get(refs, timeout=timeout if timeout is not None else self.call_timeout_s)
         except RayActorError as err:
             raise StageFailure("died", type(err).__name__) from None
-        except RayTaskError as err:  # e.g. a send to a peer that died: the pipeline is broken either way
+        except RayTaskError as err:
+            if peers:
+                done, _ = self._ray.wait(list(peers), num_returns=len(peers), timeout=PEER_DEATH_WAIT_S)
+                for ref in done:
+                    try:
+                        self._ray.get(ref)
+                    except RayActorError as death:
+                        raise StageFailure("died", type(death).__name__) from None
+                    except RayTaskError:
+                        pass
             raise StageFailure("error", str(err.cause)[:200] if err.cause else type(err).__name__) from None
         except GetTimeoutError:
             raise StageFailure("timeout", f"no answer within {self.call_timeout_s:g} s") from None

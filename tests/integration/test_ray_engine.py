@@ -1,6 +1,7 @@
 """The engine on Ray stage actors (gloo between them) equals the single-process reference."""
 
 import itertools
+import os
 
 import pytest
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine, ray_executor
 from workers.batch import OutputFormat
-from workers.config import GenerationConfig
+from workers.config import GenerationConfig, ParallelConfig
 from workers.reference import ReferenceGenerator
 
 ray = pytest.importorskip("ray")
@@ -258,3 +259,26 @@ def test_video_to_video_on_ray_equals_the_reference(executors, mode):
     for chunk, (_, _, x0) in enumerate(want):
         assert (got[sid][chunk] - x0).abs().max().item() <= 1e-4, chunk
     assert_matches_reference(cfg, {tid: got[tid]}, {tid: ("an owl at night", 3)}, 3)
+
+
+def _thread_nices(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread niceness is Linux's")
+def test_serving_stages_outrank_processes_still_starting(executors):
+    """Ray starts workers at niceness 15; a stage that is ready takes ``serving_nice`` on every thread, so a
+    sibling replica's rebuild (fresh processes importing torch) cannot starve a pipeline that serves."""
+    executor = executors(2)
+    serving = ParallelConfig().serving_nice
+    pids = executor.pids() + executor.decoder_pids()
+    can = os.geteuid() == 0  # CAP_SYS_NICE: lowering niceness below the start level needs it
+    for pid in pids:
+        assert _thread_nices(pid) == ({serving} if can else {15}), pid
+
+    @ray.remote(num_cpus=0)
+    class Starting:  # a worker that is not a stage: Ray's level on the thread that runs its calls
+        def nice(self) -> int:
+            return os.nice(0)
+
+    assert ray.get(Starting.remote().nice.remote()) == 15 > serving

@@ -21,7 +21,8 @@ def test_gpu_service_bench_smoke(tmp_path):
     assert all(r["fps"] > 0 for r in result["engine"])
     (svc,) = result["service"]
     for row in (svc["one_stream"], svc["admitted_at_16fps"]):
-        assert row["delivered_fps"] > 0 and row["frames"] == row["streams"] * 24 and row["ttff_p50_s"] > 0
+        # each stream runs until 24 frames came after the last one opened
+        assert row["delivered_fps"] > 0 and row["frames"] >= row["streams"] * 24 and row["ttff_p50_s"] > 0
         assert 0 < row["frame_latency_p50_s"] <= row["frame_latency_p99_s"]
     assert svc["admitted_at_16fps"]["streams"] >= 1  # opened until admission refused one
     assert svc["service_over_engine"] > 0
