@@ -134,9 +134,10 @@ pipeline (one step group).
 
     parts.append("""## What the model does not simulate
 
-* **Costs are linear in tokens.** A block's time is a + b x micro-batch tokens; attention's growth with the KV
-  window and the cache length, kernel-shape effects (CUDA graphs, tile quantisation) and batch-size-dependent
-  efficiency beyond the linear fit are not modelled.
+* **Costs are linear in tokens.** A block's time is a + b x micro-batch tokens, plus `attention_s` x tokens x
+  cached key tokens where the profile measured it (`profiles/cpu-2core.json`; the GPU profiles, derived from
+  end-to-end figures, fold it into b). Kernel-shape effects (CUDA graphs, tile quantisation) and
+  batch-size-dependent efficiency beyond the linear fit are not modelled.
 * **No contention inside a GPU.** A shared decoder runs strictly after the forwards queued before it on the
   last stage's GPU (the real one overlaps on its own CUDA stream, so it may do a little better); two stages
   never share a device.

@@ -4,7 +4,8 @@ the simulator charge for each piece.
     python bench/profile.py --model small --out profiles/cpu-2core.json --name cpu-2core
 
 In process, one torch thread (a stage actor's setting): per-block forward, embed and head against tokens
-(P=2 stages on 1..4 latent frames, so stage 0's extra time is the embedding and stage 1's the head), the
+(P=2 stages on 1..4 latent frames, so stage 0's extra time is the embedding and stage 1's the head), attention
+over the KV cache (the same forwards against one cached frame and against a full default cache), the
 decoder per chunk (1 and 2 latent frames), text encode, and, over Ray, the per-call overhead of a stage actor
 and the stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
 """
@@ -42,26 +43,47 @@ def fit(xs: list[float], ys: list[float]) -> Linear:
     return Linear(a, max(0.0, b))
 
 
-def dit_costs(gen: GenerationConfig, frames: list[int], repeats: int) -> tuple[Linear, Linear, Linear]:
-    """(per block, embed, head) against micro-batch tokens."""
+SHORT_CACHE = CacheConfig(policy="none", window_frames=1)
+"""The near-empty cache the token fits are measured against (one cached frame)."""
+
+
+def dit_costs(gen: GenerationConfig, frames: list[int], repeats: int) -> tuple[Linear, float, Linear, Linear]:
+    """(per block, attention per query x cached key token, embed, head) against micro-batch tokens. Each forward
+    attends to a full cache (the stages' ``profile``): one cached frame for the fits, ``gen.cache``'s capacity
+    for the attention term."""
     ex = InProcessExecutor(gen, ParallelConfig(stages=2, backend="local", decode_workers=0))
     m = gen.model
     lh, lw = m.latent_grid(gen.height, gen.width)
     grid = (lh // m.patch_size[1], lw // m.patch_size[2])
-    xs, blk, emb, head = [], [], [], []
-    for f in frames:
-        runs = [ex.profile(grid, f, gen.cache) for _ in range(repeats)]  # [repeats][stage] StageStats
-        tokens = runs[0][0].tokens
-        per_block = [statistics.mean(sum(s.block_s.values()) / len(s.block_s) for s in r) for r in runs]
+    tpf = grid[0] * grid[1]
+
+    def per_block(f: int, cache: CacheConfig) -> tuple[int, float, float, float]:
+        runs = [ex.profile(grid, f, cache) for _ in range(repeats)]  # [repeats][stage] StageStats
+        blocks = [statistics.mean(sum(s.block_s.values()) / len(s.block_s) for s in r) for r in runs]
         extra = [[max(0.0, s.compute_s - sum(s.block_s.values())) for s in r] for r in runs]
+        return (runs[0][0].tokens, statistics.median(blocks), statistics.median(e[0] for e in extra),
+                statistics.median(e[1] for e in extra))
+
+    xs, blk, full, emb, head = [], [], [], [], []
+    extra_keys = (gen.cache.capacity_frames - SHORT_CACHE.capacity_frames) * tpf
+    for f in frames:
+        tokens, b_short, e, h = per_block(f, SHORT_CACHE)
+        b_full = per_block(f, gen.cache)[1]
         xs.append(tokens)
-        blk.append(statistics.median(per_block))
-        emb.append(statistics.median(e[0] for e in extra))
-        head.append(statistics.median(e[1] for e in extra))
-        print(f"{f} latent frames ({tokens} tokens): block {blk[-1] * 1000:.2f} ms, embed {emb[-1] * 1000:.2f} ms, "
-              f"head {head[-1] * 1000:.2f} ms", flush=True)
+        blk.append(b_short)
+        full.append(b_full)
+        emb.append(e)
+        head.append(h)
+        print(f"{f} latent frames ({tokens} tokens): block {b_short * 1000:.2f} ms ({b_full * 1000:.2f} ms against "
+              f"{gen.cache.capacity_frames} cached frames), embed {e * 1000:.2f} ms, head {h * 1000:.2f} ms",
+              flush=True)
     ex.shutdown()
-    return fit(xs, blk), fit(xs, emb), fit(xs, head)
+    attention = max(0.0, statistics.median((bf - bs) / (x * extra_keys) for x, bs, bf in zip(xs, blk, full)))
+    # the fits hold the one cached frame's attention out, so a forward against c cached frames costs
+    # block(x) + attention * x * c * tpf
+    short = [b - attention * x * SHORT_CACHE.capacity_frames * tpf for x, b in zip(xs, blk)]
+    print(f"attention over the cache: {attention * 1e9:.3f} ns per query x key token per block", flush=True)
+    return fit(xs, short), attention, fit(xs, emb), fit(xs, head)
 
 
 def decode_cost(gen: GenerationConfig, repeats: int) -> Linear:
@@ -177,8 +199,9 @@ def main() -> None:
     torch.set_num_threads(1)
     model = get_config(args.model)
     gen = GenerationConfig(model=model, sampler=SamplerConfig(chunk_frames=1), cache=CacheConfig())
-    block, embed, head = dit_costs(gen, [int(f) for f in args.frames.split(",")], args.repeats)
-    costs = ModelCosts(block=block, embed=embed, head=head, vae_decode=decode_cost(gen, args.repeats),
+    block, attention, embed, head = dit_costs(gen, [int(f) for f in args.frames.split(",")], args.repeats)
+    costs = ModelCosts(block=block, attention_s=attention, embed=embed, head=head,
+                       vae_decode=decode_cost(gen, args.repeats),
                        text_encode_s=text_cost(gen, max(5, args.repeats)))
     latency, bw, overhead = 0.0, 1e10, 0.0
     if not args.no_ray:
@@ -193,7 +216,8 @@ def main() -> None:
                                              f"1 torch thread per stage, torch {torch.__version__}",
                       command=command, dtype="float32", gpu_memory_gib=None, transfer_bytes_per_s=bw,
                       transfer_latency_s=latency, call_overhead_s=overhead, models=models,
-                      derivation="measured by the command above (medians; linear fits against tokens)")
+                      derivation="measured by the command above (medians; linear fits against tokens, attention "
+                                 "against query x cached key tokens)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     import json
 

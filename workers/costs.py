@@ -6,8 +6,8 @@ decode and transfer from it. Torch-free, so ``streamgen plan`` loads without tor
 
 Costs are linear fits ``a_s + b_s * x``: x is the micro-batch's DiT tokens (latent frames x patches per
 frame, all streams of the micro-batch) for blocks, embed and head, and the chunk's DiT tokens for the
-decoders and the VAE encoder, so one profile serves any resolution and batch (attention's growth with the
-KV window is folded into b; see docs/capacity.md for what that leaves out).
+decoders and the VAE encoder, so one profile serves any resolution and batch. Attention over a stream's
+KV cache adds ``attention_s`` x tokens x cached tokens per block (see docs/capacity.md for what is left out).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class ModelCosts:
 
     block: Linear
     """One transformer block's forward; x = micro-batch tokens."""
+    attention_s: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Per block, seconds per (micro-batch token x cached key token): attention over the streams' KV caches
+    (0: folded into ``block``)."""
     embed: Linear = Linear()
     """Patch, time and text-context embedding on stage 0; x = micro-batch tokens."""
     head: Linear = Linear()

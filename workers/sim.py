@@ -100,13 +100,22 @@ class SimExecutor(Executor):
     def _jitter(self, seconds: float) -> float:
         return seconds * math.exp(self.rng.gauss(0.0, self.noise)) if self.noise > 0 else seconds
 
-    def block_times(self, stage: int, tokens: int) -> dict[int, float]:
+    def block_times(self, stage: int, tokens: int, cached: int = 0) -> dict[int, float]:
+        """``cached``: sum over the micro-batch's works of tokens x the stream's cached key tokens."""
         a, b = self._split[stage]
-        return {blk: self.costs.block(tokens) for blk in range(a, b)}
+        return {blk: self.costs.block(tokens) + self.costs.attention_s * cached for blk in range(a, b)}
 
-    def stage_cost(self, stage: int, tokens: int) -> float:
+    def cached_pairs(self, mb: MicroBatch) -> int:
+        """Query x cached-key token pairs of ``mb``: each work attends to the frames committed before its oldest
+        chunk, up to the cache's capacity."""
+        capacity = self.gen.cache.capacity_frames
+        tpf = self.tokens_per_frame
+        return sum(w.frames * tpf * min(capacity, min(c for c, _ in w.entries) * w.chunk_frames) * tpf
+                   for w in mb.segments)
+
+    def stage_cost(self, stage: int, tokens: int, cached: int = 0) -> float:
         """One forward of ``tokens`` on ``stage``: its blocks, embed (stage 0) / head (last), call overhead."""
-        cost = sum(self.block_times(stage, tokens).values()) + self.cost_profile.call_overhead_s
+        cost = sum(self.block_times(stage, tokens, cached).values()) + self.cost_profile.call_overhead_s
         if stage == 0:
             cost += self.costs.embed(tokens)
         if stage == self.num_stages - 1:
@@ -131,10 +140,11 @@ class SimExecutor(Executor):
             if not w.reset_cache and any(s != 0 for _, s in w.entries):
                 arrive = max(arrive, self.ring_ready.get((w.stream_id, w.lane), 0.0))
         act_bytes = mb.tokens * self.gen.model.dim * self.dtype_bytes  # [tokens, dim] between stages
+        cached = self.cached_pairs(mb)
         stats, end = [], arrive
         for k in range(self.num_stages):
             start = max(self.stage_free[k], arrive)
-            cost = self.stage_cost(k, mb.tokens)
+            cost = self.stage_cost(k, mb.tokens, cached)
             if k == 0 and mb.prompts:
                 cost += self.costs.text_encode_s * len(mb.prompts)
             cost = self._jitter(cost)
@@ -145,8 +155,8 @@ class SimExecutor(Executor):
             sent = act_bytes if k < last else mb.ring_frames() * math.prod(self.latent_shape) * 4
             block_s = {}
             if mb.profile:  # the block scheduler's costs, scaled as the call was
-                raw = self.block_times(k, mb.tokens)
-                scale = cost / max(self.stage_cost(k, mb.tokens), 1e-12)
+                raw = self.block_times(k, mb.tokens, cached)
+                scale = cost / max(self.stage_cost(k, mb.tokens, cached), 1e-12)
                 block_s = {blk: s * scale for blk, s in raw.items()}
             stats.append(StageStats(k, cost, idle, sent if (k < last or self.num_stages > 1) else 0,
                                     self._cache_bytes(k), mb.tokens, block_s))
@@ -256,8 +266,9 @@ class SimExecutor(Executor):
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
         tokens = frames * grid[0] * grid[1]
-        return [StageStats(k, self.stage_cost(k, tokens), 0.0, 0, 0, tokens, self.block_times(k, tokens))
-                for k in range(self.num_stages)]
+        cached = tokens * cache_cfg.capacity_frames * grid[0] * grid[1]  # against a full cache, as the stages do
+        return [StageStats(k, self.stage_cost(k, tokens, cached), 0.0, 0, 0, tokens,
+                           self.block_times(k, tokens, cached)) for k in range(self.num_stages)]
 
     def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
         return self.decode_cost(frames) if self.decode_workers else None

@@ -15,7 +15,7 @@ import torch
 
 from workers.config import CacheConfig, GenerationConfig
 from workers import denoise
-from workers.batch import MicroBatch, StageStats, Work
+from workers.batch import CONTEXT, MicroBatch, StageStats, Work
 from workers.cache import BlockKVCache, StreamCache
 from workers.graphs import ForwardGraphs, graph_key
 from workers.loader import load_weights
@@ -178,7 +178,8 @@ class StageWorker:
 
     @torch.no_grad()
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> StageStats:
-        """Time this slice's blocks on a throwaway stream with random inputs of a chunk's shape."""
+        """Time this slice's blocks on a throwaway stream with random inputs of a chunk's shape, attending to a
+        full cache (its capacity committed first), as a stream does once past its first chunks."""
         cfg = self.model.cfg
         sid = "__profile__"
         self.open_stream(sid, cache_cfg)
@@ -186,17 +187,27 @@ class StageWorker:
             gen = torch.Generator().manual_seed(0)
             tokens = grid[0] * grid[1]
             ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
-            latents = torch.randn(frames, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
-                                  generator=gen)
-            work = Work(sid, 0, 0, ((0, 0),), (500.0,), ((0.5, 0.0),), 1, frames)
-            mb = MicroBatch(-1, [work], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {}, profile=True)
+
+            def inputs(f: int) -> torch.Tensor | Activation:
+                if self.stage == 0:  # latents [f, C, h, w]
+                    return torch.randn(f, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
+                                       generator=gen).to(self.device)
+                return Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
+                                    for s in ((f, tokens, cfg.dim), (f, cfg.dim), (f, 6, cfg.dim))))
+
+            full = cache_cfg.capacity_frames
+            if full:  # context entries at t=0 whose K/V join the cache, as finished chunks' do
+                fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,
+                            ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
+                self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {},
+                                        profile=True), inputs(full), None if self.stage == 0 else {sid: ctx},
+                             torch.zeros(full, device=self.device))
+            work = Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0),), 1, frames)
+            mb = MicroBatch(-1, [work], grid, {}, profile=True)
             t = torch.full((frames,), 500.0, device=self.device)
-            inputs = latents.to(self.device)
-            if self.stage > 0:
-                inputs = Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
-                                      for s in ((frames, tokens, cfg.dim), (frames, cfg.dim), (frames, 6, cfg.dim))))
-            self.forward(mb, inputs, None if self.stage == 0 else {sid: ctx}, t)  # warm-up
-            _, _, stats = self.forward(mb, inputs, None if self.stage == 0 else {sid: ctx}, t)
+            x = inputs(frames)
+            self.forward(mb, x, None, t)  # warm-up
+            _, _, stats = self.forward(mb, x, None, t)
             return stats
         finally:
             self.close_stream(sid)

@@ -163,3 +163,23 @@ def test_measured_like_the_benches():
     assert r.chunks == 2
     assert r.frames_per_s == pytest.approx(2 * FPC / 0.100)
     assert r.latency_p50_s == pytest.approx(0.050)
+
+
+def test_attention_over_the_cache_grows_with_the_frames_committed_up_to_its_capacity():
+    from workers.batch import MicroBatch, Work
+
+    g = gen()  # default cache: 3 sink + 6 window = 9 frames
+    m = g.model
+    lh, lw = m.latent_grid(g.height, g.width)
+    grid = (lh // m.patch_size[1], lw // m.patch_size[2])
+    tpf = grid[0] * grid[1]
+    p = Profile(name="hand", models={"small": ModelCosts(block=FREE, attention_s=1e-9)})
+    ex = SimExecutor(g, ParallelConfig(stages=1, decode_workers=0), p, FakeClock())
+
+    def cost(chunk: int) -> float:
+        mb = MicroBatch(0, [Work("s", 0, 0, ((chunk, 0),), (500.0,), ((0.5, 0.0),), 4, 1)], grid, {})
+        return ex.stage_cost(0, mb.tokens, ex.cached_pairs(mb))
+
+    assert cost(0) == 0.0  # the first chunk attends to itself only (folded into block)
+    assert cost(2) == pytest.approx(m.num_layers * 1e-9 * tpf * 2 * tpf)
+    assert cost(100) == pytest.approx(m.num_layers * 1e-9 * tpf * 9 * tpf) == cost(9)
