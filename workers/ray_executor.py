@@ -422,7 +422,7 @@ class RayExecutor(Executor):
                 raise StageFailure("timeout", f"no answer from a stage within {self.call_timeout_s:g} s")
 
     def _get(self, refs: list, timeout: float | None = None, peers: list = ()):
-        """``peers``: calls of the same micro-batch still pending. A stage's error may be a send or recv to a
+        """``peers``: the other calls of the same micro-batch. A stage's error may be a send or recv to a
         peer that died; the peer's own call then fails as a death within moments, and that is the cause."""
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 

@@ -195,13 +195,11 @@ class StageWorker:
                 return Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
                                     for s in ((f, tokens, cfg.dim), (f, cfg.dim), (f, 6, cfg.dim))))
 
-            full = cache_cfg.capacity_frames
-            if full:  # context entries at t=0 whose K/V join the cache, as finished chunks' do
-                fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,
-                            ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
-                self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {},
-                                        profile=True), inputs(full), None if self.stage == 0 else {sid: ctx},
-                             torch.zeros(full, device=self.device))
+            full = cache_cfg.capacity_frames  # >= 1: context entries at t=0 whose K/V join the cache, as finished
+            fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,  # chunks' do
+                        ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
+            self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {}, profile=True),
+                         inputs(full), None if self.stage == 0 else {sid: ctx}, torch.zeros(full, device=self.device))
             work = Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0),), 1, frames)
             mb = MicroBatch(-1, [work], grid, {}, profile=True)
             t = torch.full((frames,), 500.0, device=self.device)
