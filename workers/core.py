@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from workers import devicemap
-from workers.config import EngineConfig, GenerationConfig, ParallelConfig
+from workers.config import CacheConfig, EngineConfig, GenerationConfig, ParallelConfig
 from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, EndInput, FrameBatch, Message,
                                    OpenStream, PushInput, RestoreStream, SetNoiseScale, SetPrompt, SetSteps, Stop,
                                    StreamEvicted, StreamFailed)
@@ -37,6 +37,9 @@ from workers.v2v import video_sampler
 log = logging.getLogger("streamgen.core")
 MAX_RECOVERIES, RECOVERY_WINDOW_S = 3, 60
 INBOX_SIZE = 10_000
+PROBE_CACHE = CacheConfig(policy="none", window_frames=1)
+"""The readiness probe's cache: a profile forward first fills its stream's cache, and a probe checks health,
+not costs, so an idle replica's probe stays one frame of context."""
 MAX_STAGE_SAMPLES = 4_096  # stage stats kept for the next output (older ones dropped when nobody takes them)
 
 Emit = Callable[[CoreOutput], None]
@@ -118,8 +121,7 @@ class EngineCore:
             return False
         self._probing.set()
         try:
-            stats = self.call(lambda: self.executor.profile(self.engine.grid, 1, self.generation.cache),
-                              timeout_s)
+            stats = self.call(lambda: self.executor.profile(self.engine.grid, 1, PROBE_CACHE), timeout_s)
         except (TimeoutError, StageFailure) as err:
             log.warning("replica %d failed its probe: %s", self.index, err)
             return False
