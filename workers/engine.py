@@ -26,6 +26,10 @@ from workers.plan import LatencyModel, balanced_split, batch_streams, stage_cost
 from workers.stream import StreamProgram
 from workers.v2v import VideoInput, VideoParams
 
+CALIBRATE_REPEATS = 3
+"""Timed forwards per stage (and decodes) at calibration; the fastest counts. One sample of a small model's
+blocks (milliseconds) can land on another process's time slice and skew the split it picks."""
+
 
 @dataclass
 class ChunkOutput:
@@ -400,6 +404,7 @@ class PipelineEngine:
     def _update(self, done: Finished) -> list[ChunkOutput]:
         mb = self._inflight.pop(done.seq)
         self.stats.completed += 1
+        self.stats.inflight = len(self._inflight)
         stats = done.stats
         for s in stats:
             self.latency.observe(s.stage, s.tokens, s.compute_s)
@@ -464,11 +469,11 @@ class PipelineEngine:
         in use."""
         if self._inflight:
             raise RuntimeError("calibrate with micro-batches in flight")
-        stats = self.executor.profile(self.grid, self.cfg.sampler.chunk_frames, self.cfg.cache)
+        stats = self.executor.profile(self.grid, self.cfg.sampler.chunk_frames, self.cfg.cache, CALIBRATE_REPEATS)
         self._observe_costs(stats)
         for s in stats:
             self.latency.observe(s.stage, s.tokens, s.compute_s)
-        decode_s = self.executor.profile_decode(self.latent_shape, self.cfg.sampler.chunk_frames)
+        decode_s = self.executor.profile_decode(self.latent_shape, self.cfg.sampler.chunk_frames, CALIBRATE_REPEATS)
         if decode_s is not None:
             self.latency.observe_decode(decode_s)
         plan = self.planned_split() if self.engine_cfg.rebalance_every else None  # 0: the split stays as built

@@ -96,12 +96,15 @@ class Executor(ABC):
         """Move blocks (weights and every stream's KV caches) to match ``split``. Call with nothing in flight."""
 
     @abstractmethod
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
-        """Per-stage block timings on random inputs of one chunk (the block scheduler's start-up costs)."""
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
+                repeats: int = 1) -> list[StageStats]:
+        """Per-stage block timings on random inputs of one chunk (the block scheduler's start-up costs): the
+        fastest of ``repeats`` timed forwards, since interference only ever adds time."""
 
     @abstractmethod
-    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
-        """Seconds one decode worker takes to decode and encode a chunk (None without decode workers)."""
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
+        """Seconds one decode worker takes to decode and encode a chunk, the fastest of ``repeats`` (None without
+        decode workers)."""
 
     def free_memory(self) -> list[int | None]:
         """Free device bytes per GPU slot after loading (None: a CPU slot, not bounded)."""
@@ -205,17 +208,20 @@ class InProcessExecutor(Executor):
         self._done.append((Finished(mb.seq, chunks, stats, encoded), timings))
 
     def collect(self, wait: bool) -> Collected:
+        # decoded frames already in do not wait for the device to finish the next micro-batch
+        decoded = self.pool.collect(False) if self.pool is not None else []
         finished = []
         while self._done:
             done, timings = self._done[0]
             if timings and not timings[-1][2].query():  # still running on the device
-                if not wait or finished:
+                if not wait or finished or decoded:
                     break
                 timings[-1][2].synchronize()
             for st, start, end in timings:
                 st.compute_s = start.elapsed_time(end) / 1000
             finished.append(self._done.popleft()[0])
-        decoded = self.pool.collect(wait and not finished) if self.pool is not None else []
+        if self.pool is not None:
+            decoded += self.pool.collect(wait and not finished and not decoded)
         return Collected(finished, decoded)
 
     @property
@@ -245,11 +251,12 @@ class InProcessExecutor(Executor):
     def split(self) -> list[tuple[int, int]]:
         return [stage.block_range for stage in self.stages]
 
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
-        return [stage.profile(grid, frames, cache_cfg) for stage in self.stages]
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
+                repeats: int = 1) -> list[StageStats]:
+        return [stage.profile(grid, frames, cache_cfg, repeats) for stage in self.stages]
 
-    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
-        return self.pool.profile(latent_shape, frames) if self.pool is not None else None
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
+        return self.pool.profile(latent_shape, frames, repeats) if self.pool is not None else None
 
     def free_memory(self) -> list[int | None]:
         devices = [s.device for s in self.stages] + ([w.device for w in self.pool.workers]

@@ -224,8 +224,8 @@ class StageActorBody(_Peer):
     def owned_parameter_names(self) -> list[str]:
         return self.worker.owned_parameter_names()
 
-    def profile(self, grid, frames, cache_cfg) -> StageStats:
-        return self.worker.profile(grid, frames, cache_cfg)
+    def profile(self, grid, frames, cache_cfg, repeats: int = 1) -> StageStats:
+        return self.worker.profile(grid, frames, cache_cfg, repeats)
 
     def release_blocks(self, ids: list[int]):
         return self.worker.release_blocks(ids)
@@ -275,8 +275,8 @@ class DecodeActorBody(_Peer):
     def close_stream(self, stream_id: str) -> None:
         self.worker.close_stream(stream_id)
 
-    def profile(self, latent_shape: tuple[int, int, int], frames: int) -> float:
-        return self.worker.profile(latent_shape, frames)
+    def profile(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float:
+        return self.worker.profile(latent_shape, frames, repeats)
 
 
 @dataclass
@@ -346,7 +346,7 @@ class RayExecutor(Executor):
         self._get([d.ready.remote() for d in self.decoders], timeout=120)
         self._procs = self._get([a.locate.remote() for a in self.actors + self.decoders], timeout=30)
         self._inflight: deque = deque()  # (seq, [result ref per stage])
-        self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: refs of decode calls
+        self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: (seq, ref) of decode calls
         self.traffic = DriverTraffic()
 
     @property
@@ -381,45 +381,67 @@ class RayExecutor(Executor):
                         DecodeJob(work.stream_id, chunk, work.chunk_frames))
         shape = (self.cfg.in_channels, mb.grid[0] * self.cfg.patch_size[1], mb.grid[1] * self.cfg.patch_size[2])
         for w, batch in jobs.items():
-            self._decoding[w].append(self.decoders[w].decode.remote(batch, shape))
+            self._decoding[w].append((mb.seq, self.decoders[w].decode.remote(batch, shape)))
             self.traffic.decode_calls += 1
 
     def collect(self, wait: bool) -> Collected:
+        if wait:
+            self._wait_any()
         out = Collected()
-        while self._inflight:
-            seq, refs = self._inflight[0]
-            if not self._wait_all(refs, block=wait and not out.finished):
-                break
-            self._inflight.popleft()
+        while self._inflight and self._ready(self._inflight[0][1]):
+            seq, refs = self._inflight.popleft()
             results = self._get(refs)
             finished = results[-1][1]
             self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
             out.finished.append(Finished(seq, finished, [r[2] for r in results], results[0][3]))
-        block = wait and not out.finished and not self._inflight
         for queue in self._decoding:  # in order per worker, so per stream
-            while queue and self._wait_all([queue[0]], block=block):
-                out.decoded += self._get([queue.popleft()])[0]
-                block = False
+            while queue and self._handed_out(queue[0][0]) and self._ready([queue[0][1]]):
+                out.decoded += self._get([queue.popleft()[1]])[0]
         return out
+
+    def _handed_out(self, seq: int) -> bool:
+        """Whether micro-batch ``seq`` came back to the engine: its chunks' frames may go out only after the
+        chunks themselves (the decode worker can finish before the driver hears from the last stage)."""
+        return not self._inflight or seq < self._inflight[0][0]
 
     @property
     def decoding(self) -> int:
         return sum(len(q) for q in self._decoding)
 
-    def _wait_all(self, refs: list, block: bool) -> bool:
-        """Whether every call finished. A stage that died fails fast (its peers would wait in recv
-        forever); one that does not answer within the call timeout counts as dead."""
+    def _wait_any(self) -> None:
+        """Block until the oldest micro-batch has every stage's answer or a decode worker's next result is in,
+        whichever comes first: a chunk's frames go out as soon as they are decoded, not after the next forward.
+        Event-driven (``ray.wait`` for the first of them); no answer within the call timeout counts as dead."""
         deadline = time.monotonic() + self.call_timeout_s
         while True:
-            ready, pending = self._ray.wait(refs, num_returns=len(refs), timeout=0.05 if block else 0)
-            for ref in ready:  # surface a death now, even while later stages still wait
-                self._get([ref], peers=[r for r in refs if r != ref])
-            if not pending:
-                return True
-            if not block:
-                return False
-            if time.monotonic() > deadline:
+            waiting = []
+            if self._inflight:
+                refs = self._inflight[0][1]
+                ready, waiting = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+                if not waiting:
+                    return
+                self._surface_deaths(ready, refs)
+            heads = [q[0][1] for q in self._decoding if q and self._handed_out(q[0][0])]
+            if heads and self._ray.wait(heads, num_returns=len(heads), timeout=0)[0]:
+                return
+            if not waiting and not heads:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise StageFailure("timeout", f"no answer from a stage within {self.call_timeout_s:g} s")
+            self._ray.wait(waiting + heads, num_returns=1, timeout=left)
+
+    def _ready(self, refs: list) -> bool:
+        """Whether every call finished, without waiting."""
+        ready, pending = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        self._surface_deaths(ready, refs)
+        return not pending
+
+    def _surface_deaths(self, ready: list, refs: list) -> None:
+        """A stage that died fails fast, even while later stages still wait (its peers would wait in recv
+        forever)."""
+        for ref in ready:
+            self._get([ref], peers=[r for r in refs if r != ref])
 
     def _get(self, refs: list, timeout: float | None = None, peers: list = ()):
         """``peers``: the other calls of the same micro-batch. A stage's error may be a send or recv to a
@@ -462,8 +484,8 @@ class RayExecutor(Executor):
     def redecode(self, stream_id: str, chunk: int, latents: torch.Tensor) -> None:
         if self.decoders:
             w = self.router.assign(stream_id)
-            self._decoding[w].append(self.decoders[w].redecode.remote(
-                DecodeJob(stream_id, chunk, latents.shape[0]), latents.cpu()))
+            self._decoding[w].append((-1, self.decoders[w].redecode.remote(  # its chunk finished long ago
+                DecodeJob(stream_id, chunk, latents.shape[0]), latents.cpu())))
 
     def cache_bytes(self) -> list[int]:
         return self._get([a.cache_bytes.remote() for a in self.actors])
@@ -487,13 +509,14 @@ class RayExecutor(Executor):
     def split(self) -> list[tuple[int, int]]:
         return list(self._split)
 
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
-        return self._get([a.profile.remote(grid, frames, cache_cfg) for a in self.actors])
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
+                repeats: int = 1) -> list[StageStats]:
+        return self._get([a.profile.remote(grid, frames, cache_cfg, repeats) for a in self.actors])
 
-    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
         if not self.decoders:
             return None
-        return self._get([self.decoders[0].profile.remote(latent_shape, frames)])[0]
+        return self._get([self.decoders[0].profile.remote(latent_shape, frames, repeats)])[0]
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         if self._inflight:

@@ -264,13 +264,14 @@ class SimExecutor(Executor):
     def rebalance(self, split: list[tuple[int, int]]) -> None:
         self._split = list(split)
 
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig) -> list[StageStats]:
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
+                repeats: int = 1) -> list[StageStats]:
         tokens = frames * grid[0] * grid[1]
         cached = tokens * cache_cfg.capacity_frames * grid[0] * grid[1]  # against a full cache, as the stages do
         return [StageStats(k, self.stage_cost(k, tokens, cached), 0.0, 0, 0, tokens,
                            self.block_times(k, tokens, cached)) for k in range(self.num_stages)]
 
-    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int) -> float | None:
+    def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
         return self.decode_cost(frames) if self.decode_workers else None
 
     def device_map(self) -> devicemap.DeviceMap:

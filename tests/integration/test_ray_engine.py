@@ -2,6 +2,8 @@
 
 import itertools
 import os
+import signal
+import time
 
 import pytest
 
@@ -230,6 +232,45 @@ def test_driver_calls_with_a_decode_worker(local_ray):
         assert ex.traffic.calls == 2 * engine.stats.micro_batches
         assert ex.traffic.decode_calls == engine.stats.chunks == len(outs)  # sequential: one chunk per finishing forward
         assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
+    finally:
+        ex.shutdown()
+
+
+def test_decoded_frames_go_out_without_waiting_for_the_next_forward(local_ray):
+    """A chunk's frames leave the executor as soon as its decode worker has them, not once the next micro-batch
+    comes back: with stage 0's process stopped (SIGSTOP) mid-stream, the engine still delivers the decoded chunk
+    (before, ``collect`` waited on the stopped stage until the call timeout and failed it). The last stage stays
+    up: its send of the finished latents completes only as the decode worker receives them."""
+    cfg = gen_config("sequential")
+    ex = ray_executor(cfg, 2, decode_workers=1, stage_call_timeout_s=20.0)
+    first, decoder = ex.pids()[0], ex.decoder_pids()[0]
+    try:
+        engine = make_engine(cfg, ex)
+        engine.add_stream("d", "a cat on a sofa", 1, output=OutputFormat("jpeg", 80))
+        os.kill(decoder, signal.SIGSTOP)  # hold the decode until stage 0 is stopped too
+        try:
+            while not engine.streams["d"].decoding:  # a chunk finished on the stages, its frames not yet decoded
+                assert engine.step() == []
+            os.kill(first, signal.SIGSTOP)
+            try:
+                for _ in range(5):  # what the stages finished before the stop comes back; new work waits on it
+                    assert engine.step(wait=False) == []
+                    time.sleep(0.05)
+                waiting = sorted(engine.streams["d"].decoding)
+                assert engine.stats.inflight > 0 and waiting
+                os.kill(decoder, signal.SIGCONT)
+                outs = []
+                while not outs:  # only the decode can finish now
+                    outs = engine.step()
+                assert [o.chunk for o in outs] == waiting[:len(outs)]
+                assert engine.stats.inflight > 0  # the stopped stage still holds its forwards
+            finally:
+                os.kill(first, signal.SIGCONT)
+        finally:
+            os.kill(decoder, signal.SIGCONT)
+        outs = []
+        while len(outs) < 2:  # and the stream goes on
+            outs += engine.step()
     finally:
         ex.shutdown()
 

@@ -40,6 +40,19 @@ def test_one_stream_with_lanes_fills_the_pipeline():
     assert engine1.stats.chained == engine1.stats.forwards * 2 // 3
 
 
+def test_inflight_counts_what_is_in_flight_after_completions_too():
+    """``stats.inflight`` (the in-flight gauge) follows completions as well as dispatches: a drained engine
+    reports nothing in flight."""
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, local_executor(cfg, 2))
+    engine.add_stream("a", "x", 0)
+    collect(engine, {"a": 2})
+    assert engine.stats.max_inflight == engine.executor.max_inflight == 2  # the pipeline was full
+    engine.remove_stream("a")
+    engine.drain()
+    assert engine.idle and engine.stats.inflight == 0
+
+
 def test_no_latents_reach_the_driver_between_steps():
     """The ring: the executor hands back only clean latents of finished chunks, once per chunk, and the
     micro-batches the engine submits carry no latents except a re-cache's."""

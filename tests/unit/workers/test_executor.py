@@ -44,3 +44,60 @@ def test_layout_and_dtype_come_from_the_parallel_config():
     if not torch.cuda.is_available():  # a forced device that is not there fails at build, naming it
         with pytest.raises(ValueError, match="cuda"):
             build_executor(GenerationConfig(model=CFG), dataclasses.replace(parallel, device="cuda"))
+
+
+def test_a_stage_profile_keeps_the_least_disturbed_of_its_repeats():
+    """Calibration takes the fastest timed forward (interference only adds time), never the fill or warm-up."""
+    from workers.config import CacheConfig
+
+    stage = build_executor(GenerationConfig(model=CFG, height=32, width=48),
+                           ParallelConfig(stages=1, backend="local")).stages[0]
+    real, seen = stage.forward, []
+    disturbed = [5.0, 0.0, 3.0, 9.0, 7.0]  # seconds added to: fill, warm-up, then three timed forwards
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[2].compute_s += disturbed[len(seen)]
+        seen.append(out[2])
+        return out
+
+    stage.forward = forward
+    got = stage.profile((2, 3), 2, CacheConfig(sink_frames=1, window_frames=3), repeats=3)
+    assert len(seen) == 5 and got is seen[2]
+    assert not stage.streams  # the throwaway stream is closed
+
+
+class _Refs:
+    """Ray's wait/get over a dict of finished calls (ref -> result); a ref not in it is still running."""
+
+    def __init__(self):
+        self.done = {}
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return [r for r in refs if r in self.done], [r for r in refs if r not in self.done]
+
+    def get(self, refs, timeout=None):
+        return [self.done[r] for r in refs]
+
+
+def test_ray_collect_hands_out_a_chunks_frames_only_after_the_chunk():
+    """The decode worker can finish a chunk before the driver hears from the last stage that produced it; its
+    frames must then wait for that micro-batch, or the engine would not know the chunk and lose its frames."""
+    from collections import deque
+
+    from workers.executor import StageFailure
+    from workers.ray_executor import DriverTraffic, RayExecutor
+
+    ex = RayExecutor.__new__(RayExecutor)  # no Ray: only collect's ordering, over fake call results
+    ex._ray, ex.traffic, ex.call_timeout_s = _Refs(), DriverTraffic(), 0.05
+    ex._inflight = deque([(7, ["stage0", "stage1"])])
+    ex._decoding = [deque([(7, "decode")])]
+    ex._ray.done.update(stage0=(None, [], "stats0", None), decode=["frames of mb 7"])  # stage 1 not back yet
+    got = ex.collect(False)
+    assert got.finished == [] and got.decoded == []
+    with pytest.raises(StageFailure, match="timeout"):  # waiting, too, waits for the micro-batch itself
+        ex.collect(True)
+    ex._ray.done["stage1"] = (None, [], "stats1", None)
+    got = ex.collect(True)
+    assert [f.seq for f in got.finished] == [7] and got.decoded == ["frames of mb 7"]
+    assert not ex._inflight and not ex.decoding
