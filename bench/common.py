@@ -13,6 +13,30 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def host_cpu() -> str:
+    """This host's CPU as a cost profile names it: model, the vector ISA that sets matmul speed, core count. A VM
+    can land on other hardware between sessions (2x apart here: AVX-512/AMX or not), so a CPU profile holds
+    only on the host it names."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():  # the first processor's block is enough
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:  # not Linux
+        import platform
+
+        fields["model name"] = platform.processor() or platform.machine()
+    model = fields.get("model name", "unknown cpu")
+    if "model" in fields:
+        model += f" (family {fields.get('cpu family', '?')} model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model} [{' '.join(isa) or 'no avx2'}], {os.cpu_count()} CPUs"
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (nearest rank) of ``values``; NaN when empty."""
     v = sorted(values)

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import host_cpu, write_json  # noqa: E402
 
 
 def _work(iters: int, dim: int, ffn: int, tokens: int, q) -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         print(f"repeat {rep + 1}: one process {alone[-1]:.2f} s, two at once {together[-1]:.2f} s "
               f"(x{2 * alone[-1] / together[-1]:.2f})", flush=True)
     a, t = sorted(alone)[len(alone) // 2], sorted(together)[len(together) // 2]
-    write_json(args.out, {"cpu_count": os.cpu_count(), "iters": args.iters, "dim": args.dim, "ffn": args.ffn,
+    write_json(args.out, {"cpu": host_cpu(), "cpu_count": os.cpu_count(), "iters": args.iters, "dim": args.dim, "ffn": args.ffn,
                           "tokens": args.tokens, "alone_s": alone, "together_s": together, "two_over_one": 2 * a / t})
     print(f"two cores / one core = {2 * a / t:.2f}")
 

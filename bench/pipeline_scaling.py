@@ -28,7 +28,7 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 
 import torch  # noqa: E402
 
-from bench.common import outputs_rate, percentile, write_json  # noqa: E402
+from bench.common import host_cpu, outputs_rate, percentile, write_json  # noqa: E402
 
 from workers.config import (CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig,  # noqa: E402
                             get_config)
@@ -118,7 +118,7 @@ def main() -> None:
         / rows["sequential1_P1"]["frames_per_s"],
     }
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "cpu_count": os.cpu_count(), "threads_per_stage": 1},
+                          "cpu": host_cpu(), "cpu_count": os.cpu_count(), "threads_per_stage": 1},
               "cases": rows, "ratios": ratios}
     write_json(args.out, result)
     print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")

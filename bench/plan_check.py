@@ -22,7 +22,7 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 
 import torch  # noqa: E402
 
-from bench.common import outputs_rate, percentile, write_json  # noqa: E402
+from bench.common import host_cpu, outputs_rate, percentile, write_json  # noqa: E402
 from workers.config import CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig, \
     get_config  # noqa: E402
 from workers.costs import load_profile  # noqa: E402
@@ -110,6 +110,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     profile = load_profile(args.profile)
+    host = host_cpu()
+    if not profile.device.startswith(host):
+        print(f"warning: profile {args.profile} was measured on '{profile.device}', this host is '{host}': "
+              "re-measure it here (python bench/profile.py) or the errors below compare two machines", flush=True)
     runs = [args]
     if args.matrix:
         runs = [argparse.Namespace(**{**vars(args), "stages": p, "mode": m, "streams": n})
@@ -125,7 +129,8 @@ def main() -> None:
     finally:
         ray.shutdown()
     write_json(args.out, {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                      "cpu_count": os.cpu_count()}, "profile": profile.name, "cases": rows})
+                                      "cpu": host, "cpu_count": os.cpu_count()},
+                          "profile": profile.name, "profile_device": profile.device, "cases": rows})
     if len(rows) > 1:
         worst_fps = max(abs(r["error_pct"]["fps"]) for r in rows)
         worst_lat = max(abs(r["error_pct"]["latency_p50"]) for r in rows)

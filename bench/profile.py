@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 
 import torch  # noqa: E402
 
+from bench.common import host_cpu  # noqa: E402
 from workers.config import CacheConfig, GenerationConfig, ParallelConfig, SamplerConfig, get_config  # noqa: E402
 from workers.costs import Linear, ModelCosts, Profile, dump_profile, load_profile  # noqa: E402
 from workers.executor import InProcessExecutor  # noqa: E402
@@ -212,8 +212,7 @@ def main() -> None:
         models = dict(load_profile(args.out).models)
     models[args.model] = costs
     command = "python bench/profile.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    profile = Profile(name=args.name, device=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                                             f"1 torch thread per stage, torch {torch.__version__}",
+    profile = Profile(name=args.name, device=f"{host_cpu()}, 1 torch thread per stage, torch {torch.__version__}",
                       command=command, dtype="float32", gpu_memory_gib=None, transfer_bytes_per_s=bw,
                       transfer_latency_s=latency, call_overhead_s=overhead, models=models,
                       derivation="measured by the command above (medians; linear fits against tokens, attention "

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 # on every worker's, where bench/kernels.py would shadow the `kernels` package (from any other cwd than ROOT).
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
-from bench.common import start_serve, stop_serve, write_json  # noqa: E402
+from bench.common import host_cpu, start_serve, stop_serve, write_json  # noqa: E402
 
 PROMPT = "a red fox running through fresh snow, cinematic"
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = service_fps / engine_fps
     fps_asked = min(r["fps_requested"] for r in service_runs)
     result = {
-        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "machine": {"python": platform.python_version(), "cpu": host_cpu(), "cpu_count": os.cpu_count()},
         "load": {"model": args.model, "stages": args.stages, "streams": args.streams, "mode": "sequential",
                  "chunk_frames": args.chunk_frames, "steps": cfg.generation.sampler.num_steps,
                  "warmup_chunks": args.warmup, "measured_chunks": args.chunks, "backend": cfg.parallel.backend,

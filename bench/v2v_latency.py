@@ -22,7 +22,7 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import percentile as pct, start_serve, stop_serve, write_json  # noqa: E402
+from bench.common import host_cpu, percentile as pct, start_serve, stop_serve, write_json  # noqa: E402
 
 CASES = {"tiny": 8.0, "small": 1.0}
 """Model -> the stream fps (small is ~20x the compute of tiny on these 2 cores: at 2 fps one stream got 1.3)."""
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{model:>5} P=2 streams={streams} at {row['fps_requested']:g} fps: delivered "
                   f"{row['delivered_fps']:.2f} frames/s, capture-to-output p50 {row['latency_p50_s']:.2f} s "
                   f"p99 {row['latency_p99_s']:.2f} s", flush=True)
-    write_json(args.out, {"machine": {"cpu_count": os.cpu_count()}, "cases": rows})
+    write_json(args.out, {"machine": {"cpu": host_cpu(), "cpu_count": os.cpu_count()}, "cases": rows})
     return {"cases": rows}
 
 
