@@ -5,7 +5,7 @@ Shapes of wan2.1-1.3b: 1 latent frame at 480x832 (1560 tokens x 1536) and 3 fram
 bytes each op must move, achieved GB/s and the fraction of the card's peak HBM bandwidth. JSON to --out.
 
     python bench/kernels.py --out bench/out/kernels.json                  # on a GPU
-    python bench/kernels.py --device cpu --small --no-compile --iters 2   # smoke run (Triton interpreter)
+    python bench/kernels.py --device cpu --small --no-compile --iters 1 --warmup 0   # smoke run (interpreter)
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
     parser.add_argument("--small", action="store_true", help="tiny shapes (smoke runs)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
@@ -169,7 +170,7 @@ def main() -> None:
     if copy_bw:
         print(f"{card}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (datasheet peak {peak / 1e9:.0f} GB/s)"
               if peak else f"{card}: copy {copy_bw / 1e9:.0f} GB/s", flush=True)
-    dims = (48, 24, 3) if args.small else (1560, 1536, 12)  # tokens, dim, heads
+    dims = (16, 24, 3) if args.small else (1560, 1536, 12)  # tokens, dim, heads (the interpreter runs per row)
     for frames in (1, 3):
         tokens, dim, heads = dims
         cases = op_cases(frames, tokens, dim, heads, dtype, args.device)
@@ -191,9 +192,9 @@ def main() -> None:
                     row[f"{way}_max_error"] = max_error(fn(*inputs), want)
                     if cuda:
                         sec = graph_time(fn, sets, args.iters)
-                        row[f"{way}_launch_s"] = timeit(lambda: fn(*inputs), args.device, args.iters)
+                        row[f"{way}_launch_s"] = timeit(lambda: fn(*inputs), args.device, args.iters, args.warmup)
                     else:
-                        sec = timeit(lambda: fn(*inputs), args.device, args.iters)
+                        sec = timeit(lambda: fn(*inputs), args.device, args.iters, args.warmup)
                 except Exception as err:  # keep the other rows: one failing way must not lose the run
                     row[f"{way}_error"] = f"{type(err).__name__}: {err}"[:500]
                     print(f"{card} {name} F={frames} {way} failed: {row[f'{way}_error']}", flush=True)
@@ -231,9 +232,9 @@ def main() -> None:
                       f"eager {row['eager_s'] * 1e6:8.1f} us, x{row['speedup_vs_eager']:.2f} vs eager"
                       + (f", x{row['speedup_vs_compile']:.2f} vs compile" if "speedup_vs_compile" in row else ""),
                       flush=True)
-        block_iters = max(3, args.iters // 5)
-        off = timeit(block_case(frames, args.small, "torch", dtype, args.device), args.device, block_iters)
-        on = timeit(block_case(frames, args.small, "triton", dtype, args.device), args.device, block_iters)
+        block_iters = max(1, args.iters // 5)
+        off = timeit(block_case(frames, args.small, "torch", dtype, args.device), args.device, block_iters, args.warmup)
+        on = timeit(block_case(frames, args.small, "triton", dtype, args.device), args.device, block_iters, args.warmup)
         block = {"frames": frames, "kernels_off_s": off, "kernels_on_s": on, "speedup": off / on}
         print(f"{card} DiT block F={frames}: kernels off {off * 1e3:.3f} ms, on {on * 1e3:.3f} ms, x{off / on:.2f}"
               " (host launch overhead included)", flush=True)

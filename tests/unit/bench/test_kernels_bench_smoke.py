@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_kernels_bench_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--device", "cpu", "--small",
-                           "--no-compile", "--iters", "1", "--dtype", "float32", "--out", str(out)],
+                           "--no-compile", "--iters", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
