@@ -67,9 +67,10 @@ def cpu_check() -> str:
                      f"{p['frames_per_s']:.2f} | {e['fps']:+.1f}% | {r['latency_p50_s']:.2f} | "
                      f"{p['latency_p50_s']:.2f} | {e['latency_p50']:+.1f}% |\n")
     lines.append("\nA CPU profile holds only on the host it names: the same VM ran 2x faster after a move to a CPU "
-                 "with AVX-512/AMX, and `plan_check` warns when the host differs. Where P = 2 errs high, the two "
-                 "stages share the machine's two cores with the driver, Ray and the decode worker, which the "
-                 "simulator does not model (below).\n\n")
+                 "with AVX-512/AMX, and `plan_check` warns when the host differs. With P = 2 the two "
+                 "stages share the machine's two cores: the profile's `shared_slowdown` (a forward's time while "
+                 "both cores compute, over its time alone) slows each call by how much the other stage and the "
+                 "decode worker computed beside it; the driver and Ray are not counted (below).\n\n")
     return "".join(lines)
 
 
@@ -170,9 +171,10 @@ pipeline (one step group).
   batch-size-dependent efficiency beyond the linear fit are not modelled.
 * **No contention inside a GPU.** A shared decoder runs strictly after the forwards queued before it on the
   last stage's GPU (the real one overlaps on its own CUDA stream, so it may do a little better); two stages
-  never share a device. On a CPU host the stages, the driver, Ray and the decode workers share the cores:
-  that contention (and a noisy neighbour's) is not modelled, so a CPU plan with as many stages as cores is
-  optimistic.
+  never share a device. On a CPU host (a profile with `cores`) the stages and decode workers slow each
+  other by the measured `shared_slowdown`, in proportion to how much of a call's recent past overlapped
+  the others' (mean field over a trailing window); the driver's and Ray's own CPU time, and a noisy
+  neighbour's, are not counted, so a CPU plan with as many stages as cores is still somewhat optimistic.
 * **Transfers are latency + bytes / bandwidth**, never contended; NCCL/gloo setup, the driver's own time
   (Python scheduling, Ray task submission beyond `call_overhead_s`) and the network between nodes are not
   modelled. Replicas are independent (no cross-replica traffic).

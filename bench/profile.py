@@ -6,8 +6,9 @@ the simulator charge for each piece.
 In process, one torch thread (a stage actor's setting): per-block forward, embed and head against tokens
 (P=2 stages on 1..4 latent frames, so stage 0's extra time is the embedding and stage 1's the head), attention
 over the KV cache (the same forwards against one cached frame and against a full default cache), the
-decoder per chunk (1 and 2 latent frames), text encode, and, over Ray, the per-call overhead of a stage actor
-and the stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
+decoder per chunk (1 and 2 latent frames), text encode, how much a forward slows while every core computes (one
+process per core, as bench/cpu_ceiling.py), and, over Ray, the per-call overhead of a stage actor and the
+stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -186,6 +187,23 @@ def ray_call_overhead(reps: int) -> float:
     return value
 
 
+def shared_slowdown(model, repeats: int) -> tuple[int, float]:
+    """(cores, a stage forward's slowdown while every core computes): bench/cpu_ceiling.py's loop of the model's
+    FFN matmuls, one process alone and one per core at once, interleaved; the median of ``repeats``."""
+    from bench.cpu_ceiling import run
+
+    cores = os.cpu_count() or 1
+    args = argparse.Namespace(iters=100, dim=model.dim, ffn=model.ffn_dim, tokens=384)
+    ratios = []
+    for _ in range(repeats):
+        alone, together = run(1, args), run(cores, args)
+        ratios.append(max(1.0, together / alone))
+    value = statistics.median(ratios)
+    print(f"{cores} cores computing at once: each forward x{value:.2f} (repeats "
+          f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    return cores, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -203,6 +221,7 @@ def main() -> None:
     costs = ModelCosts(block=block, attention_s=attention, embed=embed, head=head,
                        vae_decode=decode_cost(gen, args.repeats),
                        text_encode_s=text_cost(gen, max(5, args.repeats)))
+    cores, slowdown = shared_slowdown(model, args.repeats)
     latency, bw, overhead = 0.0, 1e10, 0.0
     if not args.no_ray:
         latency, bw = transfer_cost(20)
@@ -214,7 +233,8 @@ def main() -> None:
     command = "python bench/profile.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     profile = Profile(name=args.name, device=f"{host_cpu()}, 1 torch thread per stage, torch {torch.__version__}",
                       command=command, dtype="float32", gpu_memory_gib=None, transfer_bytes_per_s=bw,
-                      transfer_latency_s=latency, call_overhead_s=overhead, models=models,
+                      transfer_latency_s=latency, call_overhead_s=overhead, cores=cores,
+                      shared_slowdown=slowdown, models=models,
                       derivation="measured by the command above (medians; linear fits against tokens, attention "
                                  "against query x cached key tokens)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -8,6 +8,8 @@ Costs are linear fits ``a_s + b_s * x``: x is the micro-batch's DiT tokens (late
 frame, all streams of the micro-batch) for blocks, embed and head, and the chunk's DiT tokens for the
 decoders and the VAE encoder, so one profile serves any resolution and batch. Attention over a stream's
 KV cache adds ``attention_s`` x tokens x cached tokens per block (see docs/capacity.md for what is left out).
+On a CPU host (``cores``) the stages and decode workers share the cores: ``contention`` slows each call by how
+busy the others are.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class Profile:
     """Fixed time per stage-to-stage send."""
     call_overhead_s: Seconds = 0.0
     """Per stage call: dispatch, launch and bookkeeping outside the measured blocks."""
+    cores: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """CPU cores that every stage and decode worker share (a CPU host); None: each owns its device (GPUs)."""
+    shared_slowdown: Annotated[float, Field(ge=1, le=100)] = 1.0
+    """A forward's time while the other cores compute too, over its time alone (shared caches, memory
+    bandwidth, hyperthreads); with ``cores`` only."""
     models: dict[str, ModelCosts] = Field(default_factory=dict)
     """Model name (workers.config.MODEL_CONFIGS) -> its costs."""
 
@@ -101,6 +108,15 @@ class Profile:
 
     def transfer_s(self, nbytes: int) -> float:
         return self.transfer_latency_s + nbytes / self.transfer_bytes_per_s
+
+    def contention(self, others: float) -> float:
+        """Slowdown of a stage or decode call while ``others`` other processes compute on average (a CPU host):
+        ``shared_slowdown`` as the other cores fill, then time sharing once there are more processes than
+        cores. 1.0 without ``cores`` (GPUs)."""
+        if self.cores is None or others <= 0:
+            return 1.0
+        share = min(1.0, others / (self.cores - 1)) if self.cores > 1 else 0.0
+        return (1.0 + (self.shared_slowdown - 1.0) * share) * max(1.0, (1.0 + others) / self.cores)
 
 
 def load_profile(path: str) -> Profile:

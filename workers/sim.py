@@ -9,7 +9,10 @@ each micro-batch and decode finishes, from a cost profile (``workers.costs``):
   stage 0 also waits for the ring latents of the forward each work continues (same stream and lane);
 * activations travel between stages in transfer_latency + bytes / bandwidth, without holding a stage;
 * a finished chunk is decoded on its stream's decode worker: ``shared`` workers queue on the last stage's
-  device (they take its time), ``dedicated`` ones on their own.
+  device (they take its time), ``dedicated`` ones on their own;
+* on a CPU host (profile ``cores``) every call is slowed by ``Profile.contention`` of how many other stages
+  and decode workers computed while this one did, over the trailing ``CONTENTION_WINDOW`` calls' time (the
+  calls that will overlap it are not all scheduled yet, so the recent past stands in for them).
 
 ``collect(wait)`` moves the clock to the next completion. Clean latents come back as zeros of the right
 shape: the simulator counts time, not pixels. Memory per GPU comes from ``workers.devicemap``.
@@ -56,6 +59,10 @@ class _Decode:
 
     def __lt__(self, other: _Decode) -> bool:
         return (self.end, self.order) < (other.end, other.order)
+
+
+CONTENTION_WINDOW = 8
+"""Trailing window, in multiples of the call's own cost, over which the overlap with other processes is read."""
 
 
 class SimExecutor(Executor):
@@ -147,7 +154,7 @@ class SimExecutor(Executor):
             cost = self.stage_cost(k, mb.tokens, cached)
             if k == 0 and mb.prompts:
                 cost += self.costs.text_encode_s * len(mb.prompts)
-            cost = self._jitter(cost)
+            cost = self._jitter(cost) * self._contention(f"stage {k} compute", start, cost)
             end = start + cost
             idle = max(0.0, start - self.stage_free[k])
             self.stage_free[k] = end
@@ -177,6 +184,8 @@ class SimExecutor(Executor):
             return
         w = self.router.assign(stream_id)
         cost = self._jitter(self.decode_cost(frames))
+        if not self.decode_shared:
+            cost *= self._contention(f"decode {w}", max(self.decode_free[w], ready), cost)
         if self.decode_shared:  # on the last stage's device: queued behind (and ahead of) its forwards
             last = self.num_stages - 1
             start = max(self.stage_free[last], ready)
@@ -192,6 +201,33 @@ class SimExecutor(Executor):
         out = DecodedChunk(stream_id, chunk, [b""] * video_frames, self.gen.width, self.gen.height, cost)
         heapq.heappush(self._decodes, _Decode(start + cost, self._order, out))
         self._order += 1
+
+    def _contention(self, resource: str, start: float, cost: float) -> float:
+        """``Profile.contention`` of how many other compute processes ran, on average, while ``resource`` itself
+        computed over [start - W, start], W = CONTENTION_WINDOW x cost (1.0 on GPUs; 1.0 with no own work in
+        the window). Overlap with its own past work, not the others' plain utilisation: the stages of one
+        stream's serial chain take turns and do not slow each other. "decode" (shared decoding) is already
+        in the last stage's spans."""
+        if self.cost_profile.cores is None or cost <= 0:
+            return 1.0
+        lo = start - CONTENTION_WINDOW * cost
+
+        def recent(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+            out = []
+            for a, b in reversed(spans):  # one resource's spans are in order
+                if b <= lo:
+                    break
+                if a < start:
+                    out.append((max(a, lo), min(b, start)))
+            return out
+
+        own = recent(self.busy.get(resource, []))
+        own_s = sum(b - a for a, b in own)
+        if own_s <= 0:
+            return 1.0
+        overlap = sum(max(0.0, min(b, d) - max(a, c)) for name, spans in self.busy.items()
+                      if name not in (resource, "decode") for c, d in recent(spans) for a, b in own)
+        return self.cost_profile.contention(overlap / own_s)
 
     def _zero(self, frames: int) -> torch.Tensor:
         """Clean latents [f, C, h, w]: zeros, shared (nothing reads their values)."""

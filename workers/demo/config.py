@@ -22,9 +22,10 @@ class TrainConfig:
     full-sequence forward (the same attention the streaming forward with a KV cache computes). Blocks before
     a random first noisy block are clean (t = 0, as a context pass writes them); later blocks carry noise.
     Layouts mirror what the engine's cache holds: a stream's start from the text alone, a contiguous clip
-    (cache policy none), the
-    stream's first chunk as a sink followed by a later window (sink / ema_sink at steady state), and a
-    prompt switch (context of one prompt, continuation under another, as after a re-cache).
+    (cache policy none), the stream's first chunk as a sink followed by a later window (sink / ema_sink at
+    steady state), and a prompt switch (context of one prompt, continuation under another, as after a
+    re-cache). A ``staircase`` share of the steps trains what a stream_batch forward holds: [clean context |
+    n chunks in flight at the sampler's sigmas, the oldest the cleanest].
     """
 
     model: str = "demo"
@@ -71,12 +72,17 @@ class TrainConfig:
     """Share of noise levels drawn from the engine's 2-4 step sigma lists (else continuous, shift 5)."""
     sorted_noise: Prob = 0.5
     """Share of clips whose noisy blocks get ascending noise (older blocks cleaner: stream_batch in flight)."""
+    staircase: Prob = 0.3
+    """Share of steps whose clips are stream_batch forwards: clean context, then the n in-flight blocks at the
+    sampler's n sigmas, oldest (cleanest) first (n = 2, 3 or 4 steps)."""
+    staircase_chunks: Annotated[int, Field(ge=3, le=64)] = 6
+    """Blocks per staircase clip: at least one clean block before the 2-4 in flight."""
     shift: Annotated[float, Field(gt=0, le=100)] = 5.0
     """Timestep shift of the continuous noise-level distribution (the sampler's shift)."""
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0
     """Seed of the data stream, the noise and the weights' initialisation."""
-    threads: Annotated[int, Field(ge=1, le=256)] = 1
-    """Torch CPU threads (1: the run costs one core)."""
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    """Torch CPU threads (0: torch's default, every core; 1: the run costs one core)."""
     checkpoint_every_s: Annotated[float, Field(gt=0, le=86400)] = 180.0
     """Seconds between resumable training-state saves."""
     log_every_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
@@ -92,6 +98,8 @@ class TrainConfig:
     def _check(self) -> TrainConfig:
         if self.model not in MODEL_CONFIGS:
             raise ValueError(f"TrainConfig.model {self.model!r} is not a named model config")
+        if self.staircase and self.staircase_chunks < 5:
+            raise ValueError("TrainConfig.staircase_chunks must be >= 5 (a clean block before 4 in flight)")
         if MODEL_CONFIGS[self.model].vae != "demo":
             raise ValueError("TrainConfig.model must use the demo VAE (vae 'demo'): it is trained here too")
         return self

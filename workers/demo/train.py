@@ -1,4 +1,4 @@
-"""Train the demo model on synthetic clips (``make train-demo``): CPU, one thread, resumable.
+"""Train the demo model on synthetic clips (``make train-demo``): CPU, every core, resumable.
 
     python -m workers.demo.train --out out/train-demo/demo.pt --state out/train-demo/state.pt [--steps N ...]
 
@@ -10,8 +10,9 @@ the quantity the engine's few-step sampler uses at every step; the weights start
 is kept. Layouts and noise patterns are described on ``TrainConfig``; every field is also a flag.
 
 Progress: a line every ``log_every_s`` (step, loss, clips/s, elapsed, ETA), a quick evaluation every
-``eval_every_s`` (EMA weights, the engine's 4-step sampler through the single-process reference, the quality
-detector). The training state is saved every ``checkpoint_every_s`` and on exit; a rerun resumes from it.
+``eval_every_s`` (EMA weights, the engine's 4-step sampler in both modes through the single-process reference,
+the quality detector). The training state is saved every ``checkpoint_every_s`` and on exit; a rerun resumes
+from it.
 The product is a Self-Forcing-style file: ``generator`` and ``generator_ema`` (keys prefixed ``model.``), plus
 the VAE under ``vae``.
 """
@@ -63,49 +64,80 @@ class Batch:
     """[B, F] 1 where the frame's block is noisy (trained)."""
 
 
+def place(gen: torch.Generator, cfg: TrainConfig, chunks: int) -> tuple[list[int], bool]:
+    """Global latent indices [chunks * chunk_frames] of one clip: contiguous from the stream's start or later
+    (cache policy none), or [first chunk | a window after the first eviction] (the sink); and whether it is
+    the sink layout."""
+    f, n = cfg.chunk_frames, chunks * cfg.chunk_frames
+    wrap = clips.frames_per_wrap() // 4 + 1  # latent frames per crossing of the frame
+    if float(torch.rand((), generator=gen)) < cfg.sink_layout:
+        w0 = int(torch.randint(2 * f, 2 * f + 2 * wrap, (), generator=gen))
+        return list(range(f)) + list(range(w0, w0 + n - f)), True
+    g0 = 0 if float(torch.rand((), generator=gen)) < cfg.stream_start else \
+        int(torch.randint(1, 1 + 4 * wrap, (), generator=gen))
+    return list(range(g0, g0 + n)), False
+
+
 def layout(gen: torch.Generator, cfg: TrainConfig) -> tuple[list[int], list[int], int, int]:
     """One clip: its global latent indices [F], the prompt of each, the text prompt and the first noisy block."""
-    f, n = cfg.chunk_frames, cfg.chunks * cfg.chunk_frames
-    wrap = clips.frames_per_wrap() // 4 + 1  # latent frames per crossing of the frame
+    n = cfg.chunks * cfg.chunk_frames
     if float(torch.rand((), generator=gen)) < cfg.first_chunk:  # the stream's first chunk: text is all it has
         a = int(torch.randint(len(PROMPTS), (), generator=gen))
         return list(range(n)), [a] * n, a, 0
-    sink = float(torch.rand((), generator=gen)) < cfg.sink_layout
-    if sink:  # [first chunk | a window that starts after the first eviction, anywhere later]
-        w0 = int(torch.randint(2 * f, 2 * f + 2 * wrap, (), generator=gen))
-        latents = list(range(f)) + list(range(w0, w0 + n - f))
-    else:
-        g0 = 0 if float(torch.rand((), generator=gen)) < cfg.stream_start else \
-            int(torch.randint(1, 1 + 4 * wrap, (), generator=gen))
-        latents = list(range(g0, g0 + n))
+    latents, sink = place(gen, cfg, cfg.chunks)
     a = int(torch.randint(len(PROMPTS), (), generator=gen))
     first = int(torch.randint(1 if sink else 0, cfg.chunks, (), generator=gen))
     if float(torch.rand((), generator=gen)) < cfg.switch:
         b = (a + int(torch.randint(1, len(PROMPTS), (), generator=gen))) % len(PROMPTS)
         m = int(torch.randint(1, cfg.chunks, (), generator=gen))  # first block under the new prompt
         first = max(first, m)  # blocks before the switch show the old prompt: context only
-        return latents, [a] * (m * f) + [b] * (n - m * f), b, first
+        return latents, [a] * (m * cfg.chunk_frames) + [b] * (n - m * cfg.chunk_frames), b, first
     return latents, [a] * n, a, first
 
 
+STAIRCASE_STEPS = (2, 3, 3, 4, 4, 4, 4, 4)
+"""Steps of a staircase clip, drawn uniformly from this list: the default 4 most often."""
+
+
+def staircase_levels(gen: torch.Generator, shift: float) -> torch.Tensor:
+    """The noise levels of the n chunks a stream_batch forward carries, oldest first: [sigma_{n-1} .. sigma_0]
+    of an evenly spaced n-step list (ascending; the newest chunk is pure noise)."""
+    n = STAIRCASE_STEPS[int(torch.randint(len(STAIRCASE_STEPS), (), generator=gen))]
+    steps = tuple(1000.0 * (n - i) / n for i in range(n))
+    sigmas = FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas()
+    return torch.tensor(sigmas[::-1], dtype=torch.float32)
+
+
 def make_batch(cfg: TrainConfig, step: int, sigmas: list[float], bank: LatentBank) -> Batch:
-    """The batch of ``step``: a pure function of (seed, step) and the bank, so a resumed run sees the same data."""
+    """The batch of ``step``: a pure function of (seed, step) and the bank, so a resumed run sees the same data.
+    A ``staircase`` share of the steps are stream_batch forwards (``staircase_chunks`` blocks each), the rest
+    ``chunks``-block clips with per-block noise levels."""
     gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % (2**63 - 1))
     f = cfg.chunk_frames
+    stair = float(torch.rand((), generator=gen)) < cfg.staircase
+    chunks = cfg.staircase_chunks if stair else cfg.chunks
     x0, sig, texts, masks = [], [], [], []
     for _ in range(cfg.batch):
-        latents, per_latent, text, first = layout(gen, cfg)
+        if stair:  # [clean context | in flight, oldest first]; one prompt (a switch re-caches first)
+            latents, _ = place(gen, cfg, chunks)
+            text = int(torch.randint(len(PROMPTS), (), generator=gen))
+            per_latent = [text] * len(latents)
+            levels = staircase_levels(gen, cfg.shift)
+            first = chunks - len(levels)
+        else:
+            latents, per_latent, text, first = layout(gen, cfg)
         start = tuple((torch.randint(clips.SIZE // GRID, (2,), generator=gen) * GRID).tolist())
         x0.append(bank.lookup(per_latent, *clip_groups(latents, per_latent, start)))  # [F, z, h, w]
-        noisy = cfg.chunks - first
-        if float(torch.rand((), generator=gen)) < cfg.sampler_sigmas:
-            pick = torch.randint(len(sigmas), (noisy,), generator=gen)
-            levels = torch.tensor([sigmas[i] for i in pick.tolist()], dtype=torch.float32)
-        else:
-            u = torch.rand(noisy, generator=gen)
-            levels = cfg.shift * u / (1 + (cfg.shift - 1) * u)
-        if float(torch.rand((), generator=gen)) < cfg.sorted_noise:
-            levels = levels.sort().values
+        if not stair:
+            noisy = chunks - first
+            if float(torch.rand((), generator=gen)) < cfg.sampler_sigmas:
+                pick = torch.randint(len(sigmas), (noisy,), generator=gen)
+                levels = torch.tensor([sigmas[i] for i in pick.tolist()], dtype=torch.float32)
+            else:
+                u = torch.rand(noisy, generator=gen)
+                levels = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+            if float(torch.rand((), generator=gen)) < cfg.sorted_noise:
+                levels = levels.sort().values
         block_sigma = torch.cat((torch.zeros(first), levels))  # [chunks]
         sig.append(block_sigma.repeat_interleave(f))
         masks.append((block_sigma > 0).float().repeat_interleave(f))
@@ -147,15 +179,16 @@ def export(path: str, model: CausalWanModel, ema: CausalWanModel, vae: DemoVAE) 
 
 
 @torch.no_grad()
-def evaluate(path: str, model_name: str, chunk_frames: int, prompts: int, frames: int) -> dict:
+def evaluate(path: str, model_name: str, chunk_frames: int, prompts: int, frames: int,
+             mode: str = "sequential") -> dict:
     """The checkpoint at ``path`` (EMA weights, through the real loader) with the engine's default 4-step sampler
-    in the single-process reference, on ``prompts`` prompts spread over colours, shapes and directions, one seed
-    each, judged by the quality detector."""
+    in ``mode`` in the single-process reference, on ``prompts`` prompts spread over colours, shapes and
+    directions, one seed each, judged by the quality detector."""
     from workers.demo.detect import assess
     from workers.reference import ReferenceGenerator
 
     gen_cfg = GenerationConfig(model=get_config(model_name), model_path=path, use_ema=True,
-                               sampler=SamplerConfig(chunk_frames=chunk_frames))
+                               sampler=SamplerConfig(chunk_frames=chunk_frames, mode=mode))
     ref = ReferenceGenerator(gen_cfg)
     chosen = [PROMPTS[(i * len(PROMPTS) // prompts + i) % len(PROMPTS)] for i in range(prompts)]
     n_chunks = math.ceil((frames - 1) / (T_UP * chunk_frames)) + 1
@@ -331,12 +364,13 @@ class Trainer:
         export(path, self.model, self.ema, self.vae)
         cfg = self.cfg
         prompts = prompts or cfg.eval_prompts
-        result = evaluate(path, cfg.model, cfg.chunk_frames, prompts, cfg.eval_frames)
-        result["step"] = self.step
+        result = {"step": self.step}
+        for mode in ("sequential", "stream_batch"):
+            result[mode] = got = evaluate(path, cfg.model, cfg.chunk_frames, prompts, cfg.eval_frames, mode)
+            self.log(f"[dit] eval at step {self.step} (EMA, 4-step {mode}, {prompts} prompts x {cfg.eval_frames} "
+                     f"frames): colour {got['colour']:.0%}  direction {got['direction']:.0%}  "
+                     f"visibility {got['visibility']:.0%}  ({time.monotonic() - started:.0f} s)")
         self.history.append(result)
-        self.log(f"[dit] eval at step {self.step} (EMA, 4-step sampler, {prompts} prompts x "
-                 f"{cfg.eval_frames} frames): colour {result['colour']:.0%}  direction {result['direction']:.0%}  "
-                 f"visibility {result['visibility']:.0%}  ({time.monotonic() - started:.0f} s)")
         return result
 
 
@@ -357,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**given)
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     log = lambda line: print(line, flush=True)  # noqa: E731
     trainer = Trainer(cfg, args.state, log)
     if args.fresh and os.path.exists(args.state):
@@ -366,13 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in trainer.model.parameters())
     log(f"{'resuming (VAE step %d, DiT step %d)' % (trainer.vae_step, trainer.step) if resumed else 'from scratch'}: "
         f"model {cfg.model} ({params / 1e6:.2f} M parameters), VAE {cfg.vae_steps} steps x {cfg.vae_batch} clips, "
-        f"DiT {cfg.steps} steps x {cfg.batch} clips of {cfg.chunks} x {cfg.chunk_frames} latent frames, "
-        f"{cfg.threads} thread(s)")
+        f"DiT {cfg.steps} steps x {cfg.batch} clips of {cfg.chunks} x {cfg.chunk_frames} latent frames "
+        f"({cfg.staircase:.0%} stream_batch staircases of {cfg.staircase_chunks}), "
+        f"{torch.get_num_threads()} thread(s)")
     trainer.run(args.out)
     final = trainer.report_eval(args.out, prompts=len(PROMPTS))
-    log(f"done: {_hms(trainer.elapsed)} of training; final DiT loss (avg) {trainer.loss_avg:.4f}; EMA eval colour "
-        f"{final['colour']:.0%} direction {final['direction']:.0%} visibility {final['visibility']:.0%}; "
-        f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    figures = "; ".join(f"{mode} colour {r['colour']:.0%} direction {r['direction']:.0%} visibility "
+                        f"{r['visibility']:.0%}" for mode, r in final.items() if mode != "step")
+    log(f"done: {_hms(trainer.elapsed)} of training; final DiT loss (avg) {trainer.loss_avg:.4f}; EMA eval "
+        f"{figures}; wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
     return 0
 
 

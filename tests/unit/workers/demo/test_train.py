@@ -7,10 +7,12 @@ import torch
 
 from workers.demo import train
 from workers.demo.config import TrainConfig
-from workers.demo.train import Trainer, layout, lr_at, make_batch, sampler_sigmas
+from workers.demo.train import STAIRCASE_STEPS, Trainer, layout, lr_at, make_batch, sampler_sigmas
 from workers.demo.bank import LatentBank, clip_groups
 from workers.demo.train_vae import PROMPTS, render_groups, vae_batch
+from workers.config import SamplerConfig
 from workers.model.demo_vae import DemoVAE
+from workers.model.schedule import FlowMatchSchedule
 
 SMALL = TrainConfig(vae_steps=2, vae_batch=2, vae_width=16, steps=3, batch=2, warmup_steps=1, eval_every_s=0,
                     checkpoint_every_s=3600, log_every_s=3600)
@@ -50,6 +52,32 @@ def test_batches_are_a_function_of_seed_and_step():
     assert a.x0.shape == (3, 12, 8, 8, 8)
     assert not torch.equal(a.x0, make_batch(cfg, 6, trainer.sigmas, bank).x0)
     assert torch.equal(a.loss_mask, (a.sigma > 0).float())
+
+
+def test_staircase_steps_hold_what_a_stream_batch_forward_holds():
+    """[clean context | n chunks in flight at the n-step sampler's sigmas, oldest cleanest]: the forward the
+    engine's stream_batch mode runs at steady state (workers/stream.py), which the other layouts never give."""
+    cfg = dataclasses.replace(SMALL, batch=4, staircase=0.5)
+    trainer = Trainer(cfg, "/nonexistent/state.pt")
+    bank = LatentBank.build(trainer.vae.eval())
+    lists = {n: FlowMatchSchedule(SamplerConfig(denoising_steps=tuple(1000.0 * (n - i) / n for i in range(n)),
+                                                shift=cfg.shift)).step_sigmas()[::-1] for n in (2, 3, 4)}
+    stairs = 0
+    seen = set()
+    for step in range(40):
+        b = make_batch(cfg, step, trainer.sigmas, bank)
+        if b.x0.shape[1] == 3 * cfg.chunks:
+            continue
+        stairs += 1
+        assert b.x0.shape[1] == 3 * cfg.staircase_chunks
+        for row in b.sigma:
+            blocks = row[::3].tolist()
+            assert torch.equal(row, row[::3].repeat_interleave(3))
+            noisy = [s for s in blocks if s > 0]
+            assert noisy == pytest.approx(lists[len(noisy)]) and blocks[-1] == 1.0  # the newest enters as noise
+            assert blocks[:len(blocks) - len(noisy)] == [0.0] * (len(blocks) - len(noisy)) and len(noisy) < len(blocks)
+            seen.add(len(noisy))
+    assert 8 < stairs < 32 and seen == set(STAIRCASE_STEPS)
 
 
 @pytest.mark.parametrize("prompt,start", [(0, (10, 20)), (13, (62, 2)), (30, (0, 36))])
@@ -103,3 +131,6 @@ def test_config_is_validated():
         TrainConfig(model="tiny")  # not a demo-VAE model
     with pytest.raises(ValueError):
         TrainConfig(switch=1.5)
+    with pytest.raises(ValueError, match="staircase_chunks"):
+        TrainConfig(staircase_chunks=4)
+    assert TrainConfig(staircase=0, staircase_chunks=4).staircase_chunks == 4
