@@ -43,13 +43,15 @@ CADENCE = {"threads", "checkpoint_every_s", "log_every_s", "eval_every_s", "eval
 """TrainConfig fields a resumed run may change: they do not change what is trained."""
 
 
+def step_sigmas(n: int, shift: float) -> list[float]:
+    """The sigmas the engine's sampler visits with n evenly spaced steps (as ``steps`` requests ask), descending."""
+    steps = tuple(1000.0 * (n - i) / n for i in range(n))
+    return FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas()
+
+
 def sampler_sigmas(shift: float) -> list[float]:
-    """Every sigma the engine's sampler visits with 2, 3 or 4 evenly spaced steps (as ``steps`` requests ask)."""
-    out = set()
-    for n in (2, 3, 4):
-        steps = tuple(1000.0 * (n - i) / n for i in range(n))
-        out.update(FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas())
-    return sorted(out)
+    """Every sigma the engine's sampler visits with 2, 3 or 4 evenly spaced steps."""
+    return sorted({s for n in (2, 3, 4) for s in step_sigmas(n, shift)})
 
 
 @dataclasses.dataclass
@@ -103,9 +105,7 @@ def staircase_levels(gen: torch.Generator, shift: float) -> torch.Tensor:
     """The noise levels of the n chunks a stream_batch forward carries, oldest first: [sigma_{n-1} .. sigma_0]
     of an evenly spaced n-step list (ascending; the newest chunk is pure noise)."""
     n = STAIRCASE_STEPS[int(torch.randint(len(STAIRCASE_STEPS), (), generator=gen))]
-    steps = tuple(1000.0 * (n - i) / n for i in range(n))
-    sigmas = FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas()
-    return torch.tensor(sigmas[::-1], dtype=torch.float32)
+    return torch.tensor(step_sigmas(n, shift)[::-1], dtype=torch.float32)
 
 
 def make_batch(cfg: TrainConfig, step: int, sigmas: list[float], bank: LatentBank) -> Batch:
