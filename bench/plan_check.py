@@ -5,8 +5,9 @@ measured profile, then ``plan error fps=<x>% latency=<y>%`` (simulated vs real, 
     python bench/plan_check.py --matrix   # P=1,2 x both modes x 1,4 streams (the issue's "Must show")
 
 The real run is bench/pipeline_scaling.py's: one torch thread per stage, streams flat out, the window from
-the last warm-up output to the last output. The simulation runs the same engine config and is measured
-the same way (warm-up chunks, then measured chunks per stream). Writes JSON (``--out``).
+the last warm-up output to the last output; the median of ``--repeats`` runs. The simulation runs the same
+engine config and is measured the same way (warm-up chunks, then measured chunks per stream). Writes JSON
+(``--out``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -71,21 +73,28 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
 
 
 def check(args, profile) -> dict:
-    """One case: the real run, then the simulation over as long as the real run took."""
+    """One case: ``repeats`` real runs (their medians: one run on a shared 2-core host varies by +-25%), then the
+    simulation over as long as the median real run took."""
     gen, parallel, engine_cfg = case(args)
-    real = run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup)
+    runs = [run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup) for _ in range(args.repeats)]
+    real = {key: statistics.median(r[key] for r in runs)
+            for key in ("frames_per_s", "latency_p50_s", "latency_p99_s", "wall_s")}
+    real["split"] = runs[-1]["split"]
+    real["repeats"] = runs
     # measured as the real run is: after `warmup` chunks per stream, until each stream has `chunks` more
     sim = simulate(gen, parallel, profile, args.streams, 100 * real["wall_s"], engine_cfg=engine_cfg,
                    chunks=(args.warmup, args.chunks))
     err_fps = (sim.frames_per_s - real["frames_per_s"]) / real["frames_per_s"] * 100
     err_lat = (sim.latency_p50_s - real["latency_p50_s"]) / real["latency_p50_s"] * 100
     print(f"P={args.stages} {args.mode} streams={args.streams} steps={args.steps}")
-    print(f"  real: {real['frames_per_s']:.2f} frames/s, p50 {real['latency_p50_s']:.3f} s, split {real['split']}")
+    each = ", ".join(f"{r['frames_per_s']:.2f}" for r in runs)
+    print(f"  real: {real['frames_per_s']:.2f} frames/s, p50 {real['latency_p50_s']:.3f} s, split {real['split']} "
+          f"(median of {len(runs)}: {each} frames/s)")
     print(f"  plan: {sim.frames_per_s:.2f} frames/s, p50 {sim.latency_p50_s:.3f} s, split {sim.split}, "
           f"bottleneck {sim.bottleneck}")
     print(f"plan error fps={err_fps:+.1f}% latency={err_lat:+.1f}%", flush=True)
     return {"case": {k: getattr(args, k) for k in ("model", "stages", "steps", "streams", "mode", "lanes",
-                                                  "decode_workers", "chunks", "warmup")},
+                                                  "decode_workers", "chunks", "warmup", "repeats")},
             "real": real,
             "plan": {"frames_per_s": sim.frames_per_s, "latency_p50_s": sim.latency_p50_s,
                      "latency_p99_s": sim.latency_p99_s, "split": sim.split, "bottleneck": sim.bottleneck,
@@ -104,6 +113,7 @@ def main() -> None:
     parser.add_argument("--decode-workers", type=int, default=1, help="shared decode workers (0: latents only)")
     parser.add_argument("--chunks", type=int, default=6, help="measured chunks per stream")
     parser.add_argument("--warmup", type=int, default=2, help="chunks per stream ignored at the start")
+    parser.add_argument("--repeats", type=int, default=3, help="real runs per case (their median is compared)")
     parser.add_argument("--profile", default="profiles/cpu-2core.json")
     parser.add_argument("--out", default="bench/out/plan_check.json")
     parser.add_argument("--matrix", action="store_true", help="P=1,2 x both modes x 1,4 streams")
