@@ -1,4 +1,4 @@
-"""Train the demo model on synthetic clips (``make train-demo``): CPU, every core, resumable.
+"""Train the demo model on synthetic clips (``make train-demo``): CPU, resumable.
 
     python -m workers.demo.train --out out/train-demo/demo.pt --state out/train-demo/state.pt [--steps N ...]
 
@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 
@@ -306,12 +307,14 @@ class Trainer:
         """Phase 1 up to ``vae_steps``, then phase 2 up to ``steps``; progress lines, periodic saves and evals."""
         cfg = self.cfg
         if self.vae_step < cfg.vae_steps:
+            torch.set_num_threads(cfg.threads or 1)  # more threads slow its small convolutions down here
             self.vae.train()
             self._loop("vae", lambda: self.vae_step, cfg.vae_steps, cfg.vae_batch, self.vae_train_step, None)
             self.vae.eval()
             self.report_vae()
             self.loss_avg = None
         self.vae.eval().requires_grad_(False)
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         self._loop("dit", lambda: self.step, cfg.steps, cfg.batch, self.train_step,
                    (lambda: self.report_eval(eval_path)) if cfg.eval_every_s else None)
 
@@ -391,9 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = TrainConfig(**given)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     log = lambda line: print(line, flush=True)  # noqa: E731
+    # kill (SIGTERM) saves the state like Ctrl-C does (a background job ignores SIGINT): the loops save in finally
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     trainer = Trainer(cfg, args.state, log)
     if args.fresh and os.path.exists(args.state):
         os.remove(args.state)
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model {cfg.model} ({params / 1e6:.2f} M parameters), VAE {cfg.vae_steps} steps x {cfg.vae_batch} clips, "
         f"DiT {cfg.steps} steps x {cfg.batch} clips of {cfg.chunks} x {cfg.chunk_frames} latent frames "
         f"({cfg.staircase:.0%} stream_batch staircases of {cfg.staircase_chunks}), "
-        f"{torch.get_num_threads()} thread(s)")
+        f"threads {cfg.threads or 'VAE 1, DiT all cores'}")
     trainer.run(args.out)
     final = trainer.report_eval(args.out, prompts=len(PROMPTS))
     figures = "; ".join(f"{mode} colour {r['colour']:.0%} direction {r['direction']:.0%} visibility "

@@ -134,3 +134,28 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="staircase_chunks"):
         TrainConfig(staircase_chunks=4)
     assert TrainConfig(staircase=0, staircase_chunks=4).staircase_chunks == 4
+
+
+def test_kill_saves_the_training_state(tmp_path):
+    """SIGTERM (kill, or a job ignoring Ctrl-C in the background) leaves a resumable state, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    state = tmp_path / "state.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "workers.demo.train", "--out", str(tmp_path / "demo.pt"),
+                             "--state", str(state), "--vae-width", "16", "--vae-batch", "1", "--log-every-s", "0.01",
+                             "--checkpoint-every-s", "3600"], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[4])
+    try:
+        for line in proc.stdout:
+            if line.startswith("[vae] step"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert state.is_file()
+    resumed = Trainer(TrainConfig(vae_width=16, vae_batch=1), str(state))
+    assert resumed.load() and resumed.vae_step >= 1
