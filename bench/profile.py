@@ -4,8 +4,8 @@ the simulator charge for each piece.
     python bench/profile.py --model small --out profiles/cpu-2core.json --name cpu-2core
 
 In process, one torch thread (a stage actor's setting): per-block forward, embed and head against tokens
-(P=2 stages on 1..4 latent frames, so stage 0's extra time is the embedding and stage 1's the head), attention
-over the KV cache (the same forwards against one cached frame and against a full default cache), the
+(P=2 stages on 1..5 latent frames of one stream and on micro-batches of 2 and 4 streams, so stage 0's extra
+time is the embedding and stage 1's the head), attention over the KV cache (the same forwards against one cached frame and against a full default cache), the
 decoder per chunk (1 and 2 latent frames), text encode, how much a forward slows while every core computes (one
 process per core, as bench/cpu_ceiling.py), and, over Ray, the per-call overhead of a stage actor and the
 stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
@@ -48,7 +48,7 @@ SHORT_CACHE = CacheConfig(policy="none", window_frames=1)
 """The near-empty cache the token fits are measured against (one cached frame)."""
 
 
-def dit_costs(gen: GenerationConfig, frames: list[int], repeats: int) -> tuple[Linear, float, Linear, Linear]:
+def dit_costs(gen: GenerationConfig, points: list[tuple[int, int]], repeats: int) -> tuple[Linear, float, Linear, Linear]:
     """(per block, attention per query x cached key token, embed, head) against micro-batch tokens. Each forward
     attends to a full cache (the stages' ``profile``): one cached frame for the fits, ``gen.cache``'s capacity
     for the attention term."""
@@ -58,8 +58,8 @@ def dit_costs(gen: GenerationConfig, frames: list[int], repeats: int) -> tuple[L
     grid = (lh // m.patch_size[1], lw // m.patch_size[2])
     tpf = grid[0] * grid[1]
 
-    def per_block(f: int, cache: CacheConfig) -> tuple[int, float, float, float]:
-        runs = [ex.profile(grid, f, cache) for _ in range(repeats)]  # [repeats][stage] StageStats
+    def per_block(n: int, f: int, cache: CacheConfig) -> tuple[int, float, float, float]:
+        runs = [ex.profile(grid, f, cache, streams=n) for _ in range(repeats)]  # [repeats][stage] StageStats
         blocks = [statistics.mean(sum(s.block_s.values()) / len(s.block_s) for s in r) for r in runs]
         extra = [[max(0.0, s.compute_s - sum(s.block_s.values())) for s in r] for r in runs]
         return (runs[0][0].tokens, statistics.median(blocks), statistics.median(e[0] for e in extra),
@@ -67,15 +67,15 @@ def dit_costs(gen: GenerationConfig, frames: list[int], repeats: int) -> tuple[L
 
     xs, blk, full, emb, head = [], [], [], [], []
     extra_keys = (gen.cache.capacity_frames - SHORT_CACHE.capacity_frames) * tpf
-    for f in frames:
-        tokens, b_short, e, h = per_block(f, SHORT_CACHE)
-        b_full = per_block(f, gen.cache)[1]
+    for n, f in points:
+        tokens, b_short, e, h = per_block(n, f, SHORT_CACHE)
+        b_full = per_block(n, f, gen.cache)[1]
         xs.append(tokens)
         blk.append(b_short)
         full.append(b_full)
         emb.append(e)
         head.append(h)
-        print(f"{f} latent frames ({tokens} tokens): block {b_short * 1000:.2f} ms ({b_full * 1000:.2f} ms against "
+        print(f"{n} stream(s) x {f} latent frames ({tokens} tokens): block {b_short * 1000:.2f} ms ({b_full * 1000:.2f} ms against "
               f"{gen.cache.capacity_frames} cached frames), embed {e * 1000:.2f} ms, head {h * 1000:.2f} ms",
               flush=True)
     ex.shutdown()
@@ -210,14 +210,17 @@ def main() -> None:
     parser.add_argument("--name", default="cpu-2core")
     parser.add_argument("--out", default="profiles/cpu-2core.json")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frames", default="1,2,3,5", help="latent frames per profiled forward")
+    parser.add_argument("--frames", default="1,2,3,5,2x5,4x5",
+                        help="profiled forwards: latent frames of one stream, or STREAMSxFRAMES in one micro-batch "
+                             "(the engine batches streams: the fit spans the micro-batches it runs)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray call overhead and gloo transfer")
     parser.add_argument("--merge", action="store_true", help="keep the other models already in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = get_config(args.model)
     gen = GenerationConfig(model=model, sampler=SamplerConfig(chunk_frames=1), cache=CacheConfig())
-    block, attention, embed, head = dit_costs(gen, [int(f) for f in args.frames.split(",")], args.repeats)
+    points = [tuple(int(v) for v in p.split("x")) if "x" in p else (1, int(p)) for p in args.frames.split(",")]
+    block, attention, embed, head = dit_costs(gen, points, args.repeats)
     costs = ModelCosts(block=block, attention_s=attention, embed=embed, head=head,
                        vae_decode=decode_cost(gen, args.repeats),
                        text_encode_s=text_cost(gen, max(5, args.repeats)))

@@ -97,9 +97,10 @@ class Executor(ABC):
 
     @abstractmethod
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
-                repeats: int = 1) -> list[StageStats]:
-        """Per-stage block timings on random inputs of one chunk (the block scheduler's start-up costs): the
-        fastest of ``repeats`` timed forwards, since interference only ever adds time."""
+                repeats: int = 1, streams: int = 1) -> list[StageStats]:
+        """Per-stage block timings on random inputs of one chunk of each of ``streams`` streams in one micro-batch
+        (the block scheduler's start-up costs): the fastest of ``repeats`` timed forwards, since interference
+        only ever adds time."""
 
     @abstractmethod
     def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
@@ -252,8 +253,8 @@ class InProcessExecutor(Executor):
         return [stage.block_range for stage in self.stages]
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
-                repeats: int = 1) -> list[StageStats]:
-        return [stage.profile(grid, frames, cache_cfg, repeats) for stage in self.stages]
+                repeats: int = 1, streams: int = 1) -> list[StageStats]:
+        return [stage.profile(grid, frames, cache_cfg, repeats, streams) for stage in self.stages]
 
     def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
         return self.pool.profile(latent_shape, frames, repeats) if self.pool is not None else None

@@ -224,8 +224,8 @@ class StageActorBody(_Peer):
     def owned_parameter_names(self) -> list[str]:
         return self.worker.owned_parameter_names()
 
-    def profile(self, grid, frames, cache_cfg, repeats: int = 1) -> StageStats:
-        return self.worker.profile(grid, frames, cache_cfg, repeats)
+    def profile(self, grid, frames, cache_cfg, repeats: int = 1, streams: int = 1) -> StageStats:
+        return self.worker.profile(grid, frames, cache_cfg, repeats, streams)
 
     def release_blocks(self, ids: list[int]):
         return self.worker.release_blocks(ids)
@@ -510,8 +510,8 @@ class RayExecutor(Executor):
         return list(self._split)
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
-                repeats: int = 1) -> list[StageStats]:
-        return self._get([a.profile.remote(grid, frames, cache_cfg, repeats) for a in self.actors])
+                repeats: int = 1, streams: int = 1) -> list[StageStats]:
+        return self._get([a.profile.remote(grid, frames, cache_cfg, repeats, streams) for a in self.actors])
 
     def profile_decode(self, latent_shape: tuple[int, int, int], frames: int, repeats: int = 1) -> float | None:
         if not self.decoders:

@@ -301,8 +301,8 @@ class SimExecutor(Executor):
         self._split = list(split)
 
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
-                repeats: int = 1) -> list[StageStats]:
-        tokens = frames * grid[0] * grid[1]
+                repeats: int = 1, streams: int = 1) -> list[StageStats]:
+        tokens = streams * frames * grid[0] * grid[1]
         cached = tokens * cache_cfg.capacity_frames * grid[0] * grid[1]  # against a full cache, as the stages do
         return [StageStats(k, self.stage_cost(k, tokens, cached), 0.0, 0, 0, tokens,
                            self.block_times(k, tokens, cached)) for k in range(self.num_stages)]

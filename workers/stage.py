@@ -177,13 +177,16 @@ class StageWorker:
         return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
 
     @torch.no_grad()
-    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig, repeats: int = 1) -> StageStats:
-        """Time this slice's blocks on a throwaway stream with random inputs of a chunk's shape, attending to a
-        full cache (its capacity committed first), as a stream does once past its first chunks. Returns the
-        fastest of ``repeats`` timed forwards after a warm-up: interference from other processes only adds."""
+    def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig, repeats: int = 1,
+                streams: int = 1) -> StageStats:
+        """Time this slice's blocks on ``streams`` throwaway streams with random inputs of a chunk's shape, in one
+        micro-batch, each attending to a full cache (its capacity committed first), as a stream does once past its
+        first chunks. Returns the fastest of ``repeats`` timed forwards after a warm-up: interference from other
+        processes only adds."""
         cfg = self.model.cfg
-        sid = "__profile__"
-        self.open_stream(sid, cache_cfg)
+        sids = [f"__profile__{i}" for i in range(streams)]
+        for sid in sids:
+            self.open_stream(sid, cache_cfg)
         try:
             gen = torch.Generator().manual_seed(0)
             tokens = grid[0] * grid[1]
@@ -197,19 +200,22 @@ class StageWorker:
                                     for s in ((f, tokens, cfg.dim), (f, cfg.dim), (f, 6, cfg.dim))))
 
             full = cache_cfg.capacity_frames  # >= 1: context entries at t=0 whose K/V join the cache, as finished
-            fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,  # chunks' do
-                        ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
-            self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {}, profile=True),
-                         inputs(full), None if self.stage == 0 else {sid: ctx}, torch.zeros(full, device=self.device))
-            work = Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0),), 1, frames)
-            mb = MicroBatch(-1, [work], grid, {}, profile=True)
-            t = torch.full((frames,), 500.0, device=self.device)
-            x = inputs(frames)
+            for sid in sids:  # chunks' do
+                fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,
+                            ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
+                self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {},
+                                        profile=True),
+                             inputs(full), None if self.stage == 0 else {sid: ctx}, torch.zeros(full, device=self.device))
+            works = [Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0),), 1, frames) for sid in sids]
+            mb = MicroBatch(-1, works, grid, {}, profile=True)
+            t = torch.full((frames * streams,), 500.0, device=self.device)
+            x = inputs(frames * streams)
             self.forward(mb, x, None, t)  # warm-up
             runs = [self.forward(mb, x, None, t)[2] for _ in range(max(1, repeats))]
             return min(runs, key=lambda s: s.compute_s)
         finally:
-            self.close_stream(sid)
+            for sid in sids:
+                self.close_stream(sid)
             self._last_end = None
 
     # rebalance --------------------------------------------------------------------------------------

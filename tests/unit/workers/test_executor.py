@@ -67,6 +67,27 @@ def test_a_stage_profile_keeps_the_least_disturbed_of_its_repeats():
     assert not stage.streams  # the throwaway stream is closed
 
 
+def test_a_stage_profile_batches_streams_as_the_engine_does():
+    """``streams`` throwaway streams, each filled and attending to its own full cache, in one micro-batch: the
+    timed forward carries every stream's tokens (bench/profile.py fits the batched sizes the engine runs)."""
+    from workers.config import CacheConfig
+
+    stage = build_executor(GenerationConfig(model=CFG, height=32, width=48),
+                           ParallelConfig(stages=1, backend="local")).stages[0]
+    real, batches = stage.forward, []
+
+    def forward(mb, *args, **kwargs):
+        batches.append([w.stream_id for w in mb.segments])
+        return real(mb, *args, **kwargs)
+
+    stage.forward = forward
+    one = stage.profile((2, 3), 2, CacheConfig(sink_frames=1, window_frames=3))
+    three = stage.profile((2, 3), 2, CacheConfig(sink_frames=1, window_frames=3), streams=3)
+    assert (one.tokens, three.tokens) == (2 * 6, 3 * 2 * 6)
+    assert batches[3:6] == [["__profile__0"], ["__profile__1"], ["__profile__2"]]  # fills, one per stream
+    assert batches[-1] == ["__profile__0", "__profile__1", "__profile__2"] and not stage.streams
+
+
 class _Refs:
     """Ray's wait/get over a dict of finished calls (ref -> result); a ref not in it is still running."""
 
