@@ -55,7 +55,8 @@ demo: setup
 demo-v2v: setup
 	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4 --chunk-frames 1
 
-# Retrain the demo model from scratch on CPU (one thread, about 90 minutes; resumes from out/train-demo/state.pt).
+# Retrain the demo model from scratch on CPU (VAE on one thread, DiT on every core; 1.5-2 hours on this 2-core
+# machine, depending on its neighbours; resumes from out/train-demo/state.pt, and kill or Ctrl-C saves it).
 # DEMO_CKPT=workers/weights/demo.pt replaces the shipped checkpoint.
 DEMO_CKPT ?= out/train-demo/demo.pt
 train-demo: setup

@@ -218,8 +218,9 @@ def adaln_zero(model: CausalWanModel) -> None:
 class Trainer:
     """Both phases with one resumable state file; ``run`` continues wherever the state left off."""
 
-    def __init__(self, cfg: TrainConfig, state_path: str, log=print):
-        self.cfg, self.state_path, self.log = cfg, state_path, log
+    def __init__(self, cfg: TrainConfig, state_path: str, log=print, set_threads: bool = False):
+        """``set_threads``: ``run`` sets torch's (process-wide) thread count per phase from ``cfg.threads``."""
+        self.cfg, self.state_path, self.log, self.set_threads = cfg, state_path, log, set_threads
         torch.manual_seed(cfg.seed)
         model_cfg = dataclasses.replace(get_config(cfg.model), weights="", init_seed=cfg.seed)
         self.vae = DemoVAE(z_dim=model_cfg.in_channels, width=cfg.vae_width)
@@ -307,14 +308,16 @@ class Trainer:
         """Phase 1 up to ``vae_steps``, then phase 2 up to ``steps``; progress lines, periodic saves and evals."""
         cfg = self.cfg
         if self.vae_step < cfg.vae_steps:
-            torch.set_num_threads(cfg.threads or 1)  # more threads slow its small convolutions down here
+            if self.set_threads:
+                torch.set_num_threads(cfg.threads or 1)  # more threads slow its small convolutions down here
             self.vae.train()
             self._loop("vae", lambda: self.vae_step, cfg.vae_steps, cfg.vae_batch, self.vae_train_step, None)
             self.vae.eval()
             self.report_vae()
             self.loss_avg = None
         self.vae.eval().requires_grad_(False)
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        if self.set_threads:
+            torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         self._loop("dit", lambda: self.step, cfg.steps, cfg.batch, self.train_step,
                    (lambda: self.report_eval(eval_path)) if cfg.eval_every_s else None)
 
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
     # kill (SIGTERM) saves the state like Ctrl-C does (a background job ignores SIGINT): the loops save in finally
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    trainer = Trainer(cfg, args.state, log)
+    trainer = Trainer(cfg, args.state, log, set_threads=True)
     if args.fresh and os.path.exists(args.state):
         os.remove(args.state)
     resumed = trainer.load()
