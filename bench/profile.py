@@ -6,9 +6,9 @@ the simulator charge for each piece.
 In process, one torch thread (a stage actor's setting): per-block forward, embed and head against tokens
 (P=2 stages on 1..5 latent frames of one stream and on micro-batches of 2 and 4 streams, so stage 0's extra
 time is the embedding and stage 1's the head), attention over the KV cache (the same forwards against one
-cached frame and against a full default cache), the decoder per chunk (1 and 2 latent frames), text encode, how much a forward slows while every core computes (one
-process per core, as bench/cpu_ceiling.py), and, over Ray, the per-call overhead of a stage actor and the
-stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
+cached frame and against a full default cache), the decoder per chunk (1 and 2 latent frames), text encode,
+how much a forward slows while every core computes (one process per core, as bench/cpu_ceiling.py), and, over
+Ray, the per-call overhead of a stage actor and the stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
 """
 
 from __future__ import annotations
