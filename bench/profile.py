@@ -8,7 +8,8 @@ In process, one torch thread (a stage actor's setting): per-block forward, embed
 time is the embedding and stage 1's the head), attention over the KV cache (the same forwards against one
 cached frame and against a full default cache), the decoder per chunk (1 and 2 latent frames), text encode,
 how much a forward slows while every core computes (one process per core, as bench/cpu_ceiling.py), and, over
-Ray, the per-call overhead of a stage actor and the stage-to-stage transfer (gloo, two processes, small and large messages). Medians of ``--repeats``.
+Ray, the per-call overhead of a stage actor and the stage-to-stage transfer (gloo, two processes, small and
+large messages). Medians of ``--repeats``.
 """
 
 from __future__ import annotations
