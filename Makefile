@@ -13,8 +13,8 @@ setup: $(STAMP)
 # (setup.py) generates the gRPC modules from the .proto, so there is no separate proto step.
 $(STAMP): pyproject.toml setup.py protos/streamgen/v1/stream.proto
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
 lint: setup

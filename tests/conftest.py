@@ -65,3 +65,10 @@ def pytest_sessionfinish(session, exitstatus):
     bad = hygiene.report(hygiene.seen())
     if bad and session.exitstatus == 0:
         session.exitstatus = 1
+
+
+def pytest_runtest_logreport(report):
+    """A failure's last lines at once, not only in the summary: CI keeps the head of a long log."""
+    if report.failed:
+        tail = report.longreprtext.strip().splitlines()[-12:]
+        print(f"\n--- FAILED {report.nodeid} ({report.when}) ---\n" + "\n".join(tail), flush=True)
