@@ -21,7 +21,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: lint tools
-	$(PY) -m pytest -q -m "not slow and not gpu"
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
 
 # promtool for tests/unit/test_k8s.py, beside the venv's python: taken out of Debian's prometheus package rather
 # than installing it (which would start a Prometheus server). Best effort: where apt is missing, or the package
@@ -55,8 +55,8 @@ demo: setup
 demo-v2v: setup
 	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4 --chunk-frames 1
 
-# Retrain the demo model from scratch on CPU (VAE on one thread, DiT on every core; 1.5-2 hours on this 2-core
-# machine, depending on its neighbours; resumes from out/train-demo/state.pt, and kill or Ctrl-C saves it).
+# Retrain the demo model from scratch on CPU (VAE on one thread, DiT on every core; 1 h 26 min measured on this
+# 2-core machine, more with busy neighbours; resumes from out/train-demo/state.pt, and kill or Ctrl-C saves it).
 # DEMO_CKPT=workers/weights/demo.pt replaces the shipped checkpoint.
 DEMO_CKPT ?= out/train-demo/demo.pt
 train-demo: setup
