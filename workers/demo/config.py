@@ -30,6 +30,9 @@ class TrainConfig:
 
     model: str = "demo"
     """Named model config to train (workers/config.py MODEL_CONFIGS; its vae must be 'demo')."""
+    init: str = ""
+    """A demo checkpoint to fine-tune (its generator_ema starts the DiT and its VAE is kept: no VAE phase, and
+    ``steps`` count from 0 again); empty: from scratch."""
     vae_steps: Annotated[int, Field(ge=1, le=10_000_000)] = 900
     """Phase 1: VAE optimizer steps."""
     vae_batch: Annotated[int, Field(ge=1, le=4096)] = 8

@@ -34,7 +34,8 @@ from workers.demo import clips
 from workers.demo.config import TrainConfig
 from workers.demo.bank import GRID, LatentBank, clip_groups
 from workers.demo.train_vae import measure_latents, psnr, reconstruct, vae_batch, vae_loss
-from workers.model.demo_vae import T_UP, DemoVAE
+from workers.model.demo_vae import T_UP, DemoVAE, load_demo_vae
+from workers.loader import load_weights
 from workers.model.dit import CausalWanModel
 from workers.model.schedule import FlowMatchSchedule
 from workers.model.text import build_text_encoder
@@ -236,9 +237,19 @@ class Trainer:
         self.sigmas = sampler_sigmas(cfg.shift)
         self.bank: LatentBank | None = None  # built once the VAE is trained
         self.vae_step = self.step = 0
+        if cfg.init:
+            self._start_from(cfg.init)
         self.elapsed = 0.0  # seconds of training over all runs (resumes included)
         self.loss_avg: float | None = None
         self.history: list[dict] = []
+
+    def _start_from(self, path: str) -> None:
+        """Fine-tuning: the DiT (and its EMA) from ``path``'s EMA weights through the real loader, its VAE as
+        it is; the VAE phase counts as done."""
+        load_weights(self.model, path, use_ema=True)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.vae.load_state_dict(load_demo_vae(path, self.vae.z_dim).state_dict())
+        self.vae_step = self.cfg.vae_steps
 
     # state ------------------------------------------------------------------------------------------
 
@@ -405,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(args.state)
     resumed = trainer.load()
     params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"{'resuming (VAE step %d, DiT step %d)' % (trainer.vae_step, trainer.step) if resumed else 'from scratch'}: "
+    start = f"fine-tuning {cfg.init}" if cfg.init else "from scratch"
+    log(f"{'resuming (VAE step %d, DiT step %d)' % (trainer.vae_step, trainer.step) if resumed else start}: "
         f"model {cfg.model} ({params / 1e6:.2f} M parameters), VAE {cfg.vae_steps} steps x {cfg.vae_batch} clips, "
         f"DiT {cfg.steps} steps x {cfg.batch} clips of {cfg.chunks} x {cfg.chunk_frames} latent frames "
         f"({cfg.staircase:.0%} stream_batch staircases of {cfg.staircase_chunks}), "

@@ -126,6 +126,26 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert Trainer(dataclasses.replace(SMALL, log_every_s=1.0), str(tmp_path / "b.pt")).load()  # cadence only
 
 
+def test_fine_tuning_starts_from_a_checkpoints_ema_and_keeps_its_vae(tmp_path):
+    base = Trainer(SMALL, str(tmp_path / "base.pt"), log=lambda line: None)
+    base.vae_train_step(), base.vae_train_step(), base.train_step(), base.train_step()
+    ckpt = str(tmp_path / "demo.pt")
+    train.export(ckpt, base.model, base.ema, base.vae)
+    tuned = Trainer(dataclasses.replace(SMALL, init=ckpt), str(tmp_path / "tuned.pt"), log=lambda line: None)
+    assert (tuned.vae_step, tuned.step) == (SMALL.vae_steps, 0)  # no VAE phase; the DiT steps count afresh
+    for name, value in base.ema.state_dict().items():  # the EMA as shipped (float16), not the raw weights
+        assert torch.equal(tuned.model.state_dict()[name], value.half().float()), name
+        assert torch.equal(tuned.ema.state_dict()[name], value.half().float()), name
+    for name, value in base.vae.state_dict().items():
+        assert torch.equal(tuned.vae.state_dict()[name], value), name
+    vae_before = {k: v.clone() for k, v in tuned.vae.state_dict().items()}
+    tuned.run(str(tmp_path / "tuned_eval.pt"))
+    assert (tuned.vae_step, tuned.step) == (SMALL.vae_steps, SMALL.steps)
+    assert all(torch.equal(vae_before[k], v) for k, v in tuned.vae.state_dict().items())  # the VAE is kept
+    with pytest.raises(FileNotFoundError):
+        Trainer(dataclasses.replace(SMALL, init=str(tmp_path / "missing.pt")), str(tmp_path / "x.pt"))
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError):
         TrainConfig(model="tiny")  # not a demo-VAE model
