@@ -248,7 +248,10 @@ class Trainer:
         it is; the VAE phase counts as done."""
         load_weights(self.model, path, use_ema=True)
         self.ema.load_state_dict(self.model.state_dict())
-        self.vae.load_state_dict(load_demo_vae(path, self.vae.z_dim).state_dict())
+        vae = load_demo_vae(path, self.vae.z_dim)
+        if vae.width != self.vae.width:
+            raise ValueError(f"{path}: its VAE has width {vae.width}, the config {self.vae.width} (--vae-width)")
+        self.vae.load_state_dict(vae.state_dict())
         self.vae_step = self.cfg.vae_steps
 
     # state ------------------------------------------------------------------------------------------

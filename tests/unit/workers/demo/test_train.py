@@ -144,6 +144,8 @@ def test_fine_tuning_starts_from_a_checkpoints_ema_and_keeps_its_vae(tmp_path):
     assert all(torch.equal(vae_before[k], v) for k, v in tuned.vae.state_dict().items())  # the VAE is kept
     with pytest.raises(FileNotFoundError):
         Trainer(dataclasses.replace(SMALL, init=str(tmp_path / "missing.pt")), str(tmp_path / "x.pt"))
+    with pytest.raises(ValueError, match="width 16"):
+        Trainer(dataclasses.replace(SMALL, init=ckpt, vae_width=32), str(tmp_path / "y.pt"))
 
 
 def test_config_is_validated():
