@@ -180,6 +180,17 @@ def export(path: str, model: CausalWanModel, ema: CausalWanModel, vae: DemoVAE) 
     return os.path.getsize(path)
 
 
+def spread_prompts(n: int) -> list[clips.Prompt]:
+    """``n`` prompts spread over colours, shapes and directions: for 8, each colour twice, each shape four
+    times, each direction twice, no colour always with one direction; for 32, every prompt once."""
+    colours, directions = list(clips.COLOURS), list(clips.DIRECTIONS)
+    chosen = []
+    for i in range(n):
+        c, k = i % 4, (i // 4) % 8  # k: the round of four colours
+        chosen.append(clips.Prompt(colours[c], clips.SHAPES[k % 2], directions[(c + k // 2 + k) % 4]))
+    return chosen
+
+
 @torch.no_grad()
 def evaluate(path: str, model_name: str, chunk_frames: int, prompts: int, frames: int,
              mode: str = "sequential") -> dict:
@@ -192,7 +203,7 @@ def evaluate(path: str, model_name: str, chunk_frames: int, prompts: int, frames
     gen_cfg = GenerationConfig(model=get_config(model_name), model_path=path, use_ema=True,
                                sampler=SamplerConfig(chunk_frames=chunk_frames, mode=mode))
     ref = ReferenceGenerator(gen_cfg)
-    chosen = [PROMPTS[(i * len(PROMPTS) // prompts + i) % len(PROMPTS)] for i in range(prompts)]
+    chosen = spread_prompts(prompts)
     n_chunks = math.ceil((frames - 1) / (T_UP * chunk_frames)) + 1
     colour = direction = visible = 0.0
     for i, p in enumerate(chosen):

@@ -1,6 +1,7 @@
 """The demo trainer: deterministic data, the layouts the engine's cache produces, exact resume."""
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -146,6 +147,15 @@ def test_fine_tuning_starts_from_a_checkpoints_ema_and_keeps_its_vae(tmp_path):
         Trainer(dataclasses.replace(SMALL, init=str(tmp_path / "missing.pt")), str(tmp_path / "x.pt"))
     with pytest.raises(ValueError, match="width 16"):
         Trainer(dataclasses.replace(SMALL, init=ckpt, vae_width=32), str(tmp_path / "y.pt"))
+
+
+def test_evaluation_prompts_spread_and_32_are_all_of_them():
+    assert sorted(p.text for p in train.spread_prompts(32)) == sorted(p.text for p in train.PROMPTS)
+    eight = train.spread_prompts(8)
+    for attr, each in (("colour", 2), ("shape", 4), ("direction", 2)):
+        counts = Counter(getattr(p, attr) for p in eight)
+        assert set(counts.values()) == {each}, (attr, counts)
+    assert all(len({p.direction for p in eight if p.colour == c}) == 2 for c in {p.colour for p in eight})
 
 
 def test_config_is_validated():
