@@ -90,7 +90,7 @@ def test_dead_stage_stream_resumes(server, how):
     died, migrated, lost = (failures(),
                             metric(server, "streamgen_stream_migrations_total", result="ok"),
                             metric(server, "streamgen_frames_total", outcome="lost"))
-    rebuilds, rebuild_s = rebuild_metrics(server)
+    rebuilds_before, rebuild_sum_before = rebuild_metrics(server)
 
     def fault(executor):
         if how == "ray_kill":
@@ -100,7 +100,7 @@ def test_dead_stage_stream_resumes(server, how):
 
     frames, times = run_with_fault(server, fault)
     assert len(frames) == 110
-    rebuild_s = rebuild_seconds(server, rebuilds, rebuild_s)
+    rebuild_s = rebuild_seconds(server, rebuilds_before, rebuild_sum_before)
     gap = check_resumed(frames, times, bound_s=2.0 + rebuild_s)  # the service's 2 s beyond the rebuild it measured
     assert failures() == died + 1
     assert metric(server, "streamgen_stream_migrations_total", result="ok") == migrated + 1
@@ -109,7 +109,7 @@ def test_dead_stage_stream_resumes(server, how):
 
 def test_hung_stage_fails_over_without_zombie_frames(server):
     timeouts = metric(server, "streamgen_stage_errors_total", kind="timeout")
-    rebuilds, rebuild_s = rebuild_metrics(server)
+    rebuilds_before, rebuild_sum_before = rebuild_metrics(server)
     stopped = []
 
     def fault(executor):
@@ -122,7 +122,7 @@ def test_hung_stage_fails_over_without_zombie_frames(server):
     assert len(frames) == 200
     # the 2 s call timeout, then the rebuild as the service measured it (new stage processes: an idle start
     # is not its bound once the suite's other processes share the 2 cores), then 2 s to resume
-    rebuild_s = rebuild_seconds(server, rebuilds, rebuild_s)
+    rebuild_s = rebuild_seconds(server, rebuilds_before, rebuild_sum_before)
     check_resumed(frames, times, bound_s=2.0 + rebuild_s + 2.0)
     assert metric(server, "streamgen_stage_errors_total", kind="timeout") == timeouts + 1
     replica = server.service.replicas[0]
