@@ -183,11 +183,13 @@ def export(path: str, model: CausalWanModel, ema: CausalWanModel, vae: DemoVAE) 
 def spread_prompts(n: int) -> list[clips.Prompt]:
     """``n`` prompts spread over colours, shapes and directions: for 8, each colour twice, each shape four
     times, each direction twice, no colour always with one direction; for 32, every prompt once."""
-    colours, directions = list(clips.COLOURS), list(clips.DIRECTIONS)
+    colours, shapes, directions = list(clips.COLOURS), clips.SHAPES, list(clips.DIRECTIONS)
+    rounds = len(shapes) * len(directions)  # k: which round of one prompt per colour
     chosen = []
     for i in range(n):
-        c, k = i % 4, (i // 4) % 8  # k: the round of four colours
-        chosen.append(clips.Prompt(colours[c], clips.SHAPES[k % 2], directions[(c + k // 2 + k) % 4]))
+        c, k = i % len(colours), (i // len(colours)) % rounds
+        d = (c + k // len(shapes) + k) % len(directions)  # each (colour, shape) meets every direction once
+        chosen.append(clips.Prompt(colours[c], shapes[k % len(shapes)], directions[d]))
     return chosen
 
 
