@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -45,15 +46,31 @@ CADENCE = {"threads", "checkpoint_every_s", "log_every_s", "eval_every_s", "eval
 """TrainConfig fields a resumed run may change: they do not change what is trained."""
 
 
-def step_sigmas(n: int, shift: float) -> list[float]:
+STREAM_START = (clips.SIZE // 2, clips.SIZE // 2)
+"""Where a stream's object is at frame 0 (``TrainConfig.centred_start``): the frame's centre."""
+STEP_COUNTS = (2, 3, 3, 4, 4, 4, 4, 4)
+"""Sampler step counts the noise levels are drawn for, uniformly from this list: the default 4 most often."""
+
+
+@functools.lru_cache(maxsize=None)
+def step_sigmas(n: int, shift: float) -> tuple[float, ...]:
     """The sigmas the engine's sampler visits with n evenly spaced steps (as ``steps`` requests ask), descending."""
     steps = tuple(1000.0 * (n - i) / n for i in range(n))
-    return FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas()
+    return tuple(FlowMatchSchedule(SamplerConfig(denoising_steps=steps, shift=shift)).step_sigmas())
 
 
-def sampler_sigmas(shift: float) -> list[float]:
-    """Every sigma the engine's sampler visits with 2, 3 or 4 evenly spaced steps."""
-    return sorted({s for n in (2, 3, 4) for s in step_sigmas(n, shift)})
+def step_count(gen: torch.Generator) -> int:
+    return STEP_COUNTS[int(torch.randint(len(STEP_COUNTS), (), generator=gen))]
+
+
+def visit_sigmas(gen: torch.Generator, k: int, shift: float) -> torch.Tensor:
+    """k noise levels [k], each drawn as the engine's sampler visits them: a step count, then one of its steps
+    uniformly (every chunk visits each step of its list once, so sigma = 1 is about a third of the visits)."""
+    levels = []
+    for _ in range(k):
+        sigmas = step_sigmas(step_count(gen), shift)
+        levels.append(sigmas[int(torch.randint(len(sigmas), (), generator=gen))])
+    return torch.tensor(levels, dtype=torch.float32)
 
 
 @dataclasses.dataclass
@@ -99,18 +116,27 @@ def layout(gen: torch.Generator, cfg: TrainConfig) -> tuple[list[int], list[int]
     return latents, [a] * n, a, first
 
 
-STAIRCASE_STEPS = (2, 3, 3, 4, 4, 4, 4, 4)
-"""Steps of a staircase clip, drawn uniformly from this list: the default 4 most often."""
-
-
 def staircase_levels(gen: torch.Generator, shift: float) -> torch.Tensor:
     """The noise levels of the n chunks a stream_batch forward carries, oldest first: [sigma_{n-1} .. sigma_0]
     of an evenly spaced n-step list (ascending; the newest chunk is pure noise)."""
-    n = STAIRCASE_STEPS[int(torch.randint(len(STAIRCASE_STEPS), (), generator=gen))]
-    return torch.tensor(step_sigmas(n, shift)[::-1], dtype=torch.float32)
+    return torch.tensor(step_sigmas(step_count(gen), shift)[::-1], dtype=torch.float32)
 
 
-def make_batch(cfg: TrainConfig, step: int, sigmas: list[float], bank: LatentBank) -> Batch:
+def start_levels(gen: torch.Generator, cfg: TrainConfig) -> tuple[torch.Tensor, int]:
+    """A stream's start without context, per block [chunks], and how many blocks are trained. Sequential: every
+    block at its own visited level (block 0, alone in its causal view, is chunk 0 at any of its steps).
+    Stream_batch's first ticks (``start_staircase``): tick t of an n-step list holds chunks 0..t, chunk j at
+    step t - j; the blocks after t are not part of that forward (noise, untrained)."""
+    if float(torch.rand((), generator=gen)) >= cfg.start_staircase:
+        return visit_sigmas(gen, cfg.chunks, cfg.shift), cfg.chunks
+    sigmas = step_sigmas(step_count(gen), cfg.shift)
+    t = int(torch.randint(min(len(sigmas), cfg.chunks), (), generator=gen))
+    levels = torch.ones(cfg.chunks)
+    levels[:t + 1] = torch.tensor([sigmas[t - j] for j in range(t + 1)])
+    return levels, t + 1
+
+
+def make_batch(cfg: TrainConfig, step: int, bank: LatentBank) -> Batch:
     """The batch of ``step``: a pure function of (seed, step) and the bank, so a resumed run sees the same data.
     A ``staircase`` share of the steps are stream_batch forwards (``staircase_chunks`` blocks each), the rest
     ``chunks``-block clips with per-block noise levels."""
@@ -129,20 +155,28 @@ def make_batch(cfg: TrainConfig, step: int, sigmas: list[float], bank: LatentBan
         else:
             latents, per_latent, text, first = layout(gen, cfg)
         start = tuple((torch.randint(clips.SIZE // GRID, (2,), generator=gen) * GRID).tolist())
+        if latents[0] == 0 and float(torch.rand((), generator=gen)) < cfg.centred_start:
+            start = STREAM_START
         x0.append(bank.lookup(per_latent, *clip_groups(latents, per_latent, start)))  # [F, z, h, w]
-        if not stair:
+        trained = chunks - first
+        if stair:
+            pass
+        elif first == 0 and latents[0] == 0:  # the stream's start: text is all it has
+            levels, trained = start_levels(gen, cfg)
+        else:
             noisy = chunks - first
             if float(torch.rand((), generator=gen)) < cfg.sampler_sigmas:
-                pick = torch.randint(len(sigmas), (noisy,), generator=gen)
-                levels = torch.tensor([sigmas[i] for i in pick.tolist()], dtype=torch.float32)
+                levels = visit_sigmas(gen, noisy, cfg.shift)
             else:
                 u = torch.rand(noisy, generator=gen)
                 levels = cfg.shift * u / (1 + (cfg.shift - 1) * u)
             if float(torch.rand((), generator=gen)) < cfg.sorted_noise:
                 levels = levels.sort().values
         block_sigma = torch.cat((torch.zeros(first), levels))  # [chunks]
+        mask = torch.zeros(chunks)
+        mask[first:first + trained] = 1.0
         sig.append(block_sigma.repeat_interleave(f))
-        masks.append((block_sigma > 0).float().repeat_interleave(f))
+        masks.append(mask.repeat_interleave(f))
         texts.append(text)
     return Batch(torch.stack(x0), torch.stack(sig), torch.tensor(texts), torch.stack(masks))
 
@@ -247,7 +281,6 @@ class Trainer:
                                      betas=(0.9, 0.99))
         encoder = build_text_encoder(get_config(cfg.model))  # as served: its hash seed is the config's
         self.context = torch.stack([encoder(p.text) for p in PROMPTS])  # [32, L, text_dim]
-        self.sigmas = sampler_sigmas(cfg.shift)
         self.bank: LatentBank | None = None  # built once the VAE is trained
         self.vae_step = self.step = 0
         if cfg.init:
@@ -314,7 +347,7 @@ class Trainer:
         cfg = self.cfg
         if self.bank is None:
             self.bank = LatentBank.build(self.vae.eval())
-        batch = make_batch(cfg, self.step, self.sigmas, self.bank)
+        batch = make_batch(cfg, self.step, self.bank)
         gen = torch.Generator().manual_seed((cfg.seed * 7_919 + self.step * 104_729 + 1) % (2**63 - 1))
         noise = torch.randn(batch.x0.shape, generator=gen)
         for group in self.opt.param_groups:

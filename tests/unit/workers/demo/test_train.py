@@ -8,7 +8,7 @@ import torch
 
 from workers.demo import train
 from workers.demo.config import TrainConfig
-from workers.demo.train import STAIRCASE_STEPS, Trainer, layout, lr_at, make_batch, sampler_sigmas
+from workers.demo.train import STEP_COUNTS, Trainer, layout, lr_at, make_batch, step_sigmas, visit_sigmas
 from workers.demo.bank import LatentBank, clip_groups
 from workers.demo.train_vae import PROMPTS, render_groups, vae_batch
 from workers.config import SamplerConfig
@@ -19,9 +19,34 @@ SMALL = TrainConfig(vae_steps=2, vae_batch=2, vae_width=16, steps=3, batch=2, wa
                     checkpoint_every_s=3600, log_every_s=3600)
 
 
-def test_sampler_sigmas_are_the_engines():
-    s = sampler_sigmas(5.0)
-    assert s[-1] == 1.0 and 0.9375 in s and 0.625 in s and len(s) == 6  # 4 steps: 1, .9375, .833, .625; + 3 steps
+def test_noise_levels_are_drawn_as_the_sampler_visits_them():
+    """Every chunk visits each step of its list once, so sigma = 1 (a chunk from noise) is drawn about a third of
+    the time, not a sixth as a uniform pick of the distinct levels gave."""
+    assert step_sigmas(4, 5.0) == pytest.approx((1.0, 0.9375, 0.833333, 0.625), abs=1e-5)
+    drawn = visit_sigmas(torch.Generator().manual_seed(0), 4000, 5.0).tolist()
+    engine = {round(s, 5) for n in (2, 3, 4) for s in step_sigmas(n, 5.0)}
+    assert {round(s, 5) for s in drawn} == engine and len(engine) == 6
+    want = sum(1 / n for n in STEP_COUNTS) / len(STEP_COUNTS)  # P(sigma = 1) = 0.30
+    assert abs(drawn.count(1.0) / len(drawn) - want) < 0.03
+
+
+def test_a_streams_start_is_one_clip_per_prompt():
+    """Clips that hold a stream's first frame start the object at the frame's centre, so the first chunk's target
+    is one clip per prompt (the few-step sampler reaches it from noise); ``centred_start=0`` puts it anywhere."""
+    def starts(centred: float) -> dict[int, set[bytes]]:
+        cfg = dataclasses.replace(SMALL, batch=8, first_chunk=1.0, staircase=0.0, centred_start=centred)
+        trainer = Trainer(cfg, "/nonexistent/state.pt")
+        bank = LatentBank.build(trainer.vae.eval())
+        seen: dict[int, set[bytes]] = {}
+        for step in range(6):
+            b = make_batch(cfg, step, bank)
+            for text, x0 in zip(b.text.tolist(), b.x0):
+                seen.setdefault(text, set()).add(x0.numpy().tobytes())
+        return seen
+
+    centred, anywhere = starts(1.0), starts(0.0)
+    assert any(len(v) > 0 for v in centred.values()) and all(len(v) == 1 for v in centred.values())
+    assert sum(len(v) for v in anywhere.values()) > len(anywhere)  # several starts of one prompt differ
 
 
 def test_layouts_mirror_the_cache():
@@ -47,12 +72,36 @@ def test_batches_are_a_function_of_seed_and_step():
     cfg = dataclasses.replace(SMALL, batch=3)
     trainer = Trainer(cfg, "/nonexistent/state.pt")
     bank = LatentBank.build(trainer.vae.eval())
-    a = make_batch(cfg, 5, trainer.sigmas, bank)
-    b = make_batch(cfg, 5, trainer.sigmas, bank)
+    a = make_batch(cfg, 5, bank)
+    b = make_batch(cfg, 5, bank)
     assert torch.equal(a.x0, b.x0) and torch.equal(a.sigma, b.sigma) and torch.equal(a.text, b.text)
     assert a.x0.shape == (3, 12, 8, 8, 8)
-    assert not torch.equal(a.x0, make_batch(cfg, 6, trainer.sigmas, bank).x0)
-    assert torch.equal(a.loss_mask, (a.sigma > 0).float())
+    assert not torch.equal(a.x0, make_batch(cfg, 6, bank).x0)
+    assert torch.equal(a.loss_mask * (a.sigma > 0), a.loss_mask)  # only noisy frames are trained
+
+
+def test_stream_starts_train_chunk_zero_from_noise_and_stream_batchs_first_ticks():
+    """A stream's start has only the text: sequential's chunk 0 at each of its steps (sigma = 1 included, where
+    the colour comes from the text alone), and stream_batch's tick t holding chunks 0..t at steps t..0 with the
+    later blocks outside the forward (untrained)."""
+    cfg = dataclasses.replace(SMALL, batch=8, first_chunk=1.0, staircase=0.0)
+    trainer = Trainer(cfg, "/nonexistent/state.pt")
+    bank = LatentBank.build(trainer.vae.eval())
+    lists = {n: step_sigmas(n, cfg.shift) for n in (2, 3, 4)}
+    ticks, block0 = Counter(), Counter()
+    for step in range(30):
+        b = make_batch(cfg, step, bank)
+        for sigma, mask in zip(b.sigma, b.loss_mask):
+            blocks, trained = sigma[::3].tolist(), int(mask[::3].sum())
+            assert mask[::3].tolist() == [1.0] * trained + [0.0] * (4 - trained) and min(blocks) > 0
+            block0[blocks[0]] += 1
+            if trained < 4 or blocks == pytest.approx(lists[4][::-1]):
+                t = trained - 1  # chunk j at step t - j of one list, the newest entering at sigma 1
+                assert blocks[t] == 1.0 and any(blocks[:t + 1] == pytest.approx([lst[t - j] for j in range(t + 1)])
+                                                for lst in lists.values() if len(lst) > t)
+                ticks[t] += 1
+    assert set(ticks) == {0, 1, 2, 3}, ticks
+    assert block0[1.0] / sum(block0.values()) > 0.2  # chunk 0 from noise (was 0.06: sorted, a sixth of draws)
 
 
 def test_staircase_steps_hold_what_a_stream_batch_forward_holds():
@@ -66,7 +115,7 @@ def test_staircase_steps_hold_what_a_stream_batch_forward_holds():
     stairs = 0
     seen = set()
     for step in range(40):
-        b = make_batch(cfg, step, trainer.sigmas, bank)
+        b = make_batch(cfg, step, bank)
         if b.x0.shape[1] == 3 * cfg.chunks:
             continue
         stairs += 1
@@ -78,7 +127,7 @@ def test_staircase_steps_hold_what_a_stream_batch_forward_holds():
             assert noisy == pytest.approx(lists[len(noisy)]) and blocks[-1] == 1.0  # the newest enters as noise
             assert blocks[:len(blocks) - len(noisy)] == [0.0] * (len(blocks) - len(noisy)) and len(noisy) < len(blocks)
             seen.add(len(noisy))
-    assert 8 < stairs < 32 and seen == set(STAIRCASE_STEPS)
+    assert 8 < stairs < 32 and seen == set(STEP_COUNTS)
 
 
 @pytest.mark.parametrize("prompt,start", [(0, (10, 20)), (13, (62, 2)), (30, (0, 36))])
