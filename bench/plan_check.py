@@ -29,7 +29,7 @@ from workers.config import CacheConfig, EngineConfig, GenerationConfig, Parallel
     get_config  # noqa: E402
 from workers.costs import load_profile  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
-from workers.sim import simulate  # noqa: E402
+from workers.sim import per_micro_batch, simulate  # noqa: E402
 
 
 def case(args) -> tuple[GenerationConfig, ParallelConfig, EngineConfig]:
@@ -69,7 +69,8 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
         executor.shutdown()
     fps = outputs_rate(stamps, warmup * streams)[1] * engine.video_frames_per_chunk
     return {"frames_per_s": fps, "latency_p50_s": percentile(latencies, 50),
-            "latency_p99_s": percentile(latencies, 99), "wall_s": wall, "split": split}
+            "latency_p99_s": percentile(latencies, 99), "wall_s": wall, "split": split,
+            "stage_compute_s": per_micro_batch(engine)}
 
 
 def check(args, profile) -> dict:
@@ -80,6 +81,7 @@ def check(args, profile) -> dict:
     real = {key: statistics.median(r[key] for r in runs)
             for key in ("frames_per_s", "latency_p50_s", "latency_p99_s", "wall_s")}
     real["split"] = runs[-1]["split"]
+    real["stage_compute_s"] = [statistics.median(r["stage_compute_s"][k] for r in runs) for k in range(args.stages)]
     real["repeats"] = runs
     # measured as the real run is: after `warmup` chunks per stream, until each stream has `chunks` more
     sim = simulate(gen, parallel, profile, args.streams, 100 * real["wall_s"], engine_cfg=engine_cfg,
@@ -92,12 +94,15 @@ def check(args, profile) -> dict:
           f"(median of {len(runs)}: {each} frames/s)")
     print(f"  plan: {sim.frames_per_s:.2f} frames/s, p50 {sim.latency_p50_s:.3f} s, split {sim.split}, "
           f"bottleneck {sim.bottleneck}")
+    ms = lambda xs: "[" + ", ".join(f"{1000 * x:.1f}" for x in xs) + "]"  # noqa: E731
+    print(f"  stage compute per micro-batch (ms): real {ms(real['stage_compute_s'])}, plan {ms(sim.stage_compute_s)}")
     print(f"plan error fps={err_fps:+.1f}% latency={err_lat:+.1f}%", flush=True)
     return {"case": {k: getattr(args, k) for k in ("model", "stages", "steps", "streams", "mode", "lanes",
                                                   "decode_workers", "chunks", "warmup", "repeats")},
             "real": real,
             "plan": {"frames_per_s": sim.frames_per_s, "latency_p50_s": sim.latency_p50_s,
                      "latency_p99_s": sim.latency_p99_s, "split": sim.split, "bottleneck": sim.bottleneck,
+                     "stage_compute_s": sim.stage_compute_s,
                      "utilization": sim.utilization},
             "error_pct": {"fps": err_fps, "latency_p50": err_lat}}
 

@@ -370,6 +370,9 @@ class SimResult:
     per_stream_fps: dict[str, float] = field(default_factory=dict)
     streams_at_fps: int = 0
     """Streams of this run that got ``fps`` (the planner searches the stream count where all of them do)."""
+    stage_compute_s: list[float] = field(default_factory=list)
+    """Per stage: compute seconds per micro-batch over the whole run (the engine's own ``EngineStats``, as a
+    real run reports them), to tell a cost error from a scheduling one."""
 
 
 def build(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, engine_cfg: EngineConfig | None = None,
@@ -437,9 +440,16 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
                        max(first.values(), default=float("inf")) if len(first) == streams else float("inf"),
                        percentile(latencies, 50), percentile(latencies, 99), util, memory, dmap.max_streams(),
                        engine.max_streams(fps), len(steady), per_stream_fps=per_stream)
+    result.stage_compute_s = per_micro_batch(engine)
     result.bottleneck = bottleneck(result, executor)
     result.streams_at_fps = sum(v >= fps * (1 - 1e-9) for v in per_stream.values())
     return result
+
+
+def per_micro_batch(engine: PipelineEngine) -> list[float]:
+    """Per stage: compute seconds per completed micro-batch of ``engine`` so far (real or simulated)."""
+    done = max(engine.stats.completed, 1)
+    return [s / done for s in engine.stats.compute_s]
 
 
 def bottleneck(result: SimResult, executor: SimExecutor) -> str:

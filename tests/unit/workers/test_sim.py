@@ -42,6 +42,7 @@ def test_two_stages_of_10ms_tick_10ms():
     # a chunk finishes with its 4th step: 4 chained forwards through 2 stages of 10 ms, after 10 ms in stage 0's
     # queue (the Ray executor's one micro-batch beyond the stages)
     assert r.latency_p50_s == pytest.approx(4 * 0.020 + 0.010, rel=0.01)
+    assert r.stage_compute_s == pytest.approx([0.010, 0.010], rel=0.01)  # per micro-batch, as EngineStats counts
 
 
 def test_one_stream_cannot_fill_two_stages_in_sequential_mode():

@@ -44,16 +44,17 @@ def reference():
     return ReferenceGenerator(GenerationConfig())
 
 
-def test_the_prompts_come_to_life(reference):
-    """48 frames (the demo's length) from the engine's sampler, one stream per colour x direction (shapes
-    alternate), seed 0: the detector sees the object on most frames and agrees with most prompts. The bar here
-    is the sample's; bench/quality.py measures all 64 streams through the service."""
+@pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
+def test_the_prompts_come_to_life(reference, mode):
+    """48 frames (the demo's length) from the engine's sampler in both modes, one stream per colour x direction
+    (shapes alternate), seed 0: the detector sees the object on most frames and agrees with most prompts. The
+    bar here is the sample's; bench/quality.py measures all 64 streams through the service."""
     prompts = [f"a {c} {'ball' if (i + j) % 2 else 'square'} moving {d}"
                for i, c in enumerate(COLOURS) for j, d in enumerate(DIRECTIONS)]
     colour = direction = visible = 0
     for text in prompts:
         _, want_colour, _, _, want_direction = text.split()
-        q = assess(reference.generate(text, 0, n_chunks=5)[:48])
+        q = assess(reference.generate(text, 0, n_chunks=5, mode=mode)[:48])
         colour += q.colour == want_colour
         direction += q.direction == want_direction
         visible += q.visibility
