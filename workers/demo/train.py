@@ -60,6 +60,7 @@ def step_sigmas(n: int, shift: float) -> tuple[float, ...]:
 
 
 def step_count(gen: torch.Generator) -> int:
+    """A sampler step count drawn from ``STEP_COUNTS``."""
     return STEP_COUNTS[int(torch.randint(len(STEP_COUNTS), (), generator=gen))]
 
 
@@ -158,12 +159,10 @@ def make_batch(cfg: TrainConfig, step: int, bank: LatentBank) -> Batch:
         if latents[0] == 0 and float(torch.rand((), generator=gen)) < cfg.centred_start:
             start = STREAM_START
         x0.append(bank.lookup(per_latent, *clip_groups(latents, per_latent, start)))  # [F, z, h, w]
-        trained = chunks - first
-        if stair:
-            pass
-        elif first == 0 and latents[0] == 0:  # the stream's start: text is all it has
+        trained = chunks - first  # blocks in the loss (a stream_batch start tick leaves its later ones out)
+        if not stair and first == 0 and latents[0] == 0:  # the stream's start: text is all it has
             levels, trained = start_levels(gen, cfg)
-        else:
+        elif not stair:
             noisy = chunks - first
             if float(torch.rand((), generator=gen)) < cfg.sampler_sigmas:
                 levels = visit_sigmas(gen, noisy, cfg.shift)
