@@ -29,7 +29,7 @@ from workers.config import CacheConfig, EngineConfig, GenerationConfig, Parallel
     get_config  # noqa: E402
 from workers.costs import load_profile  # noqa: E402
 from workers.engine import PipelineEngine  # noqa: E402
-from workers.sim import per_micro_batch, simulate  # noqa: E402
+from workers.sim import simulate  # noqa: E402
 
 
 def case(args) -> tuple[GenerationConfig, ParallelConfig, EngineConfig]:
@@ -70,7 +70,7 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
     fps = outputs_rate(stamps, warmup * streams)[1] * engine.video_frames_per_chunk
     return {"frames_per_s": fps, "latency_p50_s": percentile(latencies, 50),
             "latency_p99_s": percentile(latencies, 99), "wall_s": wall, "split": split,
-            "stage_compute_s": per_micro_batch(engine)}
+            "stage_compute_s": engine.stats.compute_per_micro_batch}
 
 
 def check(args, profile) -> dict:

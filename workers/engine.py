@@ -128,9 +128,14 @@ class EngineStats:
     ready_streams: int = 0
     """Streams that were ready but not scheduled at the last dispatch (the engine's queue depth)."""
     chained: int = 0
+    """Forwards issued while the forward they take latents from was still in flight."""
     completed: int = 0
     """Micro-batches that came back from every stage (proof of real work, for readiness)."""
-    """Forwards issued while the forward they take latents from was still in flight."""
+
+    @property
+    def compute_per_micro_batch(self) -> list[float]:
+        """Per stage: compute seconds per completed micro-batch so far (a real or a simulated executor's)."""
+        return [s / max(self.completed, 1) for s in self.compute_s]
 
 
 class PipelineEngine:

@@ -440,16 +440,10 @@ def simulate(gen: GenerationConfig, parallel: ParallelConfig, profile: Profile, 
                        max(first.values(), default=float("inf")) if len(first) == streams else float("inf"),
                        percentile(latencies, 50), percentile(latencies, 99), util, memory, dmap.max_streams(),
                        engine.max_streams(fps), len(steady), per_stream_fps=per_stream)
-    result.stage_compute_s = per_micro_batch(engine)
+    result.stage_compute_s = engine.stats.compute_per_micro_batch
     result.bottleneck = bottleneck(result, executor)
     result.streams_at_fps = sum(v >= fps * (1 - 1e-9) for v in per_stream.values())
     return result
-
-
-def per_micro_batch(engine: PipelineEngine) -> list[float]:
-    """Per stage: compute seconds per completed micro-batch of ``engine`` so far (real or simulated)."""
-    done = max(engine.stats.completed, 1)
-    return [s / done for s in engine.stats.compute_s]
 
 
 def bottleneck(result: SimResult, executor: SimExecutor) -> str:

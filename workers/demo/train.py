@@ -83,7 +83,7 @@ class Batch:
     text: torch.Tensor
     """Prompt index [B] into PROMPTS: the text the whole clip is conditioned on."""
     loss_mask: torch.Tensor
-    """[B, F] 1 where the frame's block is noisy (trained)."""
+    """[B, F] 1 where the frame's block is trained (noisy, and part of the forward it stands for)."""
 
 
 def place(gen: torch.Generator, cfg: TrainConfig, chunks: int) -> tuple[list[int], bool]:
