@@ -20,6 +20,7 @@ Without a tokens file the server is open: every caller is ``tokens.OPEN`` (one t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import secrets
@@ -223,8 +224,11 @@ class ServiceGuard(grpc.aio.ServerInterceptor):
             async def run(request, context):
                 request = await admit(request, context)
                 try:
-                    async for response in behavior(request, context):
-                        yield response
+                    # gRPC closes this generator (not the handler's) when the call goes mid-write: close the
+                    # handler's now, so its stream ends at once and not when the garbage collector gets to it
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            yield response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as err:  # noqa: BLE001 - logged with the request id, answered opaquely

@@ -39,6 +39,9 @@ log = logging.getLogger("streamgen.server")
 SERVICE_NAME = "streamgen.v1.StreamService"
 HAND_OFF_SETTLE_S = 5.0  # a replica in its own process hands its streams back asynchronously
 DEADLINE_SLACK_S = 0.25  # a cancel this close to the call's deadline is the client's deadline expiring
+# How a handler learns its call is gone: cancelled at an await, or closed at its ``yield`` when gRPC's task was
+# cancelled while it wrote the frame just yielded (the generator is then closed, not cancelled).
+CALL_GONE = (asyncio.CancelledError, GeneratorExit)
 
 STATUS = {
     Rejection.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -103,7 +106,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             async for frame in self._frames(live):
                 yield frame
             reason = live.session.end_reason or EndReason.CLIENT_DONE
-        except asyncio.CancelledError:
+        except CALL_GONE:
             reason = self._cancelled(live, context)
             raise
         finally:
@@ -137,7 +140,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             async for frame in video.frames():
                 yield frame
             reason = live.session.end_reason or EndReason.CLIENT_DONE
-        except asyncio.CancelledError:
+        except CALL_GONE:
             reason = self._cancelled(live, context)
             raise
         finally:

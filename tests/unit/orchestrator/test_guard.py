@@ -2,8 +2,10 @@
 bidirectional ``Transform`` is authenticated and sees its caller with no code of its own, an operator RPC is
 refused to clients, and an exception escaping a handler becomes an opaque INTERNAL with a request id."""
 
+import asyncio
 import logging
 import re
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -104,3 +106,35 @@ def test_requests_that_do_not_parse_are_an_opaque_internal_for_every_service(gua
         assert err.value.code() == grpc.StatusCode.INTERNAL, method
         assert err.value.details() == "request could not be parsed"
         assert "request-id" in dict(err.value.trailing_metadata())
+
+
+class CallDetails(NamedTuple):  # what grpc hands an interceptor
+    method: str
+    invocation_metadata: tuple
+
+
+def test_closing_a_guarded_stream_closes_its_handler_at_once():
+    """gRPC closes the generator it iterates (the guard's) when a call goes mid-write; the handler's generator
+    inside closes with it, so the stream it holds is released now, not on a later loop turn or at a GC."""
+    closed = []
+
+    async def frames(request, context):
+        try:
+            while True:
+                yield b"frame"
+        finally:
+            closed.append(current_caller().request_id)
+
+    async def continuation(_):
+        return grpc.unary_stream_rpc_method_handler(frames)
+
+    async def run():
+        guard = ServiceGuard(None, ServerConfig(), Metrics())
+        details = CallDetails(f"/{SERVICE}/Generate", ())
+        outer = (await guard.intercept_service(continuation, details)).unary_stream(b"", None)
+        assert await outer.__anext__() == b"frame" and guard.calls.inflight == 1
+        await outer.aclose()
+        return list(closed), guard.calls.inflight  # before this task yields to the loop again
+
+    closed_at_once, inflight = asyncio.run(run())
+    assert len(closed_at_once) == 1 and inflight == 0

@@ -3,6 +3,8 @@ context: what overflows it is counted and gives its look-ahead slot back."""
 
 import asyncio
 
+import pytest
+
 from orchestrator.auth import _CALLER, Caller
 from orchestrator.metrics import Metrics
 from orchestrator.server import StreamService
@@ -97,3 +99,40 @@ def test_an_overflowing_output_queue_counts_the_dropped_chunk_and_frees_its_look
     consumed, dropped = asyncio.run(run())
     assert dropped == 2 * 12  # both overflowing chunks' frames are counted
     assert consumed == 1 + 2  # the taken chunk, and one look-ahead slot back per dropped chunk
+
+
+class DeadlineContext(FakeContext):
+    def __init__(self, remaining):
+        self.remaining = remaining
+
+    def time_remaining(self):
+        return self.remaining
+
+
+@pytest.mark.parametrize("remaining, reason", [(None, "client_cancel"), (5.0, "client_cancel"), (0.1, "deadline")])
+def test_a_stream_closed_at_its_yield_ends_as_the_callers_cancel_or_deadline(remaining, reason):
+    """gRPC cancels its own task when the call goes while it writes a frame: the handler is then closed at its
+    ``yield`` (GeneratorExit), not cancelled at an await. The stream still ends for the caller's reason, and
+    its replica lets it go."""
+    async def run():
+        _CALLER.set(Caller(OPEN, "test"))
+        metrics, replica = Metrics(), FakeReplica()
+        service = StreamService(service_config(), [replica], metrics, health_servicer=None)
+        gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), DeadlineContext(remaining))
+        first = asyncio.ensure_future(gen.__anext__())
+        for _ in range(1000):
+            if replica.sinks:
+                break
+            await asyncio.sleep(0)
+        (stream_id, sink), = replica.sinks.items()
+        sink(batch(stream_id, 0))
+        frame = await asyncio.wait_for(first, 5.0)
+        assert frame.stream_id == stream_id and service.streams  # suspended at its yield, the stream live
+        await gen.aclose()
+        ended = {r: metrics.registry.get_sample_value("streamgen_streams_ended_total", {"reason": r})
+                 for r in ("client_cancel", "deadline", "internal")}
+        return ended, replica.sinks, service.streams
+
+    ended, sinks, streams = asyncio.run(run())
+    assert ended[reason] == 1 and ended["internal"] in (None, 0.0)
+    assert not sinks and not streams
