@@ -5,7 +5,8 @@ measured profile, then ``plan error fps=<x>% latency=<y>%`` (simulated vs real, 
     python bench/plan_check.py --matrix   # P=1,2 x both modes x 1,4 streams (the issue's "Must show")
 
 The real run is bench/pipeline_scaling.py's: one torch thread per stage, streams flat out, the window from
-the last warm-up output to the last output; the median of ``--repeats`` runs. The simulation runs the same
+the last warm-up output to the last output; the median of ``--repeats`` runs, which a matrix takes round by
+round over its cases (the host's speed drifts). The simulation runs the same
 engine config and is measured the same way (warm-up chunks, then measured chunks per stream). Writes JSON
 (``--out``).
 """
@@ -73,11 +74,25 @@ def run_real(gen: GenerationConfig, parallel: ParallelConfig, engine_cfg: Engine
             "stage_compute_s": engine.stats.compute_per_micro_batch}
 
 
-def check(args, profile) -> dict:
-    """One case: ``repeats`` real runs (their medians: one run on a shared 2-core host varies by +-25%), then the
+def real_runs(cases: list[argparse.Namespace], repeats: int) -> list[list[dict]]:
+    """``repeats`` real runs of each case, round by round (case 1, 2, ..., then again): the host's speed drifts
+    by +-25% within minutes here, and interleaving spreads its slow spells over every case rather than over
+    whichever ran then."""
+    runs: list[list[dict]] = [[] for _ in cases]
+    for i in range(repeats):
+        for args, done in zip(cases, runs):
+            gen, parallel, engine_cfg = case(args)
+            done.append(run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup))
+            if len(cases) > 1:
+                print(f"  round {i + 1}/{repeats}: P={args.stages} {args.mode} streams={args.streams}: "
+                      f"{done[-1]['frames_per_s']:.2f} frames/s", flush=True)
+    return runs
+
+
+def check(args, profile, runs: list[dict]) -> dict:
+    """One case against its real runs (their medians: one run on a shared 2-core host varies by +-25%): the
     simulation over as long as the median real run took."""
     gen, parallel, engine_cfg = case(args)
-    runs = [run_real(gen, parallel, engine_cfg, args.streams, args.chunks, args.warmup) for _ in range(args.repeats)]
     real = {key: statistics.median(r[key] for r in runs)
             for key in ("frames_per_s", "latency_p50_s", "latency_p99_s", "wall_s")}
     real["split"] = runs[-1]["split"]
@@ -140,7 +155,7 @@ def main() -> None:
     import ray
 
     try:
-        rows = [check(run, profile) for run in runs]
+        rows = [check(run, profile, real) for run, real in zip(runs, real_runs(runs, args.repeats))]
     finally:
         ray.shutdown()
     write_json(args.out, {"machine": {"python": platform.python_version(), "torch": torch.__version__,
