@@ -44,7 +44,14 @@ def start_streams(server, n: int, frames: int, **kw):
     channel = grpc.insecure_channel(server.target)
     stub = stream_pb2_grpc.StreamServiceStub(channel)
     calls = [stub.Generate(request(seed=i, max_frames=frames, **kw), timeout=120) for i in range(n)]
-    firsts = [next(c) for c in calls]
+    try:
+        firsts = [next(c) for c in calls]
+    except grpc.RpcError as err:  # say what admission saw (a CI run was refused: "no capacity")
+        steps = server.service.cfg.generation.sampler.num_steps
+        seen = [(r.index, r.active(), round(r.load(), 3), r.max_streams(16.0, steps), r.healthy, r.draining)
+                for r in server.service.replicas]
+        raise AssertionError(f"{err.code()}: {err.details()}; replicas (index, active, load, max_streams at 16 fps, "
+                             f"healthy, draining): {seen}") from err
     results = {i: ([firsts[i]], [time.monotonic()], []) for i in range(n)}
     readers = [threading.Thread(target=_collect, args=(calls[i], *results[i])) for i in range(n)]
     for t in readers:
