@@ -1,5 +1,5 @@
-"""The server's per-stream output queue, driven through Generate with a fake replica and a fake gRPC
-context: what overflows it is counted and gives its look-ahead slot back."""
+"""Generate driven with a fake replica and a fake gRPC context: what overflows a stream's output queue is
+counted and gives its look-ahead slot back; a stream closed at its ``yield`` ends for the caller's reason."""
 
 import asyncio
 
@@ -63,26 +63,32 @@ def batch(stream_id: str, chunk: int) -> FrameBatch:
     return FrameBatch(stream_id, chunk, 0, [b"\0" * 12] * 12, 2, 2, 0.01, 0.0)
 
 
+async def open_stream(context) -> tuple:
+    """A service over one FakeReplica and one Generate call on it, its first frame asked for: (service,
+    metrics, replica, the call, the pending first frame, stream id, the replica's sink for it)."""
+    _CALLER.set(Caller(OPEN, "test"))  # what the guard sets for each call (it is not in this path)
+    metrics, replica = Metrics(), FakeReplica()
+    service = StreamService(service_config(), [replica], metrics, health_servicer=None)
+    gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), context)
+    reader = asyncio.ensure_future(gen.__anext__())
+    for _ in range(1000):
+        if replica.sinks or reader.done():
+            break
+        await asyncio.sleep(0)
+    assert replica.sinks, reader
+    (stream_id, sink), = replica.sinks.items()
+    return service, metrics, replica, gen, reader, stream_id, sink
+
+
 def test_an_overflowing_output_queue_counts_the_dropped_chunk_and_frees_its_look_ahead_slot():
     async def run():
-        _CALLER.set(Caller(OPEN, "test"))  # what the guard sets for each call (it is not in this path)
-        cfg = service_config()
-        metrics, replica = Metrics(), FakeReplica()
-        service = StreamService(cfg, [replica], metrics, health_servicer=None)
-        gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), FakeContext())
-        reader = asyncio.ensure_future(gen.__anext__())
-        for _ in range(1000):
-            if replica.sinks or reader.done():
-                break
-            await asyncio.sleep(0)
-        assert replica.sinks, reader
-        (stream_id, sink), = replica.sinks.items()
+        service, metrics, replica, gen, reader, stream_id, sink = await open_stream(FakeContext())
         await service.Control(stream_pb2.ControlRequest(stream_id=stream_id, paused=True), FakeContext())
         sink(batch(stream_id, 0))  # taken off the queue, then output waits on the pause
         for _ in range(20):
             await asyncio.sleep(0)
         assert replica.consumed_calls == 1
-        capacity = cfg.server.output_chunks_ahead + 8
+        capacity = service.cfg.server.output_chunks_ahead + 8
         for chunk in range(1, capacity + 3):  # the queue holds `capacity`: 2 overflow
             sink(batch(stream_id, chunk))
         for _ in range(20):
@@ -115,16 +121,7 @@ def test_a_stream_closed_at_its_yield_ends_as_the_callers_cancel_or_deadline(rem
     ``yield`` (GeneratorExit), not cancelled at an await. The stream still ends for the caller's reason, and
     its replica lets it go."""
     async def run():
-        _CALLER.set(Caller(OPEN, "test"))
-        metrics, replica = Metrics(), FakeReplica()
-        service = StreamService(service_config(), [replica], metrics, health_servicer=None)
-        gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), DeadlineContext(remaining))
-        first = asyncio.ensure_future(gen.__anext__())
-        for _ in range(1000):
-            if replica.sinks:
-                break
-            await asyncio.sleep(0)
-        (stream_id, sink), = replica.sinks.items()
+        service, metrics, replica, gen, first, stream_id, sink = await open_stream(DeadlineContext(remaining))
         sink(batch(stream_id, 0))
         frame = await asyncio.wait_for(first, 5.0)
         assert frame.stream_id == stream_id and service.streams  # suspended at its yield, the stream live
