@@ -17,7 +17,7 @@ import sys
 import time
 
 # The project root in place of bench/ on sys.path: Ray copies a script directory that is on the driver's
-# sys.path to its workers, where bench/kernels.py would shadow the kernels package.
+# sys.path to its workers, where bench/kernels.py would shadow the `kernels` distribution transformers imports.
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
 
-from kernels import reference  # noqa: E402
+from streamgen_kernels import reference  # noqa: E402
 from workers.config import get_config  # noqa: E402
 from workers.model.rope import rope_tables  # noqa: E402
 
@@ -157,7 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
-    from kernels import triton_ops
+    from streamgen_kernels import triton_ops
 
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype)

@@ -22,7 +22,7 @@ import sys
 import time
 
 # The project root in place of bench/ on sys.path: Ray copies a script directory that is on the driver's
-# sys.path to its workers, where bench/kernels.py would shadow the kernels package.
+# sys.path to its workers, where bench/kernels.py would shadow the `kernels` distribution transformers imports.
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 

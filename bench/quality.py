@@ -27,7 +27,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# The project root in place of bench/ on sys.path (bench/kernels.py would shadow the `kernels` package in Ray).
+# The project root in place of bench/ on sys.path (bench/kernels.py would shadow the `kernels` distribution that
+# transformers imports, in Ray's workers too).
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 import numpy as np  # noqa: E402

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # The project root in place of bench/ on sys.path: Ray puts a script directory that is on the driver's sys.path
-# on every worker's, where bench/kernels.py would shadow the `kernels` package (from any other cwd than ROOT).
+# on every worker's, where bench/kernels.py would shadow the `kernels` distribution that transformers imports.
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 from bench.common import host_cpu, start_serve, stop_serve, write_json  # noqa: E402

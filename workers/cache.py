@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.reference import rope
+from streamgen_kernels.reference import rope
 from workers.config import CacheConfig, ModelConfig
 from workers.model.rope import temporal_shift_tables
 

@@ -1,6 +1,6 @@
 """ARCHITECTURE.md §6 import rules, checked on the source's AST.
 
-Imports point one way: orchestrator/ -> workers/ -> kernels/. The orchestrator's core modules (and its
+Imports point one way: orchestrator/ -> workers/ -> streamgen_kernels/. The orchestrator's core modules (and its
 config, which composes the data-plane config from workers/config.py) load neither torch, ray nor grpc.
 """
 
@@ -55,7 +55,7 @@ def test_orchestrator_core_imports_no_torch_ray_grpc():
     assert {ROOT / "orchestrator" / f"{name}.py" for name in ("config", "admission", "deadline", "session")} \
         <= set(present)
     for path in present:
-        bad = {m for m in imported_modules(path) if top(m) in HEAVY | {"kernels"}
+        bad = {m for m in imported_modules(path) if top(m) in HEAVY | {"streamgen_kernels"}
                or (top(m) == "workers" and m != "workers" and not (m + ".").startswith("workers.config."))}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
@@ -63,7 +63,7 @@ def test_orchestrator_core_imports_no_torch_ray_grpc():
 def test_the_data_plane_config_is_a_leaf():
     """workers/config.py is what the control plane's core may import: it imports no other project module."""
     bad = {m for m in imported_modules(ROOT / "workers" / "config.py")
-           if top(m) in HEAVY | {"orchestrator", "workers", "kernels", "protos"}}
+           if top(m) in HEAVY | {"orchestrator", "workers", "streamgen_kernels", "protos"}}
     assert not bad, f"workers/config.py imports {sorted(bad)}"
 
 
@@ -82,7 +82,7 @@ def test_workers_never_import_orchestrator():
 
 
 def test_kernels_import_only_torch_triton_and_stdlib():
-    for path in sources("kernels"):
+    for path in sources("streamgen_kernels"):
         bad = {m for m in imported_modules(path)
                if top(m) in {"workers", "orchestrator", "protos", "ray", "grpc", "numpy"}}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

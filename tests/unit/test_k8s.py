@@ -245,7 +245,7 @@ def test_the_image_is_pinned_non_root_healthchecked_and_weightless():
         cluster()["spec"]["headGroupSpec"]["template"])["streamgen"])["health"]
     # no weights: only the sources are copied, and the build context leaves weight files out
     copied = [shlex.split(a)[:-1] for i, a in steps if i in ("COPY", "ADD")]
-    assert all(src in {"pyproject.toml", "setup.py", "README.md", "protos", "orchestrator", "workers", "kernels"}
+    assert all(src in {"pyproject.toml", "setup.py", "README.md", "protos", "orchestrator", "workers", "streamgen_kernels"}
                for sources in copied for src in sources), copied
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"*.pt", "*.safetensors", "*.bin", "models", ".venv"} <= set(ignored)

@@ -6,9 +6,11 @@ download setuptools and grpcio-tools), so the test runs offline with the test en
 """
 
 import ast
+import importlib.metadata
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -94,7 +96,7 @@ sys.exit(ep.load()(["--help"]))
 def test_nothing_outside_the_build_step_imports_grpc_tools():
     """grpcio-tools is not a runtime dependency, so no shipped module but the build script may import it."""
     offenders = []
-    for package in ("orchestrator", "workers", "kernels", "protos"):
+    for package in ("orchestrator", "workers", "streamgen_kernels", "protos"):
         for path in sorted((ROOT / package).rglob("*.py")):
             if path == ROOT / "protos" / "build.py" or "_pb2" in path.name:
                 continue
@@ -103,3 +105,14 @@ def test_nothing_outside_the_build_step_imports_grpc_tools():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "grpc_tools"]
     assert offenders == []
+
+
+def test_no_top_level_package_we_ship_is_another_installed_distributions():
+    """Each top-level import name the wheel installs belongs to streamgen alone in this environment: a name that
+    another installed distribution also provides would overwrite its files on `pip install .` and shadow it from
+    the checkout (transformers 5.25 pulled in Hugging Face's `kernels`, which our `kernels/` package shadowed)."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    ours = {p.split(".")[0] for p in packages}
+    providers = importlib.metadata.packages_distributions()
+    taken = {name: sorted(set(providers.get(name, [])) - {"streamgen"}) for name in sorted(ours)}
+    assert all(not dists for dists in taken.values()), f"import names also provided by: {taken}"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import ops
+from streamgen_kernels import ops
 from workers.config import ModelConfig
 from workers.model.rope import RopeTables
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.reference import rope
+from streamgen_kernels.reference import rope
 from workers.config import CacheConfig, get_config
 from workers.cache import BlockKVCache, kv_bytes_per_frame
 from workers.model.rope import rope_tables

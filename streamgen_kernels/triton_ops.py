@@ -1,4 +1,4 @@
-"""Triton kernels for the DiT block's memory-bound ops, same signatures and semantics as kernels.reference.
+"""Triton kernels for the DiT block's memory-bound ops, same signatures and semantics as streamgen_kernels.reference.
 
 Layout: x is [F, T, C] contiguous (latent frames, tokens per frame, channels); per-frame vectors [F, C].
 Every kernel reads its inputs once and writes its output once, computing in float32 and storing in the

@@ -5,7 +5,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels import reference, triton_ops  # noqa: E402
+from streamgen_kernels import reference, triton_ops  # noqa: E402
 from workers.config import get_config  # noqa: E402
 from workers.model.rope import rope_tables  # noqa: E402
 

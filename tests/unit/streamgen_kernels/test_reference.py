@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import ops, reference
+from streamgen_kernels import ops, reference
 from workers.model.rope import axis_dims, rope_tables
 
 

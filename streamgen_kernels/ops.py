@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kernels import reference
+from streamgen_kernels import reference
 
 _TRITON: dict[str, Callable] | None = None  # loaded on first use; {} when Triton is not installed
 
@@ -18,7 +18,7 @@ def triton_ops() -> dict[str, Callable]:
     global _TRITON
     if _TRITON is None:
         try:
-            from kernels.triton_ops import OPS
+            from streamgen_kernels.triton_ops import OPS
         except ImportError:
             OPS = {}
         _TRITON = OPS
