@@ -96,32 +96,35 @@ def validate_steps(steps: int) -> int:
 class ReplicaView(Protocol):
     """What admission needs to know about one pipeline replica."""
 
-    def max_streams(self, fps: float, steps: int) -> int: ...
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        """Streams of ``fps`` at ``steps`` it sustains (``video``: video-to-video ones, whose encode it adds)."""
 
-    def predicted_chunk_latency(self, steps: int) -> float: ...
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float: ...
 
     def load(self) -> float:
-        """Utilisation of admitted streams: sum over them of 1 / max_streams(their fps, steps)."""
+        """Utilisation of admitted streams: sum over them of 1 / max_streams(their fps, steps, kind)."""
 
     def active(self) -> int:
         """Streams open on the replica."""
 
 
-def stream_share(replica: ReplicaView, fps: float, steps: int) -> float:
-    """A stream's admission load on ``replica``: 1 / max_streams(fps, steps) (inf where it cannot run)."""
-    cap = replica.max_streams(fps, steps)
+def stream_share(replica: ReplicaView, fps: float, steps: int, video: bool = False) -> float:
+    """A stream's admission load on ``replica``: 1 / max_streams(fps, steps, video) (inf where it cannot run)."""
+    cap = replica.max_streams(fps, steps, video)
     return 1.0 / cap if cap >= 1 else math.inf
 
 
-def place(fps: float, steps: int, replicas: list[ReplicaView], server: ServerConfig) -> "Decision | None":
+def place(fps: float, steps: int, replicas: list[ReplicaView], server: ServerConfig,
+          video: bool = False) -> "Decision | None":
     """The placement rule: the replica with the most headroom left after the stream's share (headroom =
-    ``admission_headroom`` minus its load), among those under the hard cap with room; None if none has."""
+    ``admission_headroom`` minus its load), among those under the hard cap with room; None if none has.
+    ``video``: a video-to-video stream (its share includes its chunks' encode)."""
     best: Decision | None = None
     best_room = -math.inf
     for i, r in enumerate(replicas):
         if r.active() >= server.max_streams_per_replica:  # the hard cap
             continue
-        share = stream_share(r, fps, steps)
+        share = stream_share(r, fps, steps, video)
         room = server.admission_headroom - (r.load() + share)
         if room >= -1e-9 and room > best_room:
             best, best_room = Decision(i, share), room
@@ -150,15 +153,16 @@ class Admission:
             raise RequestError(Rejection.DRAINING, "server is draining", self.server.retry_after_ms)
         if not replicas:
             raise RequestError(Rejection.DRAINING, "no pipeline replica is ready", self.server.retry_after_ms)
-        latency = min(r.predicted_chunk_latency(spec.steps) for r in replicas)
-        if spec.video is not None:  # an output frame also waits for its chunk's input frames to arrive
+        video = spec.video is not None
+        latency = min(r.predicted_chunk_latency(spec.steps, video) for r in replicas)
+        if video:  # an output frame also waits for its chunk's input frames to arrive
             latency += input_buffering_s(spec.fps, self.chunk_frames)
         if latency > spec.latency_budget_s:
             raise RequestError(Rejection.BUDGET, f"latency_budget_ms: {spec.latency_budget_s * 1e3:.0f} ms is below "
                                                  f"the pipeline's {latency * 1e3:.0f} ms per chunk")
-        decision = place(spec.fps, spec.steps, replicas, self.server)
+        decision = place(spec.fps, spec.steps, replicas, self.server, video)
         if decision is None:
-            if all(r.max_streams(spec.fps, spec.steps) < 1 for r in replicas):
+            if all(r.max_streams(spec.fps, spec.steps, video) < 1 for r in replicas):
                 raise RequestError(Rejection.BUDGET, f"fps: no pipeline sustains {spec.fps:g} fps at "
                                                      f"{spec.steps} steps")
             raise RequestError(Rejection.CAPACITY, "no capacity: try again later", self.server.retry_after_ms)

@@ -38,10 +38,11 @@ class CoreStatus:
     healthy: bool
     broken: bool
     active: int
-    chunk_latency: dict[int, float]
-    """steps -> predicted seconds from a chunk's first forward to its clean latents."""
-    frame_rate: dict[int, float]
-    """steps -> video frames per second the pipeline sustains (max streams at fps = rate // fps)."""
+    chunk_latency: dict[tuple[int, bool], float]
+    """(steps, video-to-video) -> predicted seconds from a chunk's first forward to its clean latents."""
+    frame_rate: dict[tuple[int, bool], float]
+    """(steps, video-to-video) -> video frames per second the pipeline sustains (max streams at fps = rate //
+    fps)."""
     stats: list[CoreStats] = field(default_factory=list)
     """Stats the core measured that no stream's output carried back."""
 
@@ -98,9 +99,9 @@ class PipelineDeployment:
         self.core.submit(msg)
 
     def status(self) -> CoreStatus:
-        steps = range(1, MAX_STEPS + 1)
-        latency = {n: self.core.predicted_chunk_latency(n) for n in steps}
-        rate = {n: self.core.frame_rate(n) for n in steps}
+        keys = [(n, video) for n in range(1, MAX_STEPS + 1) for video in (False, True)]
+        latency = {k: self.core.predicted_chunk_latency(*k) for k in keys}
+        rate = {k: self.core.frame_rate(*k) for k in keys}
         held = [self._held.popleft() for _ in range(len(self._held))]
         with self._lock:
             active = len(self._routes)

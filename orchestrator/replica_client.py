@@ -36,7 +36,7 @@ class StreamRecord:
     spec: StreamSpec
     sink: Sink
     load: float
-    """Its admission load on the replica holding it: 1 / max_streams(fps, steps)."""
+    """Its admission load on the replica holding it: 1 / max_streams(fps, steps, video-to-video or not)."""
     prompt: str
     """The prompt its controls asked for last."""
     revision: int = 0
@@ -94,8 +94,8 @@ class ReplicaClient(ABC):
 
     def open(self, stream_id: str, spec: StreamSpec, sink: Sink) -> None:
         """Start a new stream here; its frame batches (then at most one StreamFailed) go to ``sink``."""
-        record = StreamRecord(stream_id, spec, sink, stream_share(self, spec.fps, spec.steps), spec.prompt,
-                              steps=spec.steps)
+        record = StreamRecord(stream_id, spec, sink, stream_share(self, spec.fps, spec.steps, spec.video is not None),
+                              spec.prompt, steps=spec.steps)
         self._register(record)
         self.opened += 1
         self._start(record)
@@ -103,7 +103,7 @@ class ReplicaClient(ABC):
     def adopt(self, record: StreamRecord) -> None:
         """Continue a stream that left another replica, from its checkpoint (or from its start), with the
         controls that checkpoint lacks replayed in order. Its outputs go on to the same sink."""
-        record.load = stream_share(self, record.spec.fps, record.steps)
+        record.load = stream_share(self, record.spec.fps, record.steps, record.spec.video is not None)
         self._register(record)
         self._start(record)
 
@@ -128,7 +128,7 @@ class ReplicaClient(ABC):
             record = self._streams.get(stream_id)
             if record is None:
                 return
-            record.steps, record.load = steps, stream_share(self, record.spec.fps, steps)
+            record.steps, record.load = steps, stream_share(self, record.spec.fps, steps, record.spec.video is not None)
         self._send(SetSteps(stream_id, steps))
 
     def push_input(self, stream_id: str, frames, meta=None, due: float | None = None) -> None:
@@ -157,7 +157,7 @@ class ReplicaClient(ABC):
             return stream_id in self._streams
 
     def load(self) -> float:
-        """Admission load: sum over its streams of 1 / max_streams(their fps, steps)."""
+        """Admission load: sum over its streams of 1 / max_streams(their fps, steps, kind)."""
         with self._changed:
             return sum(r.load for r in self._streams.values())
 
@@ -179,12 +179,14 @@ class ReplicaClient(ABC):
         """Its stages could not be rebuilt: out of service for good (its streams were moved)."""
 
     @abstractmethod
-    def max_streams(self, fps: float, steps: int) -> int:
-        """Streams of ``fps`` at ``steps`` the latency model says this replica sustains."""
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        """Streams of ``fps`` at ``steps`` the latency model says this replica sustains (``video``: all
+        video-to-video, each chunk's encode on stage 0 included)."""
 
     @abstractmethod
-    def predicted_chunk_latency(self, steps: int) -> float:
-        """Seconds from a chunk's first forward to its clean latents at ``steps``, from the latency model."""
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
+        """Seconds from a chunk's first forward to its clean latents at ``steps`` (``video``: from its encode),
+        from the latency model."""
 
     @abstractmethod
     def probe(self, timeout_s: float) -> bool:

@@ -56,11 +56,11 @@ class LocalReplicaClient(ReplicaClient):
     def broken(self) -> bool:
         return self.core.broken
 
-    def max_streams(self, fps: float, steps: int) -> int:
-        return self.core.max_streams(fps, steps)
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        return self.core.max_streams(fps, steps, video)
 
-    def predicted_chunk_latency(self, steps: int) -> float:
-        return self.core.predicted_chunk_latency(steps)
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
+        return self.core.predicted_chunk_latency(steps, video)
 
     def probe(self, timeout_s: float) -> bool:
         self.healthy = self.core.probe(timeout_s)

@@ -139,11 +139,11 @@ class ServeReplicaClient(ReplicaClient):
     def broken(self) -> bool:
         return self._broken
 
-    def max_streams(self, fps: float, steps: int) -> int:
-        return int(self._status.frame_rate.get(steps, 0.0) / fps)
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        return int(self._status.frame_rate.get((steps, video), 0.0) / fps)
 
-    def predicted_chunk_latency(self, steps: int) -> float:
-        return self._status.chunk_latency.get(steps, 0.0)
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
+        return self._status.chunk_latency.get((steps, video), 0.0)
 
     def probe(self, timeout_s: float) -> bool:
         """Readiness from the replica's own Serve health check (a real forward on every stage), plus the

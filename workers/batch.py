@@ -148,6 +148,7 @@ class StageStats:
 
     stage: int
     compute_s: float
+    """The forward, plus (stage 0) the VAE encode of this micro-batch's video chunks: the stage's busy time."""
     idle_s: float
     """Time between the end of this stage's previous forward and the start of this one."""
     bytes_sent: int
@@ -161,6 +162,8 @@ class StageStats:
     """CUDA memory allocated by this stage's process (0 on CPU)."""
     gpu_reserved_bytes: int = 0
     """CUDA memory reserved by its caching allocator (0 on CPU)."""
+    encode_s: float = 0.0
+    """Of ``compute_s``: stage 0's VAE encode of the video chunks in ``Finished.encoded``."""
 
 
 @dataclass(slots=True)

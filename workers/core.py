@@ -150,17 +150,17 @@ class EngineCore:
         stats.inflight = self.engine.stats.inflight
         return stats
 
-    def max_streams(self, fps: float, steps: int) -> int:
-        """Streams of ``fps`` at ``steps`` this replica sustains: by time (the latency model) and by memory
-        (every stream's caches and decoder state must fit on every slot)."""
-        by_time = self.engine.max_streams(fps, steps)
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        """Streams of ``fps`` at ``steps`` (video-to-video ones for ``video``) this replica sustains: by time
+        (the latency model) and by memory (every stream's caches and decoder state must fit on every slot)."""
+        by_time = self.engine.max_streams(fps, steps, video)
         return by_time if self.memory_streams is None else min(by_time, self.memory_streams)
 
-    def predicted_chunk_latency(self, steps: int) -> float:
-        return self.engine.predicted_chunk_latency(steps)
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
+        return self.engine.predicted_chunk_latency(steps, video)
 
-    def frame_rate(self, steps: int) -> float:
-        return self.engine.frame_rate(steps)
+    def frame_rate(self, steps: int, video: bool = False) -> float:
+        return self.engine.frame_rate(steps, video)
 
     def cache_bytes(self, timeout_s: float = 10.0) -> list[int]:
         """Cache bytes per stage (asks the stages; tests and the leak check)."""

@@ -412,7 +412,9 @@ class PipelineEngine:
         self.stats.inflight = len(self._inflight)
         stats = done.stats
         for s in stats:
-            self.latency.observe(s.stage, s.tokens, s.compute_s)
+            self.latency.observe(s.stage, s.tokens, s.compute_s - s.encode_s)
+            if s.encode_s > 0 and done.encoded:
+                self.latency.observe_encode(s.encode_s / len(done.encoded))
             self.stats.compute_s[s.stage] += s.compute_s
             self.stats.idle_s[s.stage] += s.idle_s
             self.stats.bytes_sent[s.stage] += s.bytes_sent
@@ -495,31 +497,33 @@ class PipelineEngine:
             return num_steps + 1.0, tokens
         return 1.0, (num_steps + 1) * tokens  # one forward per tick: context + one entry per step
 
-    def predicted_chunk_latency(self, num_steps: int | None = None) -> float:
-        """Seconds from a chunk's first forward to its frames (decode included), from the latency model."""
+    def predicted_chunk_latency(self, num_steps: int | None = None, video: bool = False) -> float:
+        """Seconds from a chunk's first forward (its encode, for a ``video`` stream) to its frames (decode
+        included), from the latency model."""
         steps = num_steps or self.cfg.sampler.num_steps
         forwards, tokens = self._forwards_and_tokens(steps)
         if self.cfg.sampler.mode == "stream_batch":  # a chunk waits `steps` ticks of its lane
-            return steps * self.latency.forward_latency(tokens) + self.latency.decode_time()
-        return self.latency.chunk_latency(forwards, tokens)
+            encode = self.latency.encode_time() if video else 0.0
+            return encode + steps * self.latency.forward_latency(tokens) + self.latency.decode_time()
+        return self.latency.chunk_latency(forwards, tokens, video)
 
     @property
     def video_frames_per_chunk(self) -> int:
         return self.cfg.model.vae_stride[0] * self.cfg.sampler.chunk_frames
 
-    def frame_rate(self, num_steps: int | None = None) -> float:
-        """Video frames per second this pipeline sustains over all its streams (decode included), from the
-        latency model."""
+    def frame_rate(self, num_steps: int | None = None, video: bool = False) -> float:
+        """Video frames per second this pipeline sustains over all its streams (decode included; all of them
+        video-to-video for ``video``), from the latency model."""
         forwards, tokens = self._forwards_and_tokens(num_steps or self.cfg.sampler.num_steps)
-        return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens)
+        return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens, video=video)
 
-    def max_streams(self, fps: float, num_steps: int | None = None) -> int:
-        """Streams of ``fps`` video frames/s each this pipeline sustains, from the latency model, batched as the
-        scheduler batches them."""
+    def max_streams(self, fps: float, num_steps: int | None = None, video: bool = False) -> int:
+        """Streams of ``fps`` video frames/s each (video-to-video ones for ``video``) this pipeline sustains,
+        from the latency model, batched as the scheduler batches them."""
         steps = num_steps or self.cfg.sampler.num_steps
         forwards, tokens = self._forwards_and_tokens(steps)
         return self.latency.max_streams(fps, self.video_frames_per_chunk, forwards, tokens,
-                                        self.engine_cfg.max_batch_streams)
+                                        self.engine_cfg.max_batch_streams, video)
 
     def _observe_costs(self, stats: list[StageStats]) -> None:
         d = self.engine_cfg.cost_decay

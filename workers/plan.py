@@ -112,7 +112,9 @@ class LatencyModel:
     """Per-stage forward time vs micro-batch tokens (EWMA fit), decode time per chunk, and what follows.
 
     Decode workers either share the last stage's device (``decode_shared``: their time per forward adds
-    to that stage's) or have their own (``decode_workers`` of them, each one chunk at a time)."""
+    to that stage's) or have their own (``decode_workers`` of them, each one chunk at a time). A
+    video-to-video chunk's VAE encode runs on stage 0: it is its own fit, charged only where ``video`` is
+    asked for, so a video stream that left does not keep lowering text-to-video capacity."""
 
     num_stages: int
     decode_workers: int = 0
@@ -120,19 +122,27 @@ class LatencyModel:
     decay: float = 0.9
     fits: list[_Fit] = field(default_factory=list)
     decode: _Fit | None = None
+    encode: _Fit | None = None
 
     def __post_init__(self) -> None:
         if not self.fits:
             self.fits = [_Fit(self.decay) for _ in range(self.num_stages)]
         if self.decode is None:
             self.decode = _Fit(self.decay)
+        if self.encode is None:
+            self.encode = _Fit(self.decay)
 
     def observe(self, stage: int, tokens: int, seconds: float) -> None:
+        """One forward of ``tokens`` on ``stage`` (its video encode excluded: ``observe_encode``)."""
         self.fits[stage].add(float(tokens), float(seconds))
 
     def observe_decode(self, seconds: float) -> None:
         """One chunk's decode (plus encode) time on a decode worker."""
         self.decode.add(1.0, float(seconds))
+
+    def observe_encode(self, seconds: float) -> None:
+        """One video-to-video chunk's VAE encode on stage 0."""
+        self.encode.add(1.0, float(seconds))
 
     @property
     def calibrated(self) -> bool:
@@ -142,33 +152,43 @@ class LatencyModel:
         """Seconds one decode worker spends on a chunk (0 without decode workers)."""
         return self.decode.predict(1.0) if self.decode_workers else 0.0
 
-    def stage_times(self, tokens: int, forwards_per_chunk: float = 1.0) -> list[float]:
-        """Per stage, one forward's time; a shared decode adds its share per forward to the last stage."""
+    def encode_time(self) -> float:
+        """Seconds stage 0 spends encoding one video-to-video chunk (0 until one was seen)."""
+        return self.encode.predict(1.0)
+
+    def stage_times(self, tokens: int, forwards_per_chunk: float = 1.0, video: bool = False) -> list[float]:
+        """Per stage, one forward's time; a shared decode adds its share per forward to the last stage, and
+        (``video``) the chunk's encode its share to stage 0."""
         times = [f.predict(tokens) for f in self.fits]
         if self.decode_shared:
             times[-1] += self.decode_time() / forwards_per_chunk
+        if video:
+            times[0] += self.encode_time() / forwards_per_chunk
         return times
 
-    def tick(self, tokens: int, forwards_per_chunk: float = 1.0) -> float:
+    def tick(self, tokens: int, forwards_per_chunk: float = 1.0, video: bool = False) -> float:
         """Time between micro-batches leaving a full pipeline: the slowest stage."""
-        return max(self.stage_times(tokens, forwards_per_chunk))
+        return max(self.stage_times(tokens, forwards_per_chunk, video))
 
     def forward_latency(self, tokens: int) -> float:
         """One forward through every stage (DiT only)."""
         return sum(f.predict(tokens) for f in self.fits)
 
-    def chunk_latency(self, forwards_per_chunk: float, tokens_per_forward: int) -> float:
-        """Predicted time from a chunk's first forward to its frames, pipeline otherwise idle."""
-        return forwards_per_chunk * self.forward_latency(tokens_per_forward) + self.decode_time()
+    def chunk_latency(self, forwards_per_chunk: float, tokens_per_forward: int, video: bool = False) -> float:
+        """Predicted time from a chunk's first forward (its encode, for ``video``) to its frames, pipeline
+        otherwise idle."""
+        encode = self.encode_time() if video else 0.0
+        return encode + forwards_per_chunk * self.forward_latency(tokens_per_forward) + self.decode_time()
 
     def frame_rate(self, video_frames_per_chunk: float, forwards_per_chunk: float, tokens_per_forward: int,
-                   streams_per_batch: int = 1) -> float:
-        """Video frames per second the pipeline sustains over all its streams: one micro-batch (the forwards of
-        ``streams_per_batch`` streams) leaves per tick, and dedicated decode workers take one chunk each per
-        decode time."""
+                   streams_per_batch: int = 1, video: bool = False) -> float:
+        """Video frames per second the pipeline sustains over all its streams (all video-to-video for
+        ``video``): one micro-batch (the forwards of ``streams_per_batch`` streams) leaves per tick, and
+        dedicated decode workers take one chunk each per decode time."""
         size = max(1, streams_per_batch)
         # a micro-batch finishes size / forwards_per_chunk chunks: a shared decode adds theirs to the last stage
-        tick = self.tick(size * tokens_per_forward, forwards_per_chunk / size)
+        # (and their encodes to stage 0)
+        tick = self.tick(size * tokens_per_forward, forwards_per_chunk / size, video)
         if tick <= 0:
             return 0.0
         chunks_per_s = size / (forwards_per_chunk * tick)
@@ -178,15 +198,18 @@ class LatencyModel:
         return chunks_per_s * video_frames_per_chunk
 
     def max_streams(self, fps: float, video_frames_per_chunk: float, forwards_per_chunk: float,
-                    tokens_per_forward: int, max_batch_streams: int = 1) -> int:
-        """Streams the pipeline sustains at ``fps`` video frames/s each. n streams share micro-batches of
-        ``batch_streams(n, ...)`` streams (the engine's scheduler), which split the stages' fixed costs."""
+                    tokens_per_forward: int, max_batch_streams: int = 1, video: bool = False) -> int:
+        """Streams the pipeline sustains at ``fps`` video frames/s each (video-to-video ones for ``video``). n
+        streams share micro-batches of ``batch_streams(n, ...)`` streams (the engine's scheduler), which split
+        the stages' fixed costs."""
         if max_batch_streams <= 1:
-            return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward) / fps)
+            return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward,
+                                       video=video) / fps)
         n = 0
         while n < MAX_STREAMS:
             size = batch_streams(n + 1, self.num_stages, max_batch_streams)
-            if self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward, size) < (n + 1) * fps:
+            rate = self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward, size, video)
+            if rate < (n + 1) * fps:
                 break
             n += 1
         return n

@@ -164,9 +164,10 @@ class StageWorker:
         if not isinstance(out, torch.Tensor):  # the Activation, the forward's latents, new contexts
             sent = sum(x.nbytes for x in out) + 4 * mb.frames * int(torch.Size(self.latent_shape(mb.grid)).numel()) \
                 + sum(c.nbytes for c in (contexts or {}).values())
-        # stage 0's encoding of video chunks is this stage's work too (the latency model and block split see it)
+        # stage 0's encoding of video chunks is this stage's work too (the block split sees it; the latency model
+        # fits it apart, per chunk)
         stats = StageStats(self.stage, end - start + self._encode_s, idle, sent, self.cache_bytes(), mb.tokens,
-                           block_s or {}, *self.memory())
+                           block_s or {}, *self.memory(), encode_s=self._encode_s)
         self._encode_s = 0.0
         return out, contexts or {}, stats
 

@@ -2,13 +2,13 @@
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
 from orchestrator.admission import Admission, validate
 from orchestrator.config import GenerationConfig, ServerConfig, get_config
-from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError
+from orchestrator.types import Encoding, LatePolicy, Rejection, RequestError, VideoSpec
 
 MODEL = get_config("tiny")
 GEN = GenerationConfig(model=MODEL)
@@ -54,12 +54,15 @@ class FakeReplica:
     latency: float = 0.1
     used: float = 0.0
     streams: int = 0
+    video_capacity: int | None = None
+    """For video-to-video streams (their encode included); None: as ``capacity``."""
+    video_latency: float | None = None
 
-    def max_streams(self, fps, steps):
-        return self.capacity
+    def max_streams(self, fps, steps, video=False):
+        return self.video_capacity if video and self.video_capacity is not None else self.capacity
 
-    def predicted_chunk_latency(self, steps):
-        return self.latency
+    def predicted_chunk_latency(self, steps, video=False):
+        return self.video_latency if video and self.video_latency is not None else self.latency
 
     def load(self):
         return self.used
@@ -90,6 +93,26 @@ def test_budget_and_impossible_fps_are_failed_preconditions():
     assert err.value.reason is Rejection.BUDGET and "latency_budget_ms" in err.value.message
     with pytest.raises(RequestError) as err:
         adm.decide(validate(Req(), SERVER, GEN), [FakeReplica(0)])
+    assert err.value.reason is Rejection.BUDGET and "fps" in err.value.message
+
+
+def test_a_video_stream_is_priced_and_timed_by_the_replicas_video_figures():
+    """A video-to-video stream's share and latency include its encode (the replica's video figures); a
+    text-to-video stream's do not."""
+    adm = Admission(ServerConfig(max_streams_per_replica=8, admission_headroom=1.0))
+    text = validate(Req(latency_budget_ms=500), SERVER, GEN)
+    video = replace(text, video=VideoSpec(0.7, False, 0.0, 5.0))
+    replica = FakeReplica(4, latency=0.2, video_capacity=2, video_latency=0.25)
+    assert adm.decide(text, [replica]).utilisation == pytest.approx(0.25)
+    assert adm.decide(video, [replica]).utilisation == pytest.approx(0.5)
+    replica.video_latency = 0.33  # + 3 input frames at 16 fps (187.5 ms) is over the 500 ms budget
+    with pytest.raises(RequestError) as err:
+        adm.decide(video, [replica])
+    assert err.value.reason is Rejection.BUDGET
+    assert adm.decide(text, [replica]).utilisation == pytest.approx(0.25)
+    replica.video_latency, replica.video_capacity = 0.05, 0  # no video stream runs at this fps, text still does
+    with pytest.raises(RequestError) as err:
+        adm.decide(video, [replica])
     assert err.value.reason is Rejection.BUDGET and "fps" in err.value.message
 
 

@@ -137,10 +137,10 @@ def test_transform_config_validation_names_the_field():
 
 
 class Replica:
-    def max_streams(self, fps, steps):
+    def max_streams(self, fps, steps, video=False):
         return 4
 
-    def predicted_chunk_latency(self, steps):
+    def predicted_chunk_latency(self, steps, video=False):
         return 0.2
 
     def load(self):

@@ -18,10 +18,10 @@ class FakeClient(ReplicaClient):
         super().__init__(index=0)
         self.capacity, self.sent = capacity, []
 
-    def max_streams(self, fps, steps):
+    def max_streams(self, fps, steps, video=False):
         return self.capacity[steps]
 
-    def predicted_chunk_latency(self, steps):
+    def predicted_chunk_latency(self, steps, video=False):
         return 0.1
 
     def consumed(self, stream_id):

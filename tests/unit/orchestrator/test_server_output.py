@@ -35,10 +35,10 @@ class FakeReplica:
     def set_steps(self, stream_id, steps):
         pass
 
-    def max_streams(self, fps, steps):
+    def max_streams(self, fps, steps, video=False):
         return 4
 
-    def predicted_chunk_latency(self, steps):
+    def predicted_chunk_latency(self, steps, video=False):
         return 0.01
 
     def load(self):

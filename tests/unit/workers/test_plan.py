@@ -111,3 +111,19 @@ def test_latency_model_counts_decode_shared_and_dedicated():
     assert dedicated.max_streams(16.0, 12, 5, 500) == 13
     assert dedicated.frame_rate(12, 1, 500) == pytest.approx(50 * 12, rel=1e-3)  # 1 worker x 1 / 20 ms
     assert _fed(2, False).frame_rate(12, 1, 500) == pytest.approx(1 / 0.011 * 12, rel=1e-3)  # 2 workers: DiT bound
+
+
+def test_latency_model_charges_video_encode_to_video_streams_only():
+    m = _fed(0, True)  # 7 / 11 ms per 500-token forward: 13 streams at 16 fps (above)
+    assert m.encode_time() == 0 and m.max_streams(16.0, 12, 5, 500, video=True) == 13  # no encode seen yet
+    for _ in range(3):
+        m.observe_encode(0.03)  # 30 ms per chunk on stage 0: 6 ms per forward (5 forwards a chunk)
+    assert m.stage_times(500, 5, video=True) == pytest.approx([0.013, 0.011], rel=1e-3)
+    assert m.chunk_latency(5, 500, video=True) == pytest.approx(0.03 + 0.09, rel=1e-3)
+    # 1 / (5 x 13 ms) = 15.4 chunks/s x 12 = 185 frames/s -> 11 video streams at 16 fps
+    assert m.max_streams(16.0, 12, 5, 500, video=True) == 11
+    # text-to-video capacity is what the forwards alone give: the encodes seen do not lower it
+    assert m.max_streams(16.0, 12, 5, 500) == 13 and m.chunk_latency(5, 500) == pytest.approx(0.09, rel=1e-3)
+    # micro-batches of 2 streams carry 2 encodes: 2 x 30 ms over 5 forwards on stage 0
+    assert m.frame_rate(12, 5, 500, 2, video=True) == pytest.approx(2 / (5 * (0.002 + 1e-5 * 1000 + 0.012)) * 12,
+                                                                    rel=1e-3)

@@ -3,6 +3,7 @@ engine equal to the single-process reference (P 1 and 2, both modes, motion-awar
 streams with a text-to-video one among them)."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -128,3 +129,38 @@ def test_v2v_first_step_follows_motion_and_input_shapes_are_checked():
     want = program.schedule.timestep_of(first_step(scales[1]))  # 610 before the warp
     assert works[4].timesteps == (want,) and not math.isclose(want, program.schedule.timesteps[0])
     assert works[4].entry_sigmas == ((program.schedule.sigma(want), program.sigmas[1]),)
+
+
+def test_a_video_streams_encode_is_fitted_apart_and_charged_to_video_streams_only(monkeypatch):
+    """Stage 0's VAE encode is its own fit: the video figures include it, and once the video stream has left,
+    text-to-video capacity is what the forwards alone give (before, the encode raised stage 0's forward fit
+    until new traffic washed it out, and admission kept refusing text streams meanwhile)."""
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, local_executor(cfg, 1))
+    engine.calibrate()
+    engine.add_stream("v", "a watercolor painting", 1, sampler=video_sampler(cfg.sampler, 3),
+                      video=VideoParams(noise_scale=0.8))
+    encoder = engine.executor.stages[0].encoder
+    encode_chunk = encoder.encode_chunk
+
+    def slow(pixels, state):  # an encoder far slower than the tiny DiT's forward (a few ms): 0.4 s a chunk
+        time.sleep(0.4)
+        return encode_chunk(pixels, state)
+
+    monkeypatch.setattr(encoder, "encode_chunk", slow)
+    for i, chunk in enumerate(video(4, cfg.sampler.chunk_frames)):
+        engine.push_input("v", chunk, meta=i)
+    engine.end_input("v")
+    done = 0
+    for _ in range(10_000):
+        done += sum(o.stream_id == "v" for o in engine.step())
+        if done == 4:
+            break
+    engine.remove_stream("v")
+    assert done == 4 and engine.latency.encode.n > 0
+    assert engine.latency.encode_time() >= 0.4
+    # no encode in the forward fit (1 forward in 4 carries one: with it, the fit's mean is ~0.1 s)
+    forward = engine.latency.forward_latency(engine._forwards_and_tokens(3)[1])
+    assert forward < 0.05, forward
+    assert engine.predicted_chunk_latency(3, video=True) >= engine.predicted_chunk_latency(3) + 0.4
+    assert engine.frame_rate(3, video=True) < engine.frame_rate(3)
