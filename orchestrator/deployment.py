@@ -21,10 +21,10 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from orchestrator.config import MAX_STEPS
 from orchestrator.config import ServiceConfig
 from workers.core import EngineCore
 from workers.core_messages import CloseStream, ControlMessage, CoreOutput, CoreStats, StreamEvicted, StreamFailed
+from workers.plan import Capacity
 from workers.ray_executor import take_serving_priority
 
 log = logging.getLogger("streamgen.deployment")
@@ -38,11 +38,8 @@ class CoreStatus:
     healthy: bool
     broken: bool
     active: int
-    chunk_latency: dict[tuple[int, bool], float]
-    """(steps, video-to-video) -> predicted seconds from a chunk's first forward to its clean latents."""
-    frame_rate: dict[tuple[int, bool], float]
-    """(steps, video-to-video) -> video frames per second the pipeline sustains (max streams at fps = rate //
-    fps)."""
+    capacity: Capacity
+    """Admission's figures (max streams at any fps, chunk latency) for every step count and stream kind."""
     stats: list[CoreStats] = field(default_factory=list)
     """Stats the core measured that no stream's output carried back."""
 
@@ -99,13 +96,10 @@ class PipelineDeployment:
         self.core.submit(msg)
 
     def status(self) -> CoreStatus:
-        keys = [(n, video) for n in range(1, MAX_STEPS + 1) for video in (False, True)]
-        latency = {k: self.core.predicted_chunk_latency(*k) for k in keys}
-        rate = {k: self.core.frame_rate(*k) for k in keys}
         held = [self._held.popleft() for _ in range(len(self._held))]
         with self._lock:
             active = len(self._routes)
-        return CoreStatus(self.healthy, self.core.broken, active, latency, rate, held + [self.core.take_stats()])
+        return CoreStatus(self.healthy, self.core.broken, active, self.core.capacity(), held + [self.core.take_stats()])
 
     async def hand_off(self, timeout_s: float) -> int:
         return await asyncio.to_thread(self.core.hand_off, timeout_s)  # off the loop: streams keep flowing

@@ -140,10 +140,10 @@ class ServeReplicaClient(ReplicaClient):
         return self._broken
 
     def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
-        return int(self._status.frame_rate.get((steps, video), 0.0) / fps)
+        return self._status.capacity.max_streams(fps, steps, video)
 
     def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
-        return self._status.chunk_latency.get((steps, video), 0.0)
+        return self._status.capacity.predicted_chunk_latency(steps, video)
 
     def probe(self, timeout_s: float) -> bool:
         """Readiness from the replica's own Serve health check (a real forward on every stage), plus the

@@ -26,12 +26,13 @@ from typing import Callable
 import torch
 
 from workers import devicemap
-from workers.config import CacheConfig, EngineConfig, GenerationConfig, ParallelConfig
+from workers.config import MAX_STEPS, CacheConfig, EngineConfig, GenerationConfig, ParallelConfig
 from workers.core_messages import (Call, CloseStream, Consumed, CoreOutput, CoreStats, EndInput, FrameBatch, Message,
                                    OpenStream, PushInput, RestoreStream, SetNoiseScale, SetPrompt, SetSteps, Stop,
                                    StreamEvicted, StreamFailed)
 from workers.engine import ChunkOutput, PipelineEngine
 from workers.executor import Executor, StageFailure, build_executor
+from workers.plan import Capacity
 from workers.v2v import video_sampler
 
 log = logging.getLogger("streamgen.core")
@@ -159,8 +160,10 @@ class EngineCore:
     def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
         return self.engine.predicted_chunk_latency(steps, video)
 
-    def frame_rate(self, steps: int, video: bool = False) -> float:
-        return self.engine.frame_rate(steps, video)
+    def capacity(self) -> Capacity:
+        """``max_streams`` and ``predicted_chunk_latency`` for every step count and stream kind, as data (what a
+        Serve-hosted core reports at each probe)."""
+        return self.engine.capacity(MAX_STEPS, self.memory_streams)
 
     def cache_bytes(self, timeout_s: float = 10.0) -> list[int]:
         """Cache bytes per stage (asks the stages; tests and the leak check)."""

@@ -22,7 +22,7 @@ import torch
 from workers.config import EngineConfig, GenerationConfig, SamplerConfig
 from workers.batch import DecodedChunk, Finished, MicroBatch, OutputFormat, StageStats, Work
 from workers.executor import Executor
-from workers.plan import LatencyModel, balanced_split, batch_streams, stage_costs
+from workers.plan import Capacity, LatencyModel, balanced_split, batch_streams, stage_costs
 from workers.stream import StreamProgram
 from workers.v2v import VideoInput, VideoParams
 
@@ -511,11 +511,12 @@ class PipelineEngine:
     def video_frames_per_chunk(self) -> int:
         return self.cfg.model.vae_stride[0] * self.cfg.sampler.chunk_frames
 
-    def frame_rate(self, num_steps: int | None = None, video: bool = False) -> float:
+    def frame_rate(self, num_steps: int | None = None, video: bool = False, streams_per_batch: int = 1) -> float:
         """Video frames per second this pipeline sustains over all its streams (decode included; all of them
-        video-to-video for ``video``), from the latency model."""
+        video-to-video for ``video``) with micro-batches of ``streams_per_batch`` streams, from the latency
+        model."""
         forwards, tokens = self._forwards_and_tokens(num_steps or self.cfg.sampler.num_steps)
-        return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens, video=video)
+        return self.latency.frame_rate(self.video_frames_per_chunk, forwards, tokens, streams_per_batch, video)
 
     def max_streams(self, fps: float, num_steps: int | None = None, video: bool = False) -> int:
         """Streams of ``fps`` video frames/s each (video-to-video ones for ``video``) this pipeline sustains,
@@ -524,6 +525,14 @@ class PipelineEngine:
         forwards, tokens = self._forwards_and_tokens(steps)
         return self.latency.max_streams(fps, self.video_frames_per_chunk, forwards, tokens,
                                         self.engine_cfg.max_batch_streams, video)
+
+    def capacity(self, max_steps: int, memory_streams: int | None = None) -> Capacity:
+        """``max_streams`` and ``predicted_chunk_latency`` for 1..``max_steps`` steps and both stream kinds, as
+        data (``memory_streams``: the memory cap the caller applies)."""
+        keys = [(n, video) for n in range(1, max_steps + 1) for video in (False, True)]
+        sizes = range(1, self.engine_cfg.max_batch_streams + 1)
+        return Capacity({k: tuple(self.frame_rate(*k, size) for size in sizes) for k in keys},
+                        {k: self.predicted_chunk_latency(*k) for k in keys}, self.executor.num_stages, memory_streams)
 
     def _observe_costs(self, stats: list[StageStats]) -> None:
         d = self.engine_cfg.cost_decay

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 def stage_costs(split: list[tuple[int, int]], block_costs: list[float], first_extra: float = 0.0,
@@ -202,21 +203,49 @@ class LatencyModel:
         """Streams the pipeline sustains at ``fps`` video frames/s each (video-to-video ones for ``video``). n
         streams share micro-batches of ``batch_streams(n, ...)`` streams (the engine's scheduler), which split
         the stages' fixed costs."""
-        if max_batch_streams <= 1:
-            return int(self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward,
-                                       video=video) / fps)
-        n = 0
-        while n < MAX_STREAMS:
-            size = batch_streams(n + 1, self.num_stages, max_batch_streams)
-            rate = self.frame_rate(video_frames_per_chunk, forwards_per_chunk, tokens_per_forward, size, video)
-            if rate < (n + 1) * fps:
-                break
-            n += 1
-        return n
+        return streams_at(fps, lambda size: self.frame_rate(video_frames_per_chunk, forwards_per_chunk,
+                                                            tokens_per_forward, size, video),
+                          self.num_stages, max_batch_streams)
 
 
 MAX_STREAMS = 4096
-"""Most streams ``LatencyModel.max_streams`` counts to."""
+"""Most streams ``streams_at`` counts to."""
+
+
+def streams_at(fps: float, rate: Callable[[int], float], stages: int, max_batch_streams: int) -> int:
+    """Streams of ``fps`` video frames/s each a pipeline sustains, where ``rate(size)`` is its frame rate over
+    all streams with micro-batches of ``size`` streams: n streams share micro-batches of ``batch_streams(n,
+    ...)`` streams (the engine's scheduler), which split the stages' fixed costs."""
+    if max_batch_streams <= 1:
+        return int(rate(1) / fps)
+    n = 0
+    while n < MAX_STREAMS and rate(batch_streams(n + 1, stages, max_batch_streams)) >= (n + 1) * fps:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A replica's admission figures as plain data, for every step count and stream kind: what a Serve-hosted
+    core sends the orchestrator at each probe, so both hosting modes admit by the same arithmetic."""
+
+    frame_rates: dict[tuple[int, bool], tuple[float, ...]]
+    """(steps, video-to-video) -> frames/s over all streams at micro-batches of 1..max_batch_streams streams."""
+    chunk_latency: dict[tuple[int, bool], float]
+    """(steps, video-to-video) -> predicted seconds from a chunk's first forward to its frames."""
+    stages: int
+    memory_streams: int | None = None
+    """Streams whose caches fit on every slot (None: not bounded by memory)."""
+
+    def max_streams(self, fps: float, steps: int, video: bool = False) -> int:
+        rates = self.frame_rates.get((steps, video))
+        if not rates:
+            return 0
+        by_time = streams_at(fps, lambda size: rates[size - 1], self.stages, len(rates))
+        return by_time if self.memory_streams is None else min(by_time, self.memory_streams)
+
+    def predicted_chunk_latency(self, steps: int, video: bool = False) -> float:
+        return self.chunk_latency.get((steps, video), 0.0)
 
 
 def batch_streams(streams: int, stages: int, max_batch_streams: int) -> int:

@@ -220,3 +220,33 @@ def test_one_stream_on_two_cpu_stages_pays_contention_only_while_they_overlap():
     shared = simulate(gen(), ParallelConfig(stages=2, decode_workers=0), p, **kw)
     alone = simulate(gen(), ParallelConfig(stages=2, decode_workers=0), profile(per_call(0.010, 4)), **kw)
     assert 1.0 < alone.frames_per_s / shared.frames_per_s <= 0.100 / 0.090 + 0.01
+
+
+@pytest.mark.parametrize("mode,stages", [("sequential", 2), ("stream_batch", 1)])
+def test_the_capacity_a_serve_hosted_core_reports_admits_as_the_engine_does(mode, stages):
+    """A Serve-hosted replica admits from the ``Capacity`` its core reports (pickled across processes): the same
+    max streams as the engine's own (micro-batch sizes and the memory cap included) and the same latencies,
+    for every fps, step count and stream kind."""
+    import pickle
+
+    engine, _, _ = build(gen(mode), ParallelConfig(stages=stages, decode_workers=1),
+                         profile(Linear(5e-4, 2e-8), decode=Linear(0.004, 0.0)), EngineConfig(max_batch_streams=4))
+    for _ in range(3):  # a fixed cost per call, which micro-batches of several streams split
+        for stage in range(stages):
+            for tokens in (100, 200, 400, 800):
+                engine.latency.observe(stage, tokens, 0.004 + 1e-6 * tokens)
+    engine.latency.observe_encode(0.03)  # a video chunk's encode on stage 0: video figures differ from text ones
+    assert engine.frame_rate(4, False, 4) > 1.5 * engine.frame_rate(4, False, 1)
+    capacity = pickle.loads(pickle.dumps(engine.capacity(8)))
+    capped = engine.capacity(8, memory_streams=3)
+    seen = set()
+    for steps in (1, 2, 4, 8):
+        for video in (False, True):
+            assert capacity.predicted_chunk_latency(steps, video) == engine.predicted_chunk_latency(steps, video)
+            for fps in (1.0, 4.0, 8.0, 16.0, 30.0):
+                want = engine.max_streams(fps, steps, video)
+                assert capacity.max_streams(fps, steps, video) == want, (steps, video, fps)
+                assert capped.max_streams(fps, steps, video) == min(want, 3)
+                seen.add(want)
+    assert len(seen) > 3  # the cases span several capacities, not one
+    assert capacity.max_streams(16.0, 4, True) < capacity.max_streams(16.0, 4, False)
