@@ -84,6 +84,9 @@ class StageWorker:
         """Stage 0: a video chunk's uint8 frames [N, H, W, 3] -> z [f, C, h, w] float32 with the stream's causal
         encoder. An encoder that starts mid-stream (a rebuilt or restored stream, 4f frames) encodes the
         chunk's last 1 + 4 (f - 1) frames, so it still gets f latent frames."""
+        cuda = self.device.type == "cuda"
+        if cuda:  # CUDA runs ahead of the host: time this encode alone (once per chunk, not per step)
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         state = self._encode_states[stream_id]
         t = self.model.cfg.vae_stride[0]
@@ -91,6 +94,8 @@ class StageWorker:
             frames = frames[t - 1:]
         pixels = to_unit(frames.to(self.device)).to(self._dtype)  # [N, 3, H, W] in [-1, 1]
         z = self.encoder.encode_chunk(pixels, state).float()
+        if cuda:
+            torch.cuda.synchronize(self.device)
         self._encode_s += time.perf_counter() - start
         return z
 
