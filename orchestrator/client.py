@@ -156,8 +156,10 @@ class StreamgenClient:
             req.paused = paused
         return await self.stub.Control(req)
 
-    async def capacity(self, fps: float = 0.0, steps: int = 0) -> stream_pb2.CapacityReply:
-        return await self.stub.GetCapacity(stream_pb2.CapacityRequest(fps=fps, steps=steps))
+    async def capacity(self, fps: float = 0.0, steps: int = 0, video: bool = False) -> stream_pb2.CapacityReply:
+        """Streams the fleet admits at ``fps`` / ``steps`` (0: the server's defaults), for video-to-video
+        streams with ``video``."""
+        return await self.stub.GetCapacity(stream_pb2.CapacityRequest(fps=fps, steps=steps, video=video))
 
     async def drain(self, timeout_ms: int = 0) -> stream_pb2.DrainReply:
         return await self.stub.Drain(stream_pb2.DrainRequest(timeout_ms=timeout_ms))

@@ -374,8 +374,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if fps <= 0 or fps != fps or not (1 <= steps <= MAX_STEPS):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
         serving = [r for r in self.replicas if not r.draining and r.healthy]
-        total = sum(min(r.max_streams(fps, steps), self.cfg.server.max_streams_per_replica) for r in serving)
-        latency = min((r.predicted_chunk_latency(steps) for r in serving), default=0.0)
+        video = bool(request.video)
+        total = sum(min(r.max_streams(fps, steps, video), self.cfg.server.max_streams_per_replica) for r in serving)
+        latency = min((r.predicted_chunk_latency(steps, video) for r in serving), default=0.0)
         states = [stream_pb2.ReplicaState(index=r.index, streams_active=r.active(), draining=r.draining,
                                           healthy=r.healthy) for r in self.replicas] \
             if current_caller().principal.operator else []  # replica details are for operators

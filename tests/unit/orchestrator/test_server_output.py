@@ -1,5 +1,6 @@
 """Generate driven with a fake replica and a fake gRPC context: what overflows a stream's output queue is
-counted and gives its look-ahead slot back; a stream closed at its ``yield`` ends for the caller's reason."""
+counted and gives its look-ahead slot back; a stream closed at its ``yield`` ends for the caller's reason.
+GetCapacity answers for the stream kind asked."""
 
 import asyncio
 
@@ -133,3 +134,24 @@ def test_a_stream_closed_at_its_yield_ends_as_the_callers_cancel_or_deadline(rem
     ended, sinks, streams = asyncio.run(run())
     assert ended[reason] == 1 and ended["internal"] in (None, 0.0)
     assert not sinks and not streams
+
+
+class VideoPricedReplica(FakeReplica):
+    """Video-to-video streams cost more here (each chunk's encode on stage 0)."""
+
+    def max_streams(self, fps, steps, video=False):
+        return 1 if video else 3
+
+    def predicted_chunk_latency(self, steps, video=False):
+        return 0.05 if video else 0.01
+
+
+def test_get_capacity_answers_for_the_stream_kind_asked():
+    _CALLER.set(Caller(OPEN, "test"))
+    service = StreamService(service_config(), [VideoPricedReplica(), VideoPricedReplica()], Metrics(),
+                            health_servicer=None)
+    text = asyncio.run(service.GetCapacity(stream_pb2.CapacityRequest(fps=16.0), FakeContext()))
+    video = asyncio.run(service.GetCapacity(stream_pb2.CapacityRequest(fps=16.0, video=True), FakeContext()))
+    cap = service.cfg.server.max_streams_per_replica
+    assert text.streams_max == 2 * min(3, cap) and text.predicted_chunk_latency_s == pytest.approx(0.01)
+    assert video.streams_max == 2 and video.predicted_chunk_latency_s == pytest.approx(0.05)
