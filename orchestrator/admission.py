@@ -153,7 +153,7 @@ class Admission:
             raise RequestError(Rejection.DRAINING, "server is draining", self.server.retry_after_ms)
         if not replicas:
             raise RequestError(Rejection.DRAINING, "no pipeline replica is ready", self.server.retry_after_ms)
-        video = spec.video is not None
+        video = spec.is_video
         latency = min(r.predicted_chunk_latency(spec.steps, video) for r in replicas)
         if video:  # an output frame also waits for its chunk's input frames to arrive
             latency += input_buffering_s(spec.fps, self.chunk_frames)

@@ -124,7 +124,7 @@ class Service:
         them leave (an engine thread, or the event loop)."""
         for record in records:
             candidates = [r for r in self.replicas if r is not left and not r.draining and not r.broken]
-            decision = place(record.spec.fps, record.steps, candidates, self.cfg.server, record.spec.video is not None)
+            decision = place(record.spec.fps, record.steps, candidates, self.cfg.server, record.spec.is_video)
             if decision is None:
                 self.metrics.stream_migrations.labels("failed").inc()
                 record.sink(StreamFailed(record.stream_id, "no replica left"))

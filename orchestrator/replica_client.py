@@ -94,7 +94,7 @@ class ReplicaClient(ABC):
 
     def open(self, stream_id: str, spec: StreamSpec, sink: Sink) -> None:
         """Start a new stream here; its frame batches (then at most one StreamFailed) go to ``sink``."""
-        record = StreamRecord(stream_id, spec, sink, stream_share(self, spec.fps, spec.steps, spec.video is not None),
+        record = StreamRecord(stream_id, spec, sink, stream_share(self, spec.fps, spec.steps, spec.is_video),
                               spec.prompt, steps=spec.steps)
         self._register(record)
         self.opened += 1
@@ -103,7 +103,7 @@ class ReplicaClient(ABC):
     def adopt(self, record: StreamRecord) -> None:
         """Continue a stream that left another replica, from its checkpoint (or from its start), with the
         controls that checkpoint lacks replayed in order. Its outputs go on to the same sink."""
-        record.load = stream_share(self, record.spec.fps, record.steps, record.spec.video is not None)
+        record.load = stream_share(self, record.spec.fps, record.steps, record.spec.is_video)
         self._register(record)
         self._start(record)
 
@@ -128,7 +128,7 @@ class ReplicaClient(ABC):
             record = self._streams.get(stream_id)
             if record is None:
                 return
-            record.steps, record.load = steps, stream_share(self, record.spec.fps, steps, record.spec.video is not None)
+            record.steps, record.load = steps, stream_share(self, record.spec.fps, steps, record.spec.is_video)
         self._send(SetSteps(stream_id, steps))
 
     def push_input(self, stream_id: str, frames, meta=None, due: float | None = None) -> None:

@@ -90,6 +90,11 @@ class StreamSpec:
     jpeg_quality: int
     video: VideoSpec | None = None
 
+    @property
+    def is_video(self) -> bool:
+        """A video-to-video stream (admission prices its chunks' encode too)."""
+        return self.video is not None
+
 
 class RequestError(Exception):
     """A request the server refuses; ``reason`` maps to a status code in the server module."""
