@@ -34,7 +34,7 @@ from workers.config import GenerationConfig, SamplerConfig, get_config
 from workers.demo import clips
 from workers.demo.config import TrainConfig
 from workers.demo.bank import GRID, LatentBank, clip_groups
-from workers.demo.train_vae import measure_latents, psnr, reconstruct, vae_batch, vae_loss
+from workers.demo.train_vae import colour_distances, measure_latents, psnr, reconstruct, vae_batch, vae_loss
 from workers.model.demo_vae import T_UP, DemoVAE, load_demo_vae
 from workers.loader import load_weights
 from workers.model.dit import CausalWanModel
@@ -332,7 +332,7 @@ class Trainer:
         gen = torch.Generator().manual_seed((cfg.seed * 31 + self.vae_step) % (2**63 - 1))
         for group in self.vae_opt.param_groups:
             group["lr"] = lr_at(cfg.vae_lr, self.vae_step, cfg.vae_steps, 50, 0.1)
-        loss = vae_loss(self.vae, groups, start, cfg.vae_noise, gen)
+        loss = vae_loss(self.vae, groups, start, cfg.vae_noise, gen, cfg.vae_colour_anchor)
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
@@ -418,10 +418,14 @@ class Trainer:
             q = assess(clips.to_uint8(recon))
             colour, direction = colour + (q.colour == p.colour), direction + (q.direction == p.direction)
             score += psnr(recon, video)
-        result = {"phase": "vae", "colour": colour / 32, "direction": direction / 32, "psnr_db": score / 32}
+        distances = colour_distances(self.vae)
+        closest = min(distances, key=distances.get)
+        result = {"phase": "vae", "colour": colour / 32, "direction": direction / 32, "psnr_db": score / 32,
+                  "colour_distances": distances}
         self.history.append(result)
         self.log(f"[vae] reconstructions of 32 clips x 49 frames: colour {result['colour']:.0%}  direction "
-                 f"{result['direction']:.0%}  PSNR {result['psnr_db']:.1f} dB")
+                 f"{result['direction']:.0%}  PSNR {result['psnr_db']:.1f} dB; latent distance between colours "
+                 f"(RMS) {min(distances.values()):.2f} ({closest}) .. {max(distances.values()):.2f}")
         return result
 
     def report_eval(self, path: str, prompts: int | None = None) -> dict:

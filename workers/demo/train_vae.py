@@ -3,8 +3,10 @@
 Each sample is 4 consecutive latent groups of one clip (sometimes the stream's first, frame 0 repeated, and
 sometimes with a prompt switch at a group boundary); the last 3 are decoded, each with its predecessor, as the
 streaming decoder does. The loss is pixel MSE, weighted up on the object (it covers a few percent of a frame),
-with a little noise on the latents so the decoder tolerates the DiT's imprecision. Afterwards the latents'
-per-channel mean and std are measured and stored in the VAE, so the DiT sees normalised latents.
+with a little noise on the latents so the decoder tolerates the DiT's imprecision. A colour anchor makes
+three latent channels regress each cell's mean colour, so colours apart in pixels stay apart in latents.
+Afterwards the latents' per-channel mean and std are measured and stored in the VAE, so the DiT sees
+normalised latents.
 """
 
 from __future__ import annotations
@@ -61,12 +63,22 @@ def vae_batch(seed: int, step: int, batch: int, switch_prob: float = 0.15) -> tu
     return torch.stack(out), torch.tensor(starts)
 
 
+def cell_colour(groups: torch.Tensor, cells: int) -> torch.Tensor:
+    """Groups [G, 4*3, H, W] in [-1, 1] -> each latent cell's mean colour over the group's 4 frames
+    [G, 3, cells, cells]."""
+    rgb = groups.view(groups.shape[0], T_UP, 3, *groups.shape[2:]).mean(1)  # [G, 3, H, W]
+    return F.adaptive_avg_pool2d(rgb, cells)
+
+
 def vae_loss(vae: DemoVAE, groups: torch.Tensor, start: torch.Tensor, noise: float,
-             gen: torch.Generator) -> torch.Tensor:
-    """groups [B, 4, 4, 3, H, W], start [B] -> weighted reconstruction loss of groups 1..3."""
+             gen: torch.Generator, colour_anchor: float = 0.0) -> torch.Tensor:
+    """groups [B, 4, 4, 3, H, W], start [B] -> weighted reconstruction loss of groups 1..3, plus
+    ``colour_anchor`` x the MSE of latent channels 0..2 (un-normalised) against each cell's mean colour."""
     b = groups.shape[0]
     flat = groups.reshape(b * 4, T_UP * 3, clips.SIZE, clips.SIZE)
-    z = vae.encode_raw(flat).view(b, 4, vae.z_dim, clips.SIZE // 8, clips.SIZE // 8)
+    z = vae.encode_raw(flat)  # [4B, z, 8, 8]
+    anchor = F.mse_loss(z[:, :3], cell_colour(flat, z.shape[-1])) if colour_anchor else z.new_zeros(())
+    z = z.view(b, 4, vae.z_dim, clips.SIZE // 8, clips.SIZE // 8)
     if noise:
         scale = z.detach().std(dim=(0, 1, 3, 4), keepdim=True)
         z = z + noise * scale * torch.randn(z.shape, generator=gen)
@@ -76,7 +88,7 @@ def vae_loss(vae: DemoVAE, groups: torch.Tensor, start: torch.Tensor, noise: flo
     target = groups[:, 1:].reshape(b * 3 * T_UP, 3, clips.SIZE, clips.SIZE)
     bg = torch.tensor(clips.BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
     weight = 1 + 4 * ((target - bg).abs().sum(1, keepdim=True) > 0.1).float()
-    return (weight * (out - target).pow(2)).mean() + 1e-4 * z.pow(2).mean()
+    return (weight * (out - target).pow(2)).mean() + 1e-4 * z.pow(2).mean() + colour_anchor * anchor
 
 
 @torch.no_grad()
@@ -87,6 +99,18 @@ def measure_latents(vae: DemoVAE, seed: int, clips_n: int = 64) -> None:
     z = torch.cat(zs)  # [N, z, h, w]
     vae.latent_mean.copy_(z.mean(dim=(0, 2, 3)))
     vae.latent_std.copy_(z.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+
+@torch.no_grad()
+def colour_distances(vae: DemoVAE, frames: int = 17) -> dict[str, float]:
+    """RMS distance between the normalised latents of same-track clips that differ only in colour, per colour
+    pair ("red-yellow": ...), averaged over both shapes and the four directions. The DiT's x0 loss pays
+    little for confusing a pair that is close here."""
+    names = list(clips.COLOURS)
+    z = {c: torch.stack([vae.encode(clips.clip(clips.Prompt(c, s, d), 7, frames))
+                         for s in clips.SHAPES for d in clips.DIRECTIONS]) for c in names}
+    return {f"{a}-{b}": float((z[a] - z[b]).pow(2).mean().sqrt())
+            for i, a in enumerate(names) for b in names[i + 1:]}
 
 
 @torch.no_grad()

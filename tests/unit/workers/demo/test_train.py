@@ -10,7 +10,7 @@ from workers.demo import train
 from workers.demo.config import TrainConfig
 from workers.demo.train import STEP_COUNTS, Trainer, layout, lr_at, make_batch, step_sigmas, visit_sigmas
 from workers.demo.bank import LatentBank, clip_groups
-from workers.demo.train_vae import PROMPTS, render_groups, vae_batch
+from workers.demo.train_vae import PROMPTS, cell_colour, colour_distances, render_groups, vae_batch, vae_loss
 from workers.config import SamplerConfig
 from workers.model.demo_vae import DemoVAE
 from workers.model.schedule import FlowMatchSchedule
@@ -146,6 +146,33 @@ def test_the_bank_equals_rendering_and_encoding(prompt, start):
     assert (got[3] - got[4]).abs().max() > 1e-3  # the object moved
     groups, start = vae_batch(0, 1, 4)
     assert groups.shape == (4, 4, 4, 3, 64, 64) and start.dtype == torch.bool
+
+
+def test_the_colour_anchor_pulls_three_latent_channels_to_each_cells_mean_colour():
+    groups, start = vae_batch(0, 3, 2)  # [2, 4, 4, 3, 64, 64]
+    flat = groups.reshape(8, 12, 64, 64)
+    cells = cell_colour(flat, 8)  # [8, 3, 8, 8]
+    by_hand = groups.reshape(8, 4, 3, 8, 8, 8, 8).mean(dim=(1, 4, 6))
+    assert torch.allclose(cells, by_hand, atol=1e-6)
+    torch.manual_seed(0)
+    vae = DemoVAE(z_dim=8, width=16)
+    gen = torch.Generator()
+    with torch.no_grad():
+        plain = vae_loss(vae, groups, start, 0.0, gen)
+        anchored = vae_loss(vae, groups, start, 0.0, gen, colour_anchor=2.0)
+        want = torch.nn.functional.mse_loss(vae.encode_raw(flat)[:, :3], cells)
+    assert float(anchored - plain) == pytest.approx(2.0 * float(want), rel=1e-4)
+    # a VAE whose channels 0..2 are each cell's colour keeps colour pairs apart by their pixel difference
+    distances = colour_distances(_ColourCells())
+    assert set(distances) == {"red-green", "red-blue", "red-yellow", "green-blue", "green-yellow", "blue-yellow"}
+    assert min(distances.values()) > 0.05
+
+
+class _ColourCells:
+    """encode: frames -> latents whose 3 channels are each 8x8 cell's colour (the anchor's target)."""
+
+    def encode(self, frames):
+        return cell_colour(DemoVAE.groups(frames), 8)
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
