@@ -56,7 +56,8 @@ demo-v2v: setup
 	$(PY) -m orchestrator.cli demo-v2v --in out/input.mp4 --out out/demo_v2v.mp4 --chunk-frames 1
 
 # Retrain the demo model from scratch on CPU (VAE on one thread, DiT on every core; 32 min measured on a 2-core
-# AMD EPYC VM, 1 h 23 min on a 2-core Xeon one, more with busy neighbours; resumes from out/train-demo/state.pt, and kill or Ctrl-C saves it).
+# AMD EPYC VM, 1 h 23 min on a 2-core Xeon one, more with busy neighbours; resumes from out/train-demo/state.pt,
+# and kill or Ctrl-C saves it).
 # DEMO_CKPT=workers/weights/demo.pt replaces the shipped checkpoint.
 DEMO_CKPT ?= out/train-demo/demo.pt
 train-demo: setup
