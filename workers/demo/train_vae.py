@@ -77,7 +77,7 @@ def vae_loss(vae: DemoVAE, groups: torch.Tensor, start: torch.Tensor, noise: flo
     b = groups.shape[0]
     flat = groups.reshape(b * 4, T_UP * 3, clips.SIZE, clips.SIZE)
     z = vae.encode_raw(flat)  # [4B, z, 8, 8]
-    anchor = F.mse_loss(z[:, :3], cell_colour(flat, z.shape[-1])) if colour_anchor else z.new_zeros(())
+    anchor = colour_anchor * F.mse_loss(z[:, :3], cell_colour(flat, z.shape[-1])) if colour_anchor else 0.0
     z = z.view(b, 4, vae.z_dim, clips.SIZE // 8, clips.SIZE // 8)
     if noise:
         scale = z.detach().std(dim=(0, 1, 3, 4), keepdim=True)
@@ -88,7 +88,7 @@ def vae_loss(vae: DemoVAE, groups: torch.Tensor, start: torch.Tensor, noise: flo
     target = groups[:, 1:].reshape(b * 3 * T_UP, 3, clips.SIZE, clips.SIZE)
     bg = torch.tensor(clips.BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
     weight = 1 + 4 * ((target - bg).abs().sum(1, keepdim=True) > 0.1).float()
-    return (weight * (out - target).pow(2)).mean() + 1e-4 * z.pow(2).mean() + colour_anchor * anchor
+    return (weight * (out - target).pow(2)).mean() + 1e-4 * z.pow(2).mean() + anchor
 
 
 @torch.no_grad()
