@@ -8,7 +8,8 @@ submission order, and each stage blocks in ``recv`` until its predecessor sends,
 micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. The last stage computes x0 and
 the re-noise, sends the next step's latents to stage 0 (``RING_TAG``) and finished chunks' latents to
 their decode workers (ranks P.., ``DECODE_TAG``); stage 0 posts the ring receive as soon as it has run
-the micro-batch and waits on it only when a later forward needs those latents. Only finished chunks'
+the micro-batch and waits on it only when a later forward needs those latents, and every later stage posts
+the receive of its next input before it runs a forward (``StageActorBody._recv``). Only finished chunks'
 clean latents, encoded frames and stats come back through Ray.
 """
 
@@ -51,6 +52,13 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, 
                     _node_ip_address="127.0.0.1")
 
 
+def max_inflight(num_stages: int) -> int:
+    """Micro-batches in flight at most: one more than the stages. It waits in stage 0's task queue, so stage 0
+    starts it as soon as it is free instead of after the driver hears the oldest one came back and submits the
+    next."""
+    return num_stages + 1
+
+
 def _rendezvous_file() -> str:
     """A FileStore path for one replica's process group. Its stages share a node (STRICT_PACK), so a file
     in /tmp is a rendezvous without a TCP store, whose server would listen on every interface."""
@@ -78,7 +86,7 @@ class _Peer:
 
     def _join(self, rank: int, world: int, rendezvous: str, device: torch.device) -> None:
         self.rank, self.world = rank, world
-        self._sends: deque = deque()  # (isend work, buffer): buffers stay alive until their send completes
+        self._sends: deque = deque()  # (micro-batch seq, isend work, buffer): a buffer lives until its send is done
         if world > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's actors share one node
@@ -94,13 +102,8 @@ class _Peer:
     def pid(self) -> int:
         return os.getpid()
 
-    def _isend(self, buf: torch.Tensor, dst: int, tag: int = 0) -> None:
-        while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()
-        self._sends.append((dist.isend(buf, dst=dst, tag=tag), buf))
-
     def shutdown(self) -> None:
-        for work, _ in self._sends:
+        for _, work, _ in self._sends:
             work.wait(SHUTDOWN_WAIT)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -136,8 +139,33 @@ class StageActorBody(_Peer):
                                   parallel.cuda_graphs == "auto")
         self.dtype = self.worker.model.dtype
         self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
+        # Stage to stage on gloo, the next message's receive is posted ahead into a buffer of the largest message
+        # so far (``_recv``); both ends track that size over the same micro-batches. NCCL: exact receives only.
+        self._ahead = self.device.type != "cuda"
+        self._in_cap = self._out_cap = 0  # bytes: the buffer posted on the receiving end (0: none)
+        self._inbox: tuple | None = None  # stage > 0: (irecv work, uint8 buffer) of the next message
+        self._larger = 0  # messages larger than the buffer posted for them (each came after a marker)
         self._join(stage, world, rendezvous, self.device)
         self._nice = parallel.serving_nice
+
+    def _isend(self, buf: torch.Tensor, dst: int, seq: int, tag: int = 0) -> None:
+        """Send ``buf`` (of micro-batch ``seq``) without waiting; it is released once ``_settle`` sees it done."""
+        self._sends.append((seq, dist.isend(buf, dst=dst, tag=tag), buf))
+
+    def _settle(self, seq: int) -> None:
+        """Release the buffers of finished sends, before running micro-batch ``seq``. A gloo send reports
+        ``is_completed()`` only after ``wait()`` (NCCL's polls its event), so sends of micro-batches at least
+        ``max_inflight(P)`` older than ``seq`` are waited on: those micro-batches went through every stage
+        before the driver submitted ``seq``, so their stage and ring sends are done and the wait returns at
+        once; a send to a decode worker that lags that far waits for it (backpressure, not a growing queue)."""
+        while self._sends and (self._sends[0][1].is_completed()
+                               or self._sends[0][0] <= seq - max_inflight(self.num_stages)):
+            self._sends.popleft()[1].wait()
+
+    def channel(self) -> dict[str, int]:
+        """This stage's torch.distributed bookkeeping: sends whose buffers it still holds (bounded by
+        ``_settle``), the bytes of the receive posted ahead, and how many messages outgrew that buffer."""
+        return {"pending_sends": len(self._sends), "posted_bytes": self._in_cap, "larger_messages": self._larger}
 
     def ready(self) -> tuple[int, int]:
         take_serving_priority(self._nice)  # started at Ray's 15; from here on it serves
@@ -150,6 +178,7 @@ class StageActorBody(_Peer):
         """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats,
         stage 0's encoded video chunks: stream -> (chunk, z))."""
         first, last = self.stage == 0, self.stage == self.num_stages - 1
+        self._settle(mb.seq)
         encoded = {}
         if first:
             latents, t, encoded = self.worker.first_inputs(mb, wait=self._unpack_ring)
@@ -168,31 +197,50 @@ class StageActorBody(_Peer):
         if ring is not None and first:  # P = 1: the ring is this stage's own store
             self.worker.store.put(mb, ring)
         elif ring is not None:
-            self._isend(ring.contiguous(), dst=0, tag=RING_TAG)
+            self._isend(ring.contiguous(), dst=0, seq=mb.seq, tag=RING_TAG)
             stats.bytes_sent = ring.nbytes
         for work, done in zip(mb.segments, finished):  # finished chunks to their decode workers
             if work.stream_id in mb.decode_to:
                 for _, x0 in done:
-                    self._isend(x0.contiguous(), dst=self.num_stages + mb.decode_to[work.stream_id], tag=DECODE_TAG)
+                    self._isend(x0.contiguous(), self.num_stages + mb.decode_to[work.stream_id], mb.seq, DECODE_TAG)
         return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats, encoded
 
     def _recv(self, mb: MicroBatch) -> tuple[Activation, torch.Tensor, dict]:
-        shapes = payload_shapes(mb, self.cfg)
-        buf = torch.empty(sum(torch.Size(s).numel() for s in shapes), dtype=self.dtype, device=self.device)
-        dist.recv(buf, src=self.stage - 1)
-        latents = torch.empty((mb.frames,) + self.worker.latent_shape(mb.grid), device=self.device)
-        dist.recv(latents, src=self.stage - 1)  # float32, for x0 on the last stage
-        parts, off = [], 0
-        for s in shapes:
-            n = torch.Size(s).numel()
-            parts.append(buf[off:off + n].view(s))
-            off += n
-        return Activation(*parts[:3]), latents, dict(zip(mb.prompts, parts[3:]))
+        """The previous stage's one message (``_send``): latents float32 [F, C, h, w], then the Activation and
+        the new contexts in this replica's dtype, as bytes. A gloo receive posted after its send waits for a
+        round of notifications between the two peers' I/O threads, which wait for a core while both stages
+        compute (~5-15 ms on 2 CPUs), so the next message's receive is posted before this forward runs."""
+        shapes = [(mb.frames,) + self.worker.latent_shape(mb.grid)] + payload_shapes(mb, self.cfg)
+        dtypes = [torch.float32] + [self.dtype] * (len(shapes) - 1)
+        sizes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
+        size, buf = sum(sizes), None
+        if self._inbox is not None:
+            work, posted = self._inbox
+            work.wait()
+            if size <= posted.numel():
+                buf = posted
+            else:  # it holds the sender's marker: the message is larger than any before and follows exactly
+                self._larger += 1
+        if buf is None:
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            dist.recv(buf, src=self.stage - 1)
+        self._in_cap = max(self._in_cap, size) if self._ahead else 0
+        self._inbox = None
+        if self._in_cap:
+            posted = torch.empty(self._in_cap, dtype=torch.uint8, device=self.device)
+            self._inbox = (dist.irecv(posted, src=self.stage - 1), posted)
+        parts = [b.view(d).view(s) for b, d, s in zip(buf[:size].split(sizes), dtypes, shapes)]
+        return Activation(*parts[1:4]), parts[0], dict(zip(mb.prompts, parts[4:]))
 
     def _send(self, mb: MicroBatch, act: Activation, latents: torch.Tensor, contexts: dict) -> None:
-        tensors = list(act) + [contexts[sid] for sid in mb.prompts]
-        self._isend(torch.cat([t.reshape(-1).to(self.dtype) for t in tensors]), dst=self.stage + 1)
-        self._isend(latents.float().contiguous(), dst=self.stage + 1)
+        """One message, as bytes (see ``_recv``); the float32 latents first, so every later part starts at a
+        multiple of its item size. Larger than the receive posted ahead: a 1-byte marker fills that first."""
+        tensors = [latents.float()] + [t.to(self.dtype) for t in list(act) + [contexts[sid] for sid in mb.prompts]]
+        msg = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+        if 0 < self._out_cap < msg.numel():
+            self._isend(torch.zeros(1, dtype=torch.uint8, device=self.device), dst=self.stage + 1, seq=mb.seq)
+        self._isend(msg, dst=self.stage + 1, seq=mb.seq)
+        self._out_cap = max(self._out_cap, msg.numel()) if self._ahead else 0
 
     def _post_ring(self, mb: MicroBatch) -> None:
         """Stage 0: post the receive of ``mb``'s ring latents now, so the last stage never waits on it."""
@@ -351,9 +399,7 @@ class RayExecutor(Executor):
 
     @property
     def max_inflight(self) -> int:
-        """One micro-batch more than the stages: it waits in stage 0's task queue, so stage 0 starts it as soon as
-        it is free instead of after the driver hears the oldest one came back and submits the next."""
-        return self.num_stages + 1
+        return max_inflight(self.num_stages)
 
     def _slot(self, slot: int, cpus: float, gpus: float) -> dict:
         """Ray options of an actor on GPU slot ``slot`` (its placement-group bundle, if any)."""
@@ -489,6 +535,10 @@ class RayExecutor(Executor):
 
     def cache_bytes(self) -> list[int]:
         return self._get([a.cache_bytes.remote() for a in self.actors])
+
+    def channels(self) -> list[dict[str, int]]:
+        """Per stage: its torch.distributed bookkeeping (``StageActorBody.channel``)."""
+        return self._get([a.channel.remote() for a in self.actors])
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])

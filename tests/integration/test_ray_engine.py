@@ -16,7 +16,7 @@ from workers.reference import ReferenceGenerator
 
 ray = pytest.importorskip("ray")
 
-from workers.ray_executor import start_local_ray  # noqa: E402
+from workers.ray_executor import max_inflight, start_local_ray  # noqa: E402
 
 TINY = gen_config("sequential").model
 _ids = itertools.count()
@@ -147,6 +147,32 @@ def test_driver_makes_p_calls_a_micro_batch_and_sees_latents_once_a_chunk(execut
     assert_matches_reference(cfg, got, {sid: ("a cat on a sofa", 1)}, 4)
 
 
+def test_messages_larger_than_the_receive_posted_ahead_arrive_whole(local_ray):
+    """Stage to stage, each stage posts the next message's receive ahead, sized for the largest message so far.
+    Streams that join later make larger micro-batches (more frames, their new contexts): those messages come
+    after a marker, through the middle stage of three too, and every stream still equals the reference."""
+    cfg = gen_config("sequential")
+    ex = ray_executor(cfg, 3)
+    try:
+        engine = make_engine(cfg, ex)
+        streams = dict(STREAMS, d=("a kite over the sea", 4))  # 4 streams on 3 stages: 2 a micro-batch
+        (first, (prompt, seed)), *later = streams.items()
+        engine.add_stream(first, prompt, seed)
+        got = collect(engine, {first: 2})
+        assert [c["larger_messages"] for c in ex.channels()] == [0, 0, 0]
+        posted = [c["posted_bytes"] for c in ex.channels()]
+        for sid, (prompt, seed) in later:
+            engine.add_stream(sid, prompt, seed)
+        for sid, chunks in collect(engine, {sid: 3 for sid in streams}).items():
+            got.setdefault(sid, {}).update(chunks)
+        channels = ex.channels()
+        assert channels[0]["posted_bytes"] == 0 and 0 < posted[1] < channels[1]["posted_bytes"], (posted, channels)
+        assert all(c["larger_messages"] >= 1 for c in channels[1:]), channels
+        assert_matches_reference(cfg, got, streams, 3)
+    finally:
+        ex.shutdown()
+
+
 @pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
 def test_prompt_switch_on_ray_matches_the_reference_switch(executors, mode):
     """A re-cache restarts the ring (new epoch): stale next-step latents on stage 0 are never used."""
@@ -217,9 +243,11 @@ def test_decode_worker_frames_equal_in_process_decode(local_ray, decode):
         ex.shutdown()
 
 
-def test_driver_calls_with_a_decode_worker(local_ray):
+def test_driver_calls_and_held_sends_with_a_decode_worker(local_ray):
     """With a decode worker: still P stage calls per micro-batch, plus one decode call per micro-batch that
-    finishes a chunk; the frames come back encoded (bytes), the latents once per chunk."""
+    finishes a chunk; the frames come back encoded (bytes), the latents once per chunk. Each stage holds the
+    buffers of at most ``max_inflight`` micro-batches' sends (2 each at most here), however long it runs: a
+    gloo send never reports itself complete unless waited on, and they once piled up for the stream's life."""
     cfg = gen_config("sequential")
     ex = ray_executor(cfg, 2, decode_workers=1)
     try:
@@ -232,6 +260,10 @@ def test_driver_calls_with_a_decode_worker(local_ray):
         assert ex.traffic.calls == 2 * engine.stats.micro_batches
         assert ex.traffic.decode_calls == engine.stats.chunks == len(outs)  # sequential: one chunk per finishing forward
         assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
+        bound = 2 * max_inflight(2)  # stage 0: activation + latents; stage 1: ring + a finished chunk's x0
+        assert engine.stats.micro_batches > 2 * bound  # enough sends that an unbounded pile would show
+        held = [c["pending_sends"] for c in ex.channels()]
+        assert len(held) == 2 and all(0 < n <= bound for n in held), held
     finally:
         ex.shutdown()
 
