@@ -2,7 +2,8 @@
 the GPU machine has no Ray), side by side, in one run.
 
 Default: ``wan2.1-1.3b`` at 480x832, random weights, bf16, stream_batch, one latent frame (4 video frames) per
-chunk, shift 8 (StreamDiffusionV2's single-GPU setting). For 1 and 4 denoising steps and for the ``wan`` and
+chunk, shift 8 (StreamDiffusionV2's single-GPU setting); the hash text encoder stands in for umT5 (a prompt is
+encoded once per stream, never per frame). For 1 and 4 denoising steps and for the ``wan`` and
 ``taehv`` decoders (random weights, written to local files in their real layouts and loaded as served):
 
 * (a) the engine alone, in process: DiT only (no decode worker) and DiT + decode (one shared decode worker);
@@ -62,7 +63,7 @@ def weights(model: str, decoder: str, workdir: str, dtype: torch.dtype) -> dict:
 
         path = os.path.join(workdir, "taew2_1.pth")
         if not os.path.exists(path):
-            torch.save(TAEHVDecoder(cfg).state_dict(), path)  # decoder.* keys: the published names
+            torch.save(TAEHVDecoder(cfg.in_channels).state_dict(), path)  # decoder.* keys: the published names
         return {"taehv_path": path}
     path = os.path.join(workdir, "wan-vae")
     if not os.path.isdir(path):
@@ -74,7 +75,9 @@ def weights(model: str, decoder: str, workdir: str, dtype: torch.dtype) -> dict:
 
 
 def generation(args, steps: int, decoder: str, paths: dict) -> GenerationConfig:
-    model = get_config(args.model, vae_decoder=decoder)
+    # umT5-XXL (4.7B) random weights would take minutes to build for a prompt encoded once per stream; the hash
+    # encoder stands in (the per-frame path never touches the text encoder)
+    model = get_config(args.model, vae_decoder=decoder, text_encoder="hash")
     return GenerationConfig(model=model, sampler=SamplerConfig(denoising_steps=step_list(steps), chunk_frames=1,
                                                                shift=8.0, mode="stream_batch"),
                             cache=CacheConfig(sink_frames=3, window_frames=3, recache_frames=3), **paths)
@@ -120,7 +123,7 @@ def engine_run(gen: GenerationConfig, par: ParallelConfig, chunks: int, warmup: 
 # -- (b): the service --------------------------------------------------------------------------------------
 
 def write_service_config(path: str, args, steps: int, decoder: str, paths: dict) -> None:
-    lines = ["generation:", f"  model: {{name: {args.model}, vae_decoder: {decoder}}}",
+    lines = ["generation:", f"  model: {{name: {args.model}, vae_decoder: {decoder}, text_encoder: hash}}",
              "  sampler:", f"    denoising_steps: {list(step_list(steps))}", "    chunk_frames: 1", "    shift: 8.0",
              "    mode: stream_batch", "  cache: {sink_frames: 3, window_frames: 3, recache_frames: 3}"]
     lines += [f"  {k}: {v}" for k, v in paths.items()]

@@ -81,7 +81,10 @@ class ForwardGraphs:
         static_t = None if t is None else t.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: decode workers run on their own threads (workers/decode.py) and may allocate or sync while
+        # this thread captures; the default "global" mode let them invalidate the capture (H200, 2026-12-04:
+        # DiT + wan decode, and the service, failed with cudaErrorStreamCaptureInvalidated)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = forward(static_in, static_t)  # the forward's Python effects happen here, once
         entry = (graph, (static_in, static_t), static_out)
         self._graphs[key] = entry

@@ -28,3 +28,27 @@ def test_gpu_service_bench_smoke(tmp_path):
     assert svc["service_over_engine"] > 0
     assert result["graphs"]["max_abs_latent_diff"] == 0.0 and result["graphs"]["replays"] == 0  # CPU: eager
     assert "StreamDiffusionV2" in proc.stdout
+
+
+def test_gpu_service_builds_the_real_models_decoders_and_configs(tmp_path):
+    """The GPU default (`wan2.1-1.3b`) takes paths the tiny smoke run skips: random TAEHV and Wan VAE weights
+    written in their real layouts, loaded as served, and an engine and service config that need no umT5
+    checkpoint. Both broke unseen until a GPU run (2026-12-04)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from bench import gpu_service
+    from orchestrator.config import load_service_config
+    from workers.model.vae import build_decoder
+
+    class Args:
+        model, device, dtype = "wan2.1-1.3b", "cpu", "float32"
+
+    for decoder in ("taehv", "wan"):
+        paths = gpu_service.weights(Args.model, decoder, str(tmp_path), torch.float32)
+        gen = gpu_service.generation(Args, 1, decoder, paths)
+        assert gen.model.text_encoder == "hash" and gen.model.vae_decoder == decoder
+        assert type(build_decoder(gen)).__name__ == {"taehv": "TAEHVDecoder", "wan": "WanVAE"}[decoder]
+        gpu_service.write_service_config(str(tmp_path / "serve.yaml"), Args, 1, decoder, paths)
+        served = load_service_config(str(tmp_path / "serve.yaml")).generation
+        assert served.model == gen.model and served.sampler == gen.sampler
