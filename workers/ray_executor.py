@@ -9,7 +9,7 @@ micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. The la
 the re-noise, sends the next step's latents to stage 0 (``RING_TAG``) and finished chunks' latents to
 their decode workers (ranks P.., ``DECODE_TAG``); stage 0 posts the ring receive as soon as it has run
 the micro-batch and waits on it only when a later forward needs those latents, and every later stage posts
-the receive of its next input before it runs a forward (``StageActorBody._recv``). Only finished chunks'
+the receive of its next input before it runs a forward (``workers.stage_link``). Only finished chunks'
 clean latents, encoded frames and stats come back through Ray.
 """
 
@@ -22,19 +22,18 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from workers.config import CacheConfig, GenerationConfig, ModelConfig, ParallelConfig
+from workers.config import CacheConfig, GenerationConfig, ParallelConfig
 from workers import denoise
 from workers.batch import Collected, DecodedChunk, DecodeJob, Finished, MicroBatch, OutputFormat, StageStats
 from workers.decode import DecodeRouter, DecodeWorker
 from workers.executor import Executor, StageFailure, moves
-from workers.model.dit import Activation
 from workers.plan import even_split
 from workers.stage import StageWorker
+from workers.stage_link import DECODE_TAG, RING_TAG, StageLink
 
 
 def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, resources: dict | None = None):
@@ -66,19 +65,8 @@ def _rendezvous_file() -> str:
 
 
 log = logging.getLogger("streamgen.ray_executor")
-RING_TAG = 1
-"""Tag of the last stage -> stage 0 messages; stage to stage activations use tag 0."""
-DECODE_TAG = 2
-"""Tag of the last stage -> decode worker messages (a finished chunk's clean latents)."""
-SHUTDOWN_WAIT = timedelta(seconds=5)
 PEER_DEATH_WAIT_S = 1.0
 """How long a stage's error waits for a peer's call to fail as a death (the error's likely cause)."""
-
-
-def payload_shapes(mb: MicroBatch, cfg: ModelConfig) -> list[tuple[int, ...]]:
-    """Shapes of what stage s sends to s+1: hidden [F, T, C], e_time [F, C], e0 [F, 6, C], contexts [L, C]."""
-    f, t, c = mb.frames, mb.grid[0] * mb.grid[1], cfg.dim
-    return [(f, t, c), (f, c), (f, 6, c)] + [(cfg.text_len, c)] * len(mb.prompts)
 
 
 class _Peer:
@@ -86,7 +74,6 @@ class _Peer:
 
     def _join(self, rank: int, world: int, rendezvous: str, device: torch.device) -> None:
         self.rank, self.world = rank, world
-        self._sends: deque = deque()  # (micro-batch seq, isend work, buffer): a buffer lives until its send is done
         if world > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a replica's actors share one node
@@ -103,8 +90,6 @@ class _Peer:
         return os.getpid()
 
     def shutdown(self) -> None:
-        for _, work, _ in self._sends:
-            work.wait(SHUTDOWN_WAIT)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -131,41 +116,19 @@ class StageActorBody(_Peer):
     def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, block_range: tuple[int, int], stage: int,
                  rendezvous: str):
         torch.set_num_threads(parallel.threads_per_stage)
-        self.cfg = gen.model
         self.stage, self.num_stages = stage, parallel.stages
         self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))  # what this process sees
         dtype, world = getattr(torch, parallel.dtype), parallel.stages + parallel.decode_workers
         self.worker = StageWorker(gen, block_range, stage, self.num_stages, self.device, dtype,
                                   parallel.cuda_graphs == "auto")
-        self.dtype = self.worker.model.dtype
-        self._ring: deque = deque()  # stage 0: (micro-batch, irecv work, buffer) posted, oldest first
-        # Stage to stage on gloo, the next message's receive is posted ahead into a buffer of the largest message
-        # so far (``_recv``); both ends track that size over the same micro-batches. NCCL: exact receives only.
-        self._ahead = self.device.type != "cuda"
-        self._in_cap = self._out_cap = 0  # bytes: the buffer posted on the receiving end (0: none)
-        self._inbox: tuple | None = None  # stage > 0: (irecv work, uint8 buffer) of the next message
-        self._larger = 0  # messages larger than the buffer posted for them (each came after a marker)
+        self.link = StageLink(stage, self.num_stages, gen.model, self.device, self.worker.model.dtype,
+                              max_inflight(self.num_stages))
         self._join(stage, world, rendezvous, self.device)
         self._nice = parallel.serving_nice
 
-    def _isend(self, buf: torch.Tensor, dst: int, seq: int, tag: int = 0) -> None:
-        """Send ``buf`` (of micro-batch ``seq``) without waiting; it is released once ``_settle`` sees it done."""
-        self._sends.append((seq, dist.isend(buf, dst=dst, tag=tag), buf))
-
-    def _settle(self, seq: int) -> None:
-        """Release the buffers of finished sends, before running micro-batch ``seq``. A gloo send reports
-        ``is_completed()`` only after ``wait()`` (NCCL's polls its event), so sends of micro-batches at least
-        ``max_inflight(P)`` older than ``seq`` are waited on: those micro-batches went through every stage
-        before the driver submitted ``seq``, so their stage and ring sends are done and the wait returns at
-        once; a send to a decode worker that lags that far waits for it (backpressure, not a growing queue)."""
-        while self._sends and (self._sends[0][1].is_completed()
-                               or self._sends[0][0] <= seq - max_inflight(self.num_stages)):
-            self._sends.popleft()[1].wait()
-
     def channel(self) -> dict[str, int]:
-        """This stage's torch.distributed bookkeeping: sends whose buffers it still holds (bounded by
-        ``_settle``), the bytes of the receive posted ahead, and how many messages outgrew that buffer."""
-        return {"pending_sends": len(self._sends), "posted_bytes": self._in_cap, "larger_messages": self._larger}
+        """This stage's torch.distributed bookkeeping (``StageLink.stats``)."""
+        return self.link.stats()
 
     def ready(self) -> tuple[int, int]:
         take_serving_priority(self._nice)  # started at Ray's 15; from here on it serves
@@ -178,83 +141,43 @@ class StageActorBody(_Peer):
         """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats,
         stage 0's encoded video chunks: stream -> (chunk, z))."""
         first, last = self.stage == 0, self.stage == self.num_stages - 1
-        self._settle(mb.seq)
-        encoded = {}
+        self.link.settle(mb.seq)
+        encoded, shape = {}, self.worker.latent_shape(mb.grid)
         if first:
             latents, t, encoded = self.worker.first_inputs(mb, wait=self._unpack_ring)
             encoded = {sid: (c, z.cpu()) for sid, (c, z) in encoded.items()}
             inputs, contexts = latents, None
         else:
-            inputs, latents, contexts = self._recv(mb)
+            inputs, latents, contexts = self.link.recv_activation(mb, shape)
             t = None
         out, contexts, stats = self.worker.forward(mb, inputs, contexts, t)
         if not last:
-            self._send(mb, out, latents, contexts)
+            self.link.send_activation(mb, out, latents, contexts)
             if mb.ring_frames():
-                self._post_ring(mb)
+                self.link.post_ring(mb, shape)
             return mb.seq, None, stats, encoded
         ring, finished = denoise.advance(mb, latents, out)
         if ring is not None and first:  # P = 1: the ring is this stage's own store
             self.worker.store.put(mb, ring)
         elif ring is not None:
-            self._isend(ring.contiguous(), dst=0, seq=mb.seq, tag=RING_TAG)
+            self.link.send(ring.contiguous(), 0, mb.seq, RING_TAG)
             stats.bytes_sent = ring.nbytes
         for work, done in zip(mb.segments, finished):  # finished chunks to their decode workers
             if work.stream_id in mb.decode_to:
                 for _, x0 in done:
-                    self._isend(x0.contiguous(), self.num_stages + mb.decode_to[work.stream_id], mb.seq, DECODE_TAG)
+                    self.link.send(x0.contiguous(), self.num_stages + mb.decode_to[work.stream_id], mb.seq, DECODE_TAG)
         return mb.seq, [[(c, x.cpu()) for c, x in seg] for seg in finished], stats, encoded
-
-    def _recv(self, mb: MicroBatch) -> tuple[Activation, torch.Tensor, dict]:
-        """The previous stage's one message (``_send``): latents float32 [F, C, h, w], then the Activation and
-        the new contexts in this replica's dtype, as bytes. A gloo receive posted after its send waits for a
-        round of notifications between the two peers' I/O threads, which wait for a core while both stages
-        compute (~5-15 ms on 2 CPUs), so the next message's receive is posted before this forward runs."""
-        shapes = [(mb.frames,) + self.worker.latent_shape(mb.grid)] + payload_shapes(mb, self.cfg)
-        dtypes = [torch.float32] + [self.dtype] * (len(shapes) - 1)
-        sizes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
-        size, buf = sum(sizes), None
-        if self._inbox is not None:
-            work, posted = self._inbox
-            work.wait()
-            if size <= posted.numel():
-                buf = posted
-            else:  # it holds the sender's marker: the message is larger than any before and follows exactly
-                self._larger += 1
-        if buf is None:
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            dist.recv(buf, src=self.stage - 1)
-        self._in_cap = max(self._in_cap, size) if self._ahead else 0
-        self._inbox = None
-        if self._in_cap:
-            posted = torch.empty(self._in_cap, dtype=torch.uint8, device=self.device)
-            self._inbox = (dist.irecv(posted, src=self.stage - 1), posted)
-        parts = [b.view(d).view(s) for b, d, s in zip(buf[:size].split(sizes), dtypes, shapes)]
-        return Activation(*parts[1:4]), parts[0], dict(zip(mb.prompts, parts[4:]))
-
-    def _send(self, mb: MicroBatch, act: Activation, latents: torch.Tensor, contexts: dict) -> None:
-        """One message, as bytes (see ``_recv``); the float32 latents first, so every later part starts at a
-        multiple of its item size. Larger than the receive posted ahead: a 1-byte marker fills that first."""
-        tensors = [latents.float()] + [t.to(self.dtype) for t in list(act) + [contexts[sid] for sid in mb.prompts]]
-        msg = torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
-        if 0 < self._out_cap < msg.numel():
-            self._isend(torch.zeros(1, dtype=torch.uint8, device=self.device), dst=self.stage + 1, seq=mb.seq)
-        self._isend(msg, dst=self.stage + 1, seq=mb.seq)
-        self._out_cap = max(self._out_cap, msg.numel()) if self._ahead else 0
-
-    def _post_ring(self, mb: MicroBatch) -> None:
-        """Stage 0: post the receive of ``mb``'s ring latents now, so the last stage never waits on it."""
-        buf = torch.empty((mb.ring_frames(),) + self.worker.latent_shape(mb.grid), device=self.device)
-        self._ring.append((mb, dist.irecv(buf, src=self.num_stages - 1, tag=RING_TAG), buf))
 
     def _unpack_ring(self) -> bool:
         """Stage 0: wait for the oldest ring message and unpack it into the store; False when none is posted."""
-        if not self._ring:
-            return False
-        mb, work, buf = self._ring.popleft()
-        work.wait()
-        self.worker.store.put(mb, buf)
-        return True
+        got = self.link.next_ring()
+        if got is not None:
+            self.worker.store.put(*got)
+        return got is not None
+
+    def shutdown(self) -> None:
+        self.link.close()
+        super().shutdown()
 
     # streams and rebalance: thin forwards to the worker
     def open_stream(self, stream_id: str, cache_cfg: CacheConfig, video: bool = False) -> None:
