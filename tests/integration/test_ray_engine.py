@@ -260,7 +260,7 @@ def test_driver_calls_and_held_sends_with_a_decode_worker(local_ray):
         assert ex.traffic.calls == 2 * engine.stats.micro_batches
         assert ex.traffic.decode_calls == engine.stats.chunks == len(outs)  # sequential: one chunk per finishing forward
         assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
-        bound = 2 * max_inflight(2)  # stage 0: activation + latents; stage 1: ring + a finished chunk's x0
+        bound = 2 * max_inflight(2)  # stage 0: a message (and a marker when it grows); stage 1: ring + an x0
         assert engine.stats.micro_batches > 2 * bound  # enough sends that an unbounded pile would show
         held = [c["pending_sends"] for c in ex.channels()]
         assert len(held) == 2 and all(0 < n <= bound for n in held), held
