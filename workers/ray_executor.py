@@ -126,8 +126,7 @@ class StageActorBody(_Peer):
         self._join(stage, world, rendezvous, self.device)
         self._nice = parallel.serving_nice
 
-    def channel(self) -> dict[str, int]:
-        """This stage's torch.distributed bookkeeping (``StageLink.stats``)."""
+    def link_stats(self) -> dict[str, int]:
         return self.link.stats()
 
     def ready(self) -> tuple[int, int]:
@@ -459,9 +458,9 @@ class RayExecutor(Executor):
     def cache_bytes(self) -> list[int]:
         return self._get([a.cache_bytes.remote() for a in self.actors])
 
-    def channels(self) -> list[dict[str, int]]:
-        """Per stage: its torch.distributed bookkeeping (``StageActorBody.channel``)."""
-        return self._get([a.channel.remote() for a in self.actors])
+    def link_stats(self) -> list[dict[str, int]]:
+        """Per stage: its ``StageLink.stats``."""
+        return self._get([a.link_stats.remote() for a in self.actors])
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])

@@ -1,11 +1,11 @@
 """StageLink: one pipeline stage's messages over torch.distributed (gloo on CPU, NCCL on CUDA), within a replica.
 
 Stage s sends stage s+1 one message per micro-batch (its latents and Activation, as bytes); the last stage sends
-stage 0 the next step's latents (the ring) and each finished chunk's x0 to its decode worker. Every receive is
-posted before its send can arrive where the size is known ahead (the ring), or into a buffer of the largest
-message so far (stage to stage, gloo), because a gloo receive posted after its send waits for a round of
-notifications between the two peers' I/O threads, which wait for a core while both stages compute (5-15 ms a
-micro-batch on 2 CPUs). Sends never block the stage; their buffers are held until the send is done.
+stage 0 the next step's latents (the ring) and each finished chunk's x0 to its decode worker. A stage's receives
+are posted before their sends can arrive: the ring's at its exact size, stage to stage (gloo) into a buffer of
+the largest message so far, because a gloo receive posted after its send waits for a round of notifications
+between the two peers' I/O threads, which wait for a core while both stages compute (5-15 ms a micro-batch on
+2 CPUs). Sends do not wait for their receiver; their buffers are held until the send is done (``settle``).
 """
 
 from __future__ import annotations

@@ -159,13 +159,13 @@ def test_messages_larger_than_the_receive_posted_ahead_arrive_whole(local_ray):
         (first, (prompt, seed)), *later = streams.items()
         engine.add_stream(first, prompt, seed)
         got = collect(engine, {first: 2})
-        assert [c["larger_messages"] for c in ex.channels()] == [0, 0, 0]
-        posted = [c["posted_bytes"] for c in ex.channels()]
+        assert [c["larger_messages"] for c in ex.link_stats()] == [0, 0, 0]
+        posted = [c["posted_bytes"] for c in ex.link_stats()]
         for sid, (prompt, seed) in later:
             engine.add_stream(sid, prompt, seed)
         for sid, chunks in collect(engine, {sid: 3 for sid in streams}).items():
             got.setdefault(sid, {}).update(chunks)
-        channels = ex.channels()
+        channels = ex.link_stats()
         assert channels[0]["posted_bytes"] == 0 and 0 < posted[1] < channels[1]["posted_bytes"], (posted, channels)
         assert all(c["larger_messages"] >= 1 for c in channels[1:]), channels
         assert_matches_reference(cfg, got, streams, 3)
@@ -262,7 +262,7 @@ def test_driver_calls_and_held_sends_with_a_decode_worker(local_ray):
         assert all(o.frames and all(f[:2] == b"\xff\xd8" for f in o.frames) for o in outs)  # JPEG bytes
         bound = 2 * max_inflight(2)  # stage 0: a message (and a marker when it grows); stage 1: ring + an x0
         assert engine.stats.micro_batches > 2 * bound  # enough sends that an unbounded pile would show
-        held = [c["pending_sends"] for c in ex.channels()]
+        held = [c["pending_sends"] for c in ex.link_stats()]
         assert len(held) == 2 and all(0 < n <= bound for n in held), held
     finally:
         ex.shutdown()
