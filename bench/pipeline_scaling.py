@@ -6,7 +6,10 @@ Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; D
   semantics; default 2, the fewest that keep 2 stages busy);
 * four streams, sequential, P=2 vs P=1;
 * stream_batch vs sequential, one stream, P=1, 4 steps.
-Each case also reports p50/p99 per-chunk latency (dispatch of step 0 -> clean latents). Cases run
+Stages claim a core each (``ParallelConfig.pin_cores``; ``--no-pin-cores``: the OS places them); each case
+records the cores its stages got, and ``--compare-pinning`` adds both P=2 cases with the other setting,
+interleaved with the rest (ratio ``*_pinned_over_floating``). Each case also reports p50/p99 per-chunk latency (dispatch of step 0 ->
+clean latents). Cases run
 ``--repeats`` times, interleaved; the median run by frames/s stands for each (2 shared cores are noisy:
 single runs of the P=2/P=1 ratios spread by about +-0.1).
 
@@ -38,13 +41,15 @@ from workers.ray_executor import start_local_ray  # noqa: E402
 
 
 def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunks: int, warmup: int,
-             steps: tuple[float, ...]) -> dict:
+             steps: tuple[float, ...], pin_cores: bool = True) -> dict:
     cfg = GenerationConfig(model=get_config(model),
                            sampler=SamplerConfig(denoising_steps=steps, chunk_frames=1, mode=mode, lanes=lanes),
                            cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=3))
     executor = build_executor(cfg, ParallelConfig(stages=stages, backend="ray", threads_per_stage=1, cpus_per_stage=1,
-                                                  decode_workers=0))  # DiT only: the clean latents come back
+                                                  decode_workers=0,  # DiT only: the clean latents come back
+                                                  pin_cores=pin_cores))
     try:
+        pinned = executor.pinned_cores()
         engine = PipelineEngine(cfg, executor, EngineConfig(profile_every=4, rebalance_every=8))
         for i in range(streams):
             engine.add_stream(f"s{i}", f"prompt {i}", i)
@@ -63,7 +68,7 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
         executor.shutdown()
     measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
-            "split": executor_split, "rebalances": engine.rebalances,
+            "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned,
             "steps": len(steps), "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
@@ -72,7 +77,7 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
 def show(row: dict) -> None:
     print(f"P={row['stages']} {row['mode']:>12} lanes={row['lanes']} streams={row['streams']} steps={row['steps']}: "
           f"{row['frames_per_s']:6.2f} frames/s  latency p50 {row['latency_p50_s']:.2f} s  "
-          f"p99 {row['latency_p99_s']:.2f} s  split {row['split']}", flush=True)
+          f"p99 {row['latency_p99_s']:.2f} s  split {row['split']}  cores {row['pinned_cores']}", flush=True)
 
 
 def main() -> None:
@@ -82,6 +87,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=12, help="measured chunks per stream (after warm-up)")
     parser.add_argument("--warmup", type=int, default=4, help="chunks per stream ignored at the start")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median counts")
+    parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                        help="each stage claims a core of its own (ParallelConfig.pin_cores)")
+    parser.add_argument("--compare-pinning", action="store_true",
+                        help="also run both P=2 cases with the other --pin-cores setting, interleaved")
     parser.add_argument("--lanes", type=int, default=2,
                         help="stream_batch lanes of the one-stream P=1/P=2 cases (the same for both P)")
     args = parser.parse_args()
@@ -90,20 +99,25 @@ def main() -> None:
     start_local_ray(num_cpus=2)
     import ray
 
-    cases = {  # name -> (stages, mode, lanes, streams, chunks, warm-up)
-        "stream_batch_P1": (1, "stream_batch", args.lanes, 1, args.chunks, args.warmup),
-        "stream_batch_P2": (2, "stream_batch", args.lanes, 1, args.chunks, args.warmup),
-        "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), 1),
-        "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), 1),
-        "stream_batch_lanes1_P1": (1, "stream_batch", 1, 1, args.chunks, args.warmup),
-        "sequential1_P1": (1, "sequential", 1, 1, max(4, args.chunks // 2), 1),
+    pin, other = args.pin_cores, not args.pin_cores
+    cases = {  # name -> (stages, mode, lanes, streams, chunks, warm-up, pin cores)
+        "stream_batch_P1": (1, "stream_batch", args.lanes, 1, args.chunks, args.warmup, pin),
+        "stream_batch_P2": (2, "stream_batch", args.lanes, 1, args.chunks, args.warmup, pin),
+        "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), 1, pin),
+        "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), 1, pin),
+        "stream_batch_lanes1_P1": (1, "stream_batch", 1, 1, args.chunks, args.warmup, pin),
+        "sequential1_P1": (1, "sequential", 1, 1, max(4, args.chunks // 2), 1, pin),
     }
+    if args.compare_pinning:
+        cases["stream_batch_P2_other_pinning"] = cases["stream_batch_P2"][:-1] + (other,)
+        cases["sequential4_P2_other_pinning"] = cases["sequential4_P2"][:-1] + (other,)
     runs: dict[str, list[dict]] = {name: [] for name in cases}
     try:
         for rep in range(args.repeats):  # interleaved, so every case sees the machine in the same states
             print(f"-- repeat {rep + 1}/{args.repeats}", flush=True)
-            for name, (stages, mode, lanes, streams, chunks, warmup) in cases.items():
-                runs[name].append(run_case(args.model, stages, mode, lanes, streams, chunks, warmup, steps4))
+            for name, (stages, mode, lanes, streams, chunks, warmup, pin_cores) in cases.items():
+                runs[name].append(run_case(args.model, stages, mode, lanes, streams, chunks, warmup, steps4,
+                                           pin_cores))
                 show(runs[name][-1])
     finally:
         ray.shutdown()
@@ -117,11 +131,17 @@ def main() -> None:
         "stream_batch_over_sequential_P1": rows["stream_batch_lanes1_P1"]["frames_per_s"]
         / rows["sequential1_P1"]["frames_per_s"],
     }
+    for case in ("stream_batch_P2", "sequential4_P2") if args.compare_pinning else ():
+        ratios[f"{case}_pinned_over_floating"] = (rows[case]["frames_per_s"] / rows[f"{case}_other_pinning"]["frames_per_s"]
+                                                  ) ** (1 if pin else -1)
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "cpu": host_cpu(), "cpu_count": os.cpu_count(), "threads_per_stage": 1},
+                          "cpu": host_cpu(), "cpu_count": os.cpu_count(), "threads_per_stage": 1,
+                          "pin_cores": args.pin_cores},
               "cases": rows, "ratios": ratios}
     write_json(args.out, result)
     print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")
+    for name in (n for n in ratios if n.endswith("_pinned_over_floating")):
+        print(f"{name}: x{ratios[name]:.3f}")
     print(f"scaling stream_batch={ratios['stream_batch_P2_over_P1']:.2f}x "
           f"sequential={ratios['sequential_P2_over_P1']:.2f}x")
 

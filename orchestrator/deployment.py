@@ -25,7 +25,7 @@ from orchestrator.config import ServiceConfig
 from workers.core import EngineCore
 from workers.core_messages import CloseStream, ControlMessage, CoreOutput, CoreStats, StreamEvicted, StreamFailed
 from workers.plan import Capacity
-from workers.ray_executor import take_serving_priority
+from workers.host import take_serving_priority
 
 log = logging.getLogger("streamgen.deployment")
 MAX_HELD_STATS = 1_000  # stats of outputs whose stream call had ended, kept for the next status()

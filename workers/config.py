@@ -397,6 +397,9 @@ class ParallelConfig:
     # rebuild: Python, torch, a model load); lowering niceness needs CAP_SYS_NICE, else Ray's 15 stays
     serving_nice: Annotated[int, Field(ge=-20, le=19)] | None = 5
     """Niceness a stage, decode worker or Serve-hosted core takes once ready (Ray starts them at 15; None: keep it)."""
+    # for nodes whose cores are this service's (workers/host.py; docs/operations.md "CPU stages and cores")
+    pin_cores: bool = False
+    """CPU stages each claim threads_per_stage free cores of their node and run only there; too few free: float."""
     stage_call_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
     placement_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 60.0

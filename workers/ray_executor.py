@@ -31,6 +31,7 @@ from workers import denoise
 from workers.batch import Collected, DecodedChunk, DecodeJob, Finished, MicroBatch, OutputFormat, StageStats
 from workers.decode import DecodeRouter, DecodeWorker
 from workers.executor import Executor, StageFailure, moves
+from workers.host import claim_cores, take_serving_priority
 from workers.plan import even_split
 from workers.stage import StageWorker
 from workers.stage_link import DECODE_TAG, RING_TAG, StageLink
@@ -94,22 +95,6 @@ class _Peer:
             dist.destroy_process_group()
 
 
-def take_serving_priority(nice: int | None) -> bool:
-    """Set every thread of this process to ``nice`` (Linux niceness is per thread; threads started later
-    inherit their creator's). Whether it took: lowering niceness needs CAP_SYS_NICE."""
-    if nice is None:
-        return False
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-    except PermissionError:
-        log.info("pid %d keeps niceness %d: no CAP_SYS_NICE to serve at %d", os.getpid(), os.nice(0), nice)
-        return False
-    except (FileNotFoundError, ProcessLookupError):  # not Linux, or a thread that just ended
-        return False
-    return True
-
-
 class StageActorBody(_Peer):
     """A stage actor: a StageWorker plus its torch.distributed endpoints (rank = stage)."""
 
@@ -118,6 +103,8 @@ class StageActorBody(_Peer):
         torch.set_num_threads(parallel.threads_per_stage)
         self.stage, self.num_stages = stage, parallel.stages
         self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))  # what this process sees
+        self.cores = claim_cores(parallel.threads_per_stage) if parallel.pin_cores and self.device.type == "cpu" \
+            else None  # before the model is built, so its weights are first touched on those cores
         dtype, world = getattr(torch, parallel.dtype), parallel.stages + parallel.decode_workers
         self.worker = StageWorker(gen, block_range, stage, self.num_stages, self.device, dtype,
                                   parallel.cuda_graphs == "auto")
@@ -128,6 +115,9 @@ class StageActorBody(_Peer):
 
     def link_stats(self) -> dict[str, int]:
         return self.link.stats()
+
+    def pinned_cores(self) -> tuple[int, ...] | None:
+        return None if self.cores is None else self.cores.cores
 
     def ready(self) -> tuple[int, int]:
         take_serving_priority(self._nice)  # started at Ray's 15; from here on it serves
@@ -176,6 +166,8 @@ class StageActorBody(_Peer):
 
     def shutdown(self) -> None:
         self.link.close()
+        if self.cores is not None:
+            self.cores.release()
         super().shutdown()
 
     # streams and rebalance: thin forwards to the worker
@@ -316,6 +308,7 @@ class RayExecutor(Executor):
         self._get([d.ready.remote() for d in self.decoders], timeout=120)
         self._procs = self._get([a.locate.remote() for a in self.actors + self.decoders], timeout=30)
         self._inflight: deque = deque()  # (seq, [result ref per stage])
+        self._answers: dict = {}  # result ref -> its value, fetched once, when it is first seen ready
         self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: (seq, ref) of decode calls
         self.traffic = DriverTraffic()
 
@@ -358,13 +351,13 @@ class RayExecutor(Executor):
         out = Collected()
         while self._inflight and self._ready(self._inflight[0][1]):
             seq, refs = self._inflight.popleft()
-            results = self._get(refs)
+            results = [self._answers.pop(r) for r in refs]  # _ready fetched every one
             finished = results[-1][1]
             self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
             out.finished.append(Finished(seq, finished, [r[2] for r in results], results[0][3]))
         for queue in self._decoding:  # in order per worker, so per stream
             while queue and self._handed_out(queue[0][0]) and self._ready([queue[0][1]]):
-                out.decoded += self._get([queue.popleft()[1]])[0]
+                out.decoded += self._answers.pop(queue.popleft()[1])
         return out
 
     def _handed_out(self, seq: int) -> bool:
@@ -406,10 +399,11 @@ class RayExecutor(Executor):
         return not pending
 
     def _surface_deaths(self, ready: list, refs: list) -> None:
-        """A stage that died fails fast, even while later stages still wait (its peers would wait in recv
-        forever)."""
+        """Fetch each answer once, as soon as it is ready: a stage that died fails fast, even while later
+        stages still wait (its peers would wait in recv forever)."""
         for ref in ready:
-            self._get([ref], peers=[r for r in refs if r != ref])
+            if ref not in self._answers:
+                self._answers[ref] = self._get([ref], peers=[r for r in refs if r != ref])[0]
 
     def _get(self, refs: list, timeout: float | None = None, peers: list = ()):
         """``peers``: the other calls of the same micro-batch. A stage's error may be a send or recv to a
@@ -461,6 +455,10 @@ class RayExecutor(Executor):
     def link_stats(self) -> list[dict[str, int]]:
         """Per stage: its ``StageLink.stats``."""
         return self._get([a.link_stats.remote() for a in self.actors])
+
+    def pinned_cores(self) -> list[tuple[int, ...] | None]:
+        """Per stage: the cores it claimed (``ParallelConfig.pin_cores``), or None where it floats."""
+        return self._get([a.pinned_cores.remote() for a in self.actors])
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])
@@ -525,6 +523,7 @@ class RayExecutor(Executor):
             except (ValueError, self._ray.exceptions.RayError):  # already gone
                 log.debug("stage actor already gone", exc_info=True)
         self._inflight.clear()
+        self._answers.clear()
         for queue in getattr(self, "_decoding", []):
             queue.clear()
         try:  # the rendezvous file, where the stages ran on this node (a local Ray)

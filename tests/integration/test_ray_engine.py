@@ -355,3 +355,36 @@ def test_serving_stages_outrank_processes_still_starting(executors):
             return os.nice(0)
 
     assert ray.get(Starting.remote().nice.remote()) == 15 > serving
+
+
+def _thread_masks(pid: int) -> set[tuple[int, ...]]:
+    return {tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="needs two cores and Linux thread affinity")
+def test_pinned_stages_hold_cores_of_their_own_and_free_them_when_they_end(local_ray):
+    """``pin_cores``: each CPU stage claims a core no other stage holds and runs every thread there; a
+    third stage on two cores floats; a stage's cores are free again once it has shut down, and frames
+    are the reference's."""
+    cores = sorted(os.sched_getaffinity(0))
+    cfg = gen_config("sequential")
+    executor = ray_executor(cfg, 3, pin_cores=True)
+    try:
+        claims = executor.pinned_cores()
+        held = [c for c in claims if c is not None]
+        assert sorted(held) == [(core,) for core in cores[:len(held)]] and len(held) == min(3, len(cores))
+        if len(cores) == 2:
+            assert claims.count(None) == 1
+        for pid, claim in zip(executor.pids(), claims):
+            assert _thread_masks(pid) == {claim if claim is not None else tuple(cores)}, pid
+        streams = {sid: STREAMS[sid] for sid in list(STREAMS)[:2]}
+        renamed, got = _run(cfg, executor, streams, 2)
+        assert_matches_reference(cfg, got, renamed, 2)
+    finally:
+        executor.shutdown()
+    again = ray_executor(cfg, 2, pin_cores=True)
+    try:
+        assert sorted(again.pinned_cores()) == [(core,) for core in cores[:2]]
+    finally:
+        again.shutdown()

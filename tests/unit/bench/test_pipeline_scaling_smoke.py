@@ -2,6 +2,7 @@
 ratios taken from the measured rates. Not a speed threshold: the real run is `make bench`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,11 @@ def test_pipeline_scaling_bench_smoke(tmp_path):
     for c in cases.values():
         assert c["chunks_measured"] > 0 and c["frames_per_s"] > 0 and len(c["repeats_frames_per_s"]) == 1
         assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
-        assert len(c["split"]) == c["stages"]
+        assert len(c["split"]) == c["stages"] == len(c["pinned_cores"])
+    assert result["machine"]["pin_cores"] is True
+    if len(os.sched_getaffinity(0)) >= 2:  # two stages, two cores: a core each
+        pinned = cases["sequential4_P2"]["pinned_cores"]
+        assert None not in pinned and len({core for claim in pinned for core in claim}) == 2
     ratios = result["ratios"]
     assert ratios["sequential_P2_over_P1"] == pytest.approx(
         cases["sequential4_P2"]["frames_per_s"] / cases["sequential4_P1"]["frames_per_s"])

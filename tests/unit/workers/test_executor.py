@@ -93,11 +93,13 @@ class _Refs:
 
     def __init__(self):
         self.done = {}
+        self.fetched = []  # every ref get() read, in order
 
     def wait(self, refs, num_returns=1, timeout=None):
         return [r for r in refs if r in self.done], [r for r in refs if r not in self.done]
 
     def get(self, refs, timeout=None):
+        self.fetched += refs
         return [self.done[r] for r in refs]
 
 
@@ -110,7 +112,7 @@ def test_ray_collect_hands_out_a_chunks_frames_only_after_the_chunk():
     from workers.ray_executor import DriverTraffic, RayExecutor
 
     ex = RayExecutor.__new__(RayExecutor)  # no Ray: only collect's ordering, over fake call results
-    ex._ray, ex.traffic, ex.call_timeout_s = _Refs(), DriverTraffic(), 0.05
+    ex._ray, ex.traffic, ex.call_timeout_s, ex._answers = _Refs(), DriverTraffic(), 0.05, {}
     ex._inflight = deque([(7, ["stage0", "stage1"])])
     ex._decoding = [deque([(7, "decode")])]
     ex._ray.done.update(stage0=(None, [], "stats0", None), decode=["frames of mb 7"])  # stage 1 not back yet
@@ -121,4 +123,5 @@ def test_ray_collect_hands_out_a_chunks_frames_only_after_the_chunk():
     ex._ray.done["stage1"] = (None, [], "stats1", None)
     got = ex.collect(True)
     assert [f.seq for f in got.finished] == [7] and got.decoded == ["frames of mb 7"]
-    assert not ex._inflight and not ex.decoding
+    assert not ex._inflight and not ex.decoding and not ex._answers  # each answer handed out, none kept
+    assert sorted(ex._ray.fetched) == ["decode", "stage0", "stage1"]  # each deserialized once, though polled often

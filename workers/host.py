@@ -1,0 +1,101 @@
+"""How a serving process takes its host: its niceness (``take_serving_priority``) and, for CPU stages, cores
+of its own (``claim_cores``).
+
+Cores are claimed node-wide without a coordinator: one ``flock``-ed file per core in a directory every
+process of the node sees (``/dev/shm``). A process holds its locks while it lives and the kernel drops them
+when it dies, so a crashed stage frees its cores for its replacement.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+
+log = logging.getLogger("streamgen.host")
+
+CORE_LOCK_DIR = "/dev/shm/streamgen-cores" if os.path.isdir("/dev/shm") else "/tmp/streamgen-cores"
+CPU_QUOTA_FILES = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+"""cgroup v2 and v1: a CPU quota means the cores this process sees are shared by time, not given to it."""
+
+
+def take_serving_priority(nice: int | None) -> bool:
+    """Set every thread of this process to ``nice`` (Linux niceness is per thread; threads started later
+    inherit their creator's). Whether it took: lowering niceness needs CAP_SYS_NICE."""
+    if nice is None:
+        return False
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    except PermissionError:
+        log.info("pid %d keeps niceness %d: no CAP_SYS_NICE to serve at %d", os.getpid(), os.nice(0), nice)
+        return False
+    except (FileNotFoundError, ProcessLookupError):  # not Linux, or a thread that just ended
+        return False
+    return True
+
+
+@dataclass
+class CoreClaim:
+    """Cores this process holds and runs on; ``release`` (or the process's end) gives them back."""
+
+    cores: tuple[int, ...]
+    _fds: list[int] = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)  # closing the file drops its flock
+        self._fds.clear()
+
+
+def cpu_quota(files: tuple[str, ...] = CPU_QUOTA_FILES) -> bool:
+    """Whether this process's cgroup limits its CPU time (then every core it sees may be another's too)."""
+    for path in files:
+        try:
+            with open(path) as f:
+                limit = f.read().split()[0]
+        except (OSError, IndexError):
+            continue
+        return limit not in ("max", "-1")
+    return False
+
+
+def claim_cores(n: int, directory: str = CORE_LOCK_DIR, quota_files: tuple[str, ...] = CPU_QUOTA_FILES
+                ) -> CoreClaim | None:
+    """Claim ``n`` cores of those this process may run on that no other process of the node holds, and pin
+    every thread of this process to them (threads started later inherit the mask). None, pinning nothing,
+    when fewer than ``n`` are free or a CPU quota makes pinning meaningless: the OS places the threads.
+
+    Why: two compute-bound stages on two cores lose ~2 % of throughput to the scheduler moving them and
+    briefly stacking them on one core (measured with ``bench/pipeline_scaling.py``)."""
+    if cpu_quota(quota_files):
+        log.info("pid %d: a CPU quota shares this cgroup's cores by time; not pinning", os.getpid())
+        return None
+    held: list[tuple[int, int]] = []
+    for core in sorted(os.sched_getaffinity(0)):
+        if len(held) == n:
+            break
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(os.path.join(directory, f"core-{core}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as err:  # another user's lock directory or file, a read-only /dev/shm: float
+            log.info("pid %d: cannot take core locks in %s (%s); not pinning", os.getpid(), directory, err)
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        held.append((core, fd))
+    claim = CoreClaim(tuple(c for c, _ in held), [fd for _, fd in held])
+    if len(held) < n:
+        log.info("pid %d: %d of %d cores free; not pinning", os.getpid(), len(held), n)
+        claim.release()
+        return None
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), claim.cores)
+        except ProcessLookupError:  # a thread that just ended
+            pass
+    return claim
