@@ -161,6 +161,7 @@ class PipelineEngine:
         self.recoveries = 0
         self._target_split: list[tuple[int, int]] | None = None
         self._last_check = -1  # micro-batch count at the last split check
+        self._proposed_split: list[tuple[int, int]] | None = None  # the last check's plan, awaiting a second
 
     # control plane ---------------------------------------------------------------------------------
 
@@ -563,16 +564,18 @@ class PipelineEngine:
         return split, best, max(stage_costs(self.executor.split(), costs, first, last))
 
     def _maybe_rebalance(self) -> None:
-        """Re-plan the block split when measured stage times drift; apply it once the pipeline drains."""
+        """Re-plan the block split when measured stage times drift; apply it once the pipeline drains. A move
+        drains the pipeline, so it needs the same plan at two checks in a row: one slow block timing (a
+        preempted thread) must not move blocks."""
         every = self.engine_cfg.rebalance_every
         count = self.stats.micro_batches
         if self._target_split is None and every and count and count % every == 0 and count != self._last_check:
             self._last_check = count
-            plan = self.planned_split()
+            plan, proposed, self._proposed_split = self.planned_split(), self._proposed_split, None
             if plan is not None:
                 split, best, now = plan
                 if split != self.executor.split() and now > (1 + self.engine_cfg.rebalance_threshold) * best:
-                    self._target_split = split
+                    self._target_split, self._proposed_split = (split, None) if split == proposed else (None, split)
         if self._target_split is not None and not self._inflight:
             self.executor.rebalance(self._target_split)
             self._target_split = None

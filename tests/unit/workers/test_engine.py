@@ -193,6 +193,55 @@ def test_block_scheduler_rebalances_a_skewed_split_and_keeps_frames():
     assert_matches_reference(cfg, got, STREAMS, 6)
 
 
+def test_one_slow_window_of_block_timings_moves_no_blocks():
+    """A move drains the pipeline, so the re-planner acts only on a plan that two checks in a row agree on:
+    block 0 timed 5x slower for a few micro-batches (a preempted thread) proposes a move at one check, the
+    next check no longer does, and the split stays. The same skew lasting does move blocks."""
+    from workers.config import EngineConfig
+
+    cfg = gen_config("sequential")
+
+    def run(slow: range) -> tuple[list, int, list]:
+        executor = local_executor(cfg, 2, split=[(0, 2), (2, 4)])
+        real_collect, seen = executor.collect, [0]
+        proposals = []
+
+        def collect_on_a_fake_clock(wait):
+            """1 ms per token and block, block 0 5x that while ``slow`` holds the micro-batch count."""
+            got = real_collect(wait)
+            for done in got.finished:
+                seen[0] += 1
+                for s in done.stats:
+                    s.block_s = {b: (5e-3 if b == 0 and seen[0] in slow else 1e-3) * s.tokens for b in s.block_s}
+                    s.compute_s = sum(s.block_s.values())
+            return got
+
+        executor.collect = collect_on_a_fake_clock
+        engine = make_engine(cfg, executor)
+        engine.engine_cfg = EngineConfig(profile_every=1, rebalance_every=8, rebalance_threshold=0.2)
+        real_maybe = engine._maybe_rebalance
+
+        def watched():
+            real_maybe()
+            proposed = getattr(engine, "_proposed_split", None)
+            if proposed is not None and proposed not in proposals:
+                proposals.append(proposed)
+
+        engine._maybe_rebalance = watched
+        for sid, (prompt, seed) in STREAMS.items():
+            engine.add_stream(sid, prompt, seed)
+        got = collect(engine, {sid: 5 for sid in STREAMS})
+        assert engine.stats.micro_batches >= 40
+        assert_matches_reference(cfg, got, STREAMS, 5)
+        return executor.split(), engine.rebalances, proposals
+
+    split, moves, proposals = run(range(13, 17))  # seen by the check at 16, decayed by the one at 24
+    assert moves == 0 and split == [(0, 2), (2, 4)]  # no second check confirmed ...
+    assert proposals == [[(0, 1), (1, 4)]]  # ... the move the slow window did propose
+    split, moves, _ = run(range(13, 10_000))
+    assert moves == 1 and split == [(0, 1), (1, 4)]
+
+
 def test_calibrate_at_start_fixes_a_skewed_split_and_predicts_capacity():
     cfg = gen_config("sequential")
     executor = local_executor(cfg, 2, split=[(0, 3), (3, 4)])
