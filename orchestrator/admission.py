@@ -38,8 +38,8 @@ def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
         raise _invalid("width" if width != gen.width else "height",
                        f"this server generates {gen.width}x{gen.height} (or 0 for that)")
     fps = float(req.fps)
-    if not math.isfinite(fps) or fps <= 0 or fps > server.max_fps:
-        raise _invalid("fps", f"must be in (0, {server.max_fps}], got {req.fps!r}")
+    if not math.isfinite(fps) or not server.min_fps <= fps <= server.max_fps:
+        raise _invalid("fps", f"must be in [{server.min_fps}, {server.max_fps}], got {req.fps!r}")
     steps = validate_steps(int(req.steps) or gen.sampler.num_steps)
     budget_ms = int(req.latency_budget_ms) or server.default_latency_budget_ms
     max_frames = int(getattr(req, "max_frames", 0))  # a TransformConfig has none: until the input ends

@@ -96,6 +96,8 @@ class ServerConfig:
     """Frames a browser page may have unacknowledged; a newer frame replaces one waiting (no lag builds up)."""
     default_fps: Fps = 16.0
     """Frame rate of a stream whose request gives 0."""
+    min_fps: Fps = 1.0
+    """Lowest frame rate a request may ask for (RELIABILITY S4: [1, 60]; a slower stream outlives its calls)."""
     max_fps: Fps = 60.0
     """Highest frame rate a request may ask for."""
     default_latency_budget_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 10_000
@@ -175,8 +177,8 @@ class ServerConfig:
                 not self.allow_plaintext_non_loopback:
             raise ValueError(f"ServerConfig.web_listen {self.web_listen!r} is not loopback, so it needs TLS: set "
                              "tls_cert and tls_key (the page is then served over HTTPS), or listen on 127.0.0.1")
-        if self.default_fps > self.max_fps:
-            raise ValueError("ServerConfig.default_fps must not exceed max_fps")
+        if not self.min_fps <= self.default_fps <= self.max_fps:
+            raise ValueError("ServerConfig needs min_fps <= default_fps <= max_fps")
         return self
 
 

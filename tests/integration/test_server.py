@@ -183,6 +183,7 @@ BAD = [
     ("width", dict(width=16384), grpc.StatusCode.INVALID_ARGUMENT),
     ("height", dict(height=16384), grpc.StatusCode.INVALID_ARGUMENT),
     ("fps", dict(fps=0.0), grpc.StatusCode.INVALID_ARGUMENT),
+    ("fps", dict(fps=0.03125), grpc.StatusCode.INVALID_ARGUMENT),  # a frame every 32 s: S4 says [1, 60]
     ("fps", dict(fps=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
     ("fps", dict(fps=1000.0), grpc.StatusCode.INVALID_ARGUMENT),
     ("steps", dict(steps=100), grpc.StatusCode.INVALID_ARGUMENT),
