@@ -39,7 +39,7 @@ def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
                        f"this server generates {gen.width}x{gen.height} (or 0 for that)")
     fps = float(req.fps)
     if not math.isfinite(fps) or not server.min_fps <= fps <= server.max_fps:
-        raise _invalid("fps", f"must be in [{server.min_fps}, {server.max_fps}], got {req.fps!r}")
+        raise _invalid("fps", f"must be in [{server.min_fps:g}, {server.max_fps:g}], got {req.fps!r}")
     steps = validate_steps(int(req.steps) or gen.sampler.num_steps)
     budget_ms = int(req.latency_budget_ms) or server.default_latency_budget_ms
     max_frames = int(getattr(req, "max_frames", 0))  # a TransformConfig has none: until the input ends

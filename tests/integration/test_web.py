@@ -169,7 +169,7 @@ def test_bad_messages_are_answered_and_the_stream_goes_on(server):
             replies.append((await socket.next("error"))["message"])
         assert replies[0] == "the message is not JSON" and "JSON object" in replies[1]
         assert "unknown message type 'launch'" in replies[2]
-        assert replies[3].startswith("fps: must be in (0, 60") and replies[4] == "fps: must be a number"
+        assert replies[3].startswith("fps: must be in [1, 60]") and replies[4] == "fps: must be a number"
         assert replies[5].startswith("steps:") and "cannot change mid-stream" in replies[6]
         assert replies[7] == "prompt: must be a string" and replies[8].startswith("prompt:")
         assert replies[9].startswith("token:")

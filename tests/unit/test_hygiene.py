@@ -11,8 +11,8 @@ from tests.aio_server import ThreadedServer
 
 OK_DETAILS = ["stream_id: no such running stream", "width: 50 is not 96 (or 0 for that)", "quota: tenant has 2 streams",
               "Received message larger than max (5242890 vs. 4194304)", "Method not found: "
-              "/streamgen.v1.StreamService/Transform", "fps: must be in (0, 60.0], got 1000.0",
-              "fps: must be in (0, 60.0], got -8786509339557888.0", "fps: must be in (0, 60.0], got -1.7107873720958976e+16"]
+              "/streamgen.v1.StreamService/Transform", "fps: must be in [1, 60], got 1000.0",
+              "fps: must be in [1, 60], got -8786509339557888.0", "fps: must be in [1, 60], got -1.7107873720958976e+16"]
 LEAKS = {
     "traceback": 'Traceback (most recent call last):\n  File "x", line 3',
     "path": "cannot open /work/wt-sec/models/dit.safetensors",
