@@ -67,27 +67,26 @@ def claim_cores(n: int, directory: str = CORE_LOCK_DIR, quota_files: tuple[str, 
     every thread of this process to them (threads started later inherit the mask). None, pinning nothing,
     when fewer than ``n`` are free or a CPU quota makes pinning meaningless: the OS places the threads.
 
-    Why: two compute-bound stages on two cores lose ~2 % of throughput to the scheduler moving them and
-    briefly stacking them on one core (measured with ``bench/pipeline_scaling.py``)."""
+    Why: two compute-bound stages on two cores lose up to ~2 % of throughput to the scheduler moving them and
+    briefly stacking them on one core (``bench/pipeline_scaling.py --compare-pinning``)."""
     if cpu_quota(quota_files):
         log.info("pid %d: a CPU quota shares this cgroup's cores by time; not pinning", os.getpid())
         return None
     held: list[tuple[int, int]] = []
-    for core in sorted(os.sched_getaffinity(0)):
-        if len(held) == n:
-            break
-        try:
-            os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for core in sorted(os.sched_getaffinity(0)):
+            if len(held) == n:
+                break
             fd = os.open(os.path.join(directory, f"core-{core}.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as err:  # another user's lock directory or file, a read-only /dev/shm: float
-            log.info("pid %d: cannot take core locks in %s (%s); not pinning", os.getpid(), directory, err)
-            break
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        held.append((core, fd))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            held.append((core, fd))
+    except OSError as err:  # another user's lock directory or file, a read-only /dev/shm: float
+        log.info("pid %d: cannot take core locks in %s (%s); not pinning", os.getpid(), directory, err)
     claim = CoreClaim(tuple(c for c, _ in held), [fd for _, fd in held])
     if len(held) < n:
         log.info("pid %d: %d of %d cores free; not pinning", os.getpid(), len(held), n)
