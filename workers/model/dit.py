@@ -202,7 +202,9 @@ class CausalWanModel(nn.Module):
     def embed_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [F, C, H, W] -> tokens [F, T, dim], T = (H/2)(W/2) row-major."""
         x = self.patch_embedding(latents.to(self.dtype).transpose(0, 1)[None])  # [1, dim, F, H/2, W/2]
-        return x[0].flatten(2).permute(1, 2, 0)  # [F, T, dim]
+        # contiguous: a permuted view would be the residual stream's layout through every block of the slice
+        # (elementwise ops keep their input's strides), so each norm copies it and each add strides by F*T
+        return x[0].flatten(2).permute(1, 2, 0).contiguous()  # [F, T, dim]
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame timesteps [F] -> (e_time [F, dim], e0 [F, 6, dim])."""
