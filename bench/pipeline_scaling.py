@@ -49,7 +49,7 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
                                                   decode_workers=0,  # DiT only: the clean latents come back
                                                   pin_cores=pin_cores))
     try:
-        pinned = executor.pinned_cores()
+        pinned, kept_heaps = executor.pinned_cores(), executor.kept_heaps()
         engine = PipelineEngine(cfg, executor, EngineConfig(profile_every=4, rebalance_every=8))
         for i in range(streams):
             engine.add_stream(f"s{i}", f"prompt {i}", i)
@@ -68,7 +68,7 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
         executor.shutdown()
     measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
-            "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned,
+            "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned, "kept_heaps": kept_heaps,
             "steps": len(steps), "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}

@@ -31,7 +31,7 @@ from workers import denoise
 from workers.batch import Collected, DecodedChunk, DecodeJob, Finished, MicroBatch, OutputFormat, StageStats
 from workers.decode import DecodeRouter, DecodeWorker
 from workers.executor import Executor, StageFailure, moves
-from workers.host import claim_cores, take_serving_priority
+from workers.host import claim_cores, keep_heap, take_serving_priority
 from workers.plan import even_split
 from workers.stage import StageWorker
 from workers.stage_link import DECODE_TAG, RING_TAG, StageLink
@@ -105,6 +105,7 @@ class StageActorBody(_Peer):
         self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))  # what this process sees
         self.cores = claim_cores(parallel.threads_per_stage) if parallel.pin_cores and self.device.type == "cpu" \
             else None  # before the model is built, so its weights are first touched on those cores
+        self.heap_kept = self.device.type == "cpu" and keep_heap()  # a CPU forward's transients stay mapped
         dtype, world = getattr(torch, parallel.dtype), parallel.stages + parallel.decode_workers
         self.worker = StageWorker(gen, block_range, stage, self.num_stages, self.device, dtype,
                                   parallel.cuda_graphs == "auto")
@@ -118,6 +119,9 @@ class StageActorBody(_Peer):
 
     def pinned_cores(self) -> tuple[int, ...] | None:
         return None if self.cores is None else self.cores.cores
+
+    def kept_heap(self) -> bool:
+        return self.heap_kept
 
     def ready(self) -> tuple[int, int]:
         take_serving_priority(self._nice)  # started at Ray's 15; from here on it serves
@@ -204,6 +208,7 @@ class DecodeActorBody(_Peer):
     def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, index: int, rendezvous: str):
         torch.set_num_threads(parallel.threads_per_stage)
         self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))
+        self.heap_kept = self.device.type == "cpu" and keep_heap()
         self.worker = DecodeWorker(gen, self.device, getattr(torch, parallel.dtype), index)
         self.num_stages = parallel.stages
         self._join(parallel.stages + index, parallel.stages + parallel.decode_workers, rendezvous, self.device)
@@ -459,6 +464,10 @@ class RayExecutor(Executor):
     def pinned_cores(self) -> list[tuple[int, ...] | None]:
         """Per stage: the cores it claimed (``ParallelConfig.pin_cores``), or None where it floats."""
         return self._get([a.pinned_cores.remote() for a in self.actors])
+
+    def kept_heaps(self) -> list[bool]:
+        """Per stage: whether its malloc keeps freed memory (``workers.host.keep_heap``; CPU stages on glibc)."""
+        return self._get([a.kept_heap.remote() for a in self.actors])
 
     def pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors])

@@ -378,6 +378,7 @@ def test_pinned_stages_hold_cores_of_their_own_and_free_them_when_they_end(local
             assert claims.count(None) == 1
         for pid, claim in zip(executor.pids(), claims):
             assert _thread_masks(pid) == {claim if claim is not None else tuple(cores)}, pid
+        assert executor.kept_heaps() == [True] * 3  # CPU stages keep their heap (workers.host.keep_heap)
         streams = {sid: STREAMS[sid] for sid in list(STREAMS)[:2]}
         renamed, got = _run(cfg, executor, streams, 2)
         assert_matches_reference(cfg, got, renamed, 2)
