@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -131,8 +132,7 @@ def _churn(mode: str) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(os.confstr("CS_GNU_LIBC_VERSION") is None if hasattr(os, "confstr") else True,
-                    reason="glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_a_kept_heap_reuses_freed_transients_without_faulting_them_in_again():
     """With glibc's defaults a freed block goes back to the kernel (mmap-ed and unmapped, or trimmed off the heap's
     top) and is faulted in anew, page by zeroed page; after keep_heap the heap grows to the block once and later
