@@ -208,7 +208,8 @@ class DecodeActorBody(_Peer):
     def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, index: int, rendezvous: str):
         torch.set_num_threads(parallel.threads_per_stage)
         self.device = torch.device(parallel.stage_device(torch.cuda.is_available()))
-        self.heap_kept = self.device.type == "cpu" and keep_heap()
+        if self.device.type == "cpu":
+            keep_heap()  # a CPU decode's transients stay mapped
         self.worker = DecodeWorker(gen, self.device, getattr(torch, parallel.dtype), index)
         self.num_stages = parallel.stages
         self._join(parallel.stages + index, parallel.stages + parallel.decode_workers, rendezvous, self.device)
