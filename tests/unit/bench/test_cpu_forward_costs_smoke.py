@@ -1,22 +1,13 @@
 """bench/cpu_forward_costs.py runs end to end on `tiny`: both parts measured, the printed ratios taken from them."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.runner import run_bench
 
 
 def test_cpu_forward_costs_bench_smoke(tmp_path):
     out = tmp_path / "cpu_forward_costs.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_forward_costs.py"), "--model", "tiny",
-                           "--rounds", "1", "--repeats", "1", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = run_bench("cpu_forward_costs.py", "--model", "tiny", "--rounds", "1", "--repeats", "1", out=out)
     two, four = result["per_stream_s"]["2"], result["per_stream_s"]["4"]
     assert two > 0 and four > 0
     assert result["per_stream_2_over_4"] == pytest.approx(two / four)

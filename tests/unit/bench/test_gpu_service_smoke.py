@@ -1,21 +1,15 @@
 """bench/gpu_service.py runs end to end on CPU (tiny model): engine rows, the real service over gRPC with the
 local backend, graphs on / off; on a GPU machine the same script gives the issue's figures."""
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.runner import ROOT, run_bench
 
 
 def test_gpu_service_bench_smoke(tmp_path):
     out = tmp_path / "gpu_service.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_service.py"), "--model", "tiny", "--device", "cpu",
-                           "--dtype", "float32", "--quick", "--decoders", "wan", "--steps", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    proc, result = run_bench("gpu_service.py", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--quick",
+                             "--decoders", "wan", "--steps", "1", out=out, cwd=ROOT, timeout=600)
     assert result["errors"] == [] and result["card"].startswith("cpu")
     assert [(r["steps"], r["decode"]) for r in result["engine"]] == [(1, None), (1, "wan")]
     assert all(r["fps"] > 0 for r in result["engine"])

@@ -1,23 +1,16 @@
 """bench/kernels.py runs end to end on CPU (Triton interpreter, tiny shapes), so a GPU session can run it."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.unit.bench.runner import run_bench
+
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_kernels_bench_smoke(tmp_path):
     out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--device", "cpu", "--small",
-                           "--no-compile", "--iters", "1", "--warmup", "0", "--dtype", "float32", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    _, result = run_bench("kernels.py", "--device", "cpu", "--small", "--no-compile", "--iters", "1", "--warmup", "0",
+                          "--dtype", "float32", out=out)
     ops = {(r["op"], r["frames"]) for r in result["ops"]}
     assert ops == {(op, f) for op in ("norm_modulate", "qk_norm_rope", "gated_residual",
                                       "gated_residual_norm_modulate") for f in (1, 3)}

@@ -1,24 +1,17 @@
 """bench/pipeline_scaling.py runs end to end (tiny model, a few chunks, one repeat): every case measured, the
 ratios taken from the measured rates. Not a speed threshold: the real run is `make bench`."""
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.runner import run_bench
 
 
 def test_pipeline_scaling_bench_smoke(tmp_path):
     out = tmp_path / "pipeline_scaling.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_scaling.py"), "--model", "tiny",
-                           "--chunks", "4", "--warmup", "1", "--repeats", "1", "--out", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = run_bench("pipeline_scaling.py", "--model", "tiny", "--chunks", "4", "--warmup", "1", "--repeats", "1",
+                             out=out, timeout=400)
     cases = result["cases"]
     assert {(c["stages"], c["mode"], c["streams"]) for c in cases.values()} == {
         (1, "stream_batch", 1), (2, "stream_batch", 1), (1, "sequential", 4), (2, "sequential", 4),

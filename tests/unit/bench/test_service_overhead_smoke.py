@@ -1,23 +1,15 @@
 """bench/service_overhead.py runs end to end (tiny model, a few chunks): both paths measured, the ratio taken
 from the two measured rates. Not a speed threshold: the real run is `make bench`."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.runner import run_bench
 
 
 def test_service_overhead_bench_smoke(tmp_path):
     out = tmp_path / "service_overhead.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "service_overhead.py"), "--model", "tiny",
-                           "--chunk-frames", "1", "--chunks", "3", "--warmup", "1", "--repeats", "1",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = run_bench("service_overhead.py", "--model", "tiny", "--chunk-frames", "1", "--chunks", "3",
+                             "--warmup", "1", "--repeats", "1", out=out, timeout=400)
     assert result["load"] == {"model": "tiny", "stages": 2, "streams": 2, "mode": "sequential", "chunk_frames": 1,
                               "steps": 4, "warmup_chunks": 1, "measured_chunks": 3, "backend": "ray",
                               "threads_per_stage": 1, "encoding": "jpeg"}
