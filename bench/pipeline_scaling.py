@@ -8,10 +8,14 @@ Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; D
 * stream_batch vs sequential, one stream, P=1, 4 steps.
 Stages claim a core each (``ParallelConfig.pin_cores``; ``--no-pin-cores``: the OS places them); each case
 records the cores its stages got, and ``--compare-pinning`` adds both P=2 cases with the other setting,
-interleaved with the rest (ratio ``*_pinned_over_floating``). Each case also reports p50/p99 per-chunk latency (dispatch of step 0 ->
-clean latents). Cases run
-``--repeats`` times, interleaved; the median run by frames/s stands for each (2 shared cores are noisy:
-single runs of the P=2/P=1 ratios spread by about +-0.1).
+interleaved with the rest (ratio ``*_pinned_over_floating``). Each case also reports p50/p99 per-chunk latency
+(dispatch of step 0 -> clean latents). Cases run ``--repeats`` times, interleaved; the median run by frames/s
+stands for each (2 shared cores are noisy: single runs of the P=2/P=1 ratios spread by about +-0.1).
+
+``--ring-ceiling`` adds, in each repeat, ``bench/ring_ceiling.py``'s measurement: the sequential case's stages as
+two bare processes in a gloo ring (no Ray, no driver, no engine), giving ``sequential_ring_P2_over_P1`` (what
+this host allows a two-stage pipeline of this model) and ``sequential_engine_over_ring`` (the share of it the
+engine keeps).
 
 Writes JSON (``--out``); the last line reads ``scaling stream_batch=<x>x sequential=<y>x``.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -32,6 +37,7 @@ sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath
 import torch  # noqa: E402
 
 from bench.common import host_cpu, outputs_rate, percentile, write_json  # noqa: E402
+from bench import ring_ceiling  # noqa: E402
 
 from workers.config import (CacheConfig, EngineConfig, GenerationConfig, ParallelConfig, SamplerConfig,  # noqa: E402
                             get_config)
@@ -40,11 +46,19 @@ from workers.executor import build_executor  # noqa: E402
 from workers.ray_executor import start_local_ray  # noqa: E402
 
 
+STEPS4 = (1000.0, 750.0, 500.0, 250.0)
+
+
+def generation_config(model: str, mode: str, lanes: int = 1, steps: tuple[float, ...] = STEPS4) -> GenerationConfig:
+    """What every case generates with: 1-frame chunks, a 1-frame sink and a 3-frame window."""
+    return GenerationConfig(model=get_config(model),
+                            sampler=SamplerConfig(denoising_steps=steps, chunk_frames=1, mode=mode, lanes=lanes),
+                            cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=3))
+
+
 def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunks: int, warmup: int,
              steps: tuple[float, ...], pin_cores: bool = True) -> dict:
-    cfg = GenerationConfig(model=get_config(model),
-                           sampler=SamplerConfig(denoising_steps=steps, chunk_frames=1, mode=mode, lanes=lanes),
-                           cache=CacheConfig(sink_frames=1, window_frames=3, recache_frames=3))
+    cfg = generation_config(model, mode, lanes, steps)
     executor = build_executor(cfg, ParallelConfig(stages=stages, backend="ray", threads_per_stage=1, cpus_per_stage=1,
                                                   decode_workers=0,  # DiT only: the clean latents come back
                                                   pin_cores=pin_cores))
@@ -93,9 +107,11 @@ def main() -> None:
                         help="also run both P=2 cases with the other --pin-cores setting, interleaved")
     parser.add_argument("--lanes", type=int, default=2,
                         help="stream_batch lanes of the one-stream P=1/P=2 cases (the same for both P)")
+    parser.add_argument("--ring-ceiling", action="store_true",
+                        help="also measure the sequential case's stages in a bare gloo ring each repeat (ring_ceiling.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    steps4 = (1000.0, 750.0, 500.0, 250.0)
+    steps4 = STEPS4
     start_local_ray(num_cpus=2)
     import ray
 
@@ -112,6 +128,7 @@ def main() -> None:
         cases["stream_batch_P2_other_pinning"] = cases["stream_batch_P2"][:-1] + (other,)
         cases["sequential4_P2_other_pinning"] = cases["sequential4_P2"][:-1] + (other,)
     runs: dict[str, list[dict]] = {name: [] for name in cases}
+    rings: list[dict] = []
     try:
         for rep in range(args.repeats):  # interleaved, so every case sees the machine in the same states
             print(f"-- repeat {rep + 1}/{args.repeats}", flush=True)
@@ -119,6 +136,10 @@ def main() -> None:
                 runs[name].append(run_case(args.model, stages, mode, lanes, streams, chunks, warmup, steps4,
                                            pin_cores))
                 show(runs[name][-1])
+            if args.ring_ceiling:  # the sequential case's micro-batches: 2 streams each at P=2, 4 at P=1
+                rings.append(ring_ceiling.measure(args.model, streams_per_mb=2))
+                print(f"ring without Ray/driver/engine: P2/P1 {rings[-1]['ratio']:.3f} "
+                      f"(cores {rings[-1]['cores']})", flush=True)
     finally:
         ray.shutdown()
     rows = {}
@@ -131,15 +152,21 @@ def main() -> None:
         "stream_batch_over_sequential_P1": rows["stream_batch_lanes1_P1"]["frames_per_s"]
         / rows["sequential1_P1"]["frames_per_s"],
     }
+    if rings:
+        ratios["sequential_ring_P2_over_P1"] = statistics.median(r["ratio"] for r in rings)
+        ratios["sequential_engine_over_ring"] = ratios["sequential_P2_over_P1"] / ratios["sequential_ring_P2_over_P1"]
     for case in ("stream_batch_P2", "sequential4_P2") if args.compare_pinning else ():
         ratios[f"{case}_pinned_over_floating"] = (rows[case]["frames_per_s"] / rows[f"{case}_other_pinning"]["frames_per_s"]
                                                   ) ** (1 if pin else -1)
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu": host_cpu(), "cpu_count": os.cpu_count(), "threads_per_stage": 1,
                           "pin_cores": args.pin_cores},
-              "cases": rows, "ratios": ratios}
+              "cases": rows, "ratios": ratios, "ring_ceiling": rings}
     write_json(args.out, result)
     print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")
+    if rings:
+        print(f"sequential without Ray/driver/engine (ring): {ratios['sequential_ring_P2_over_P1']:.2f}x; "
+              f"engine / ring = {ratios['sequential_engine_over_ring']:.3f}")
     for name in (n for n in ratios if n.endswith("_pinned_over_floating")):
         print(f"{name}: x{ratios[name]:.3f}")
     print(f"scaling stream_batch={ratios['stream_batch_P2_over_P1']:.2f}x "

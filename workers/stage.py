@@ -185,44 +185,51 @@ class StageWorker:
     @torch.no_grad()
     def profile(self, grid: tuple[int, int], frames: int, cache_cfg: CacheConfig, repeats: int = 1,
                 streams: int = 1) -> StageStats:
-        """Time this slice's blocks on ``streams`` throwaway streams with random inputs of a chunk's shape, in one
-        micro-batch, each attending to a full cache (its capacity committed first), as a stream does once past its
-        first chunks. Returns the fastest of ``repeats`` timed forwards after a warm-up: interference from other
-        processes only adds."""
-        cfg = self.model.cfg
+        """Time this slice's blocks on ``streams`` throwaway streams (``open_probe``) in one micro-batch. Returns
+        the fastest of ``repeats`` timed forwards after a warm-up: interference from other processes only adds."""
         sids = [f"__profile__{i}" for i in range(streams)]
-        for sid in sids:
-            self.open_stream(sid, cache_cfg)
         try:
-            gen = torch.Generator().manual_seed(0)
-            tokens = grid[0] * grid[1]
-            ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
-
-            def inputs(f: int) -> torch.Tensor | Activation:
-                if self.stage == 0:  # latents [f, C, h, w]
-                    return torch.randn(f, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
-                                       generator=gen).to(self.device)
-                return Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
-                                    for s in ((f, tokens, cfg.dim), (f, cfg.dim), (f, 6, cfg.dim))))
-
-            full = cache_cfg.capacity_frames  # >= 1: context entries at t=0 whose K/V join the cache, as finished
-            for sid in sids:  # chunks' do
-                fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,
-                            ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
-                self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {},
-                                        profile=True),
-                             inputs(full), None if self.stage == 0 else {sid: ctx}, torch.zeros(full, device=self.device))
-            works = [Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0),), 1, frames) for sid in sids]
-            mb = MicroBatch(-1, works, grid, {}, profile=True)
-            t = torch.full((frames * streams,), 500.0, device=self.device)
-            x = inputs(frames * streams)
+            mb, x, t = self.open_probe(sids, grid, frames, cache_cfg)
             self.forward(mb, x, None, t)  # warm-up
             runs = [self.forward(mb, x, None, t)[2] for _ in range(max(1, repeats))]
             return min(runs, key=lambda s: s.compute_s)
         finally:
             for sid in sids:
-                self.close_stream(sid)
+                if sid in self.streams:
+                    self.close_stream(sid)
             self._last_end = None
+
+    def open_probe(self, sids: list[str], grid: tuple[int, int], frames: int, cache_cfg: CacheConfig,
+                   steps: int = 1, seed: int = 0) -> tuple[MicroBatch, torch.Tensor | Activation, torch.Tensor]:
+        """Open ``sids`` as throwaway streams, each attending to a full cache (its capacity committed first, as a
+        stream does once past its first chunks), and make one micro-batch over them of ``frames`` latent frames
+        each, with random inputs of a chunk's shape: (mb, inputs, t [F]). ``steps`` > 1: each entry is a chunk's
+        first of that many denoising steps, so its next-step latents go around the ring. The caller closes the
+        streams."""
+        cfg = self.model.cfg
+        gen = torch.Generator().manual_seed(seed)
+        tokens = grid[0] * grid[1]
+        ctx = torch.randn(cfg.text_len, cfg.dim, generator=gen).to(self.device, self.model.dtype)
+
+        def inputs(f: int) -> torch.Tensor | Activation:
+            if self.stage == 0:  # latents [f, C, h, w]
+                return torch.randn(f, cfg.in_channels, grid[0] * cfg.patch_size[1], grid[1] * cfg.patch_size[2],
+                                   generator=gen).to(self.device)
+            return Activation(*(torch.randn(s, generator=gen).to(self.device, self.model.dtype)
+                                for s in ((f, tokens, cfg.dim), (f, cfg.dim), (f, 6, cfg.dim))))
+
+        full = cache_cfg.capacity_frames  # >= 1: context entries at t=0 whose K/V join the cache, as finished
+        for sid in sids:  # chunks' do
+            self.open_stream(sid, cache_cfg)
+            fill = Work(sid, 0, 0, tuple((c, CONTEXT) for c in range(full)), (0.0,) * full,
+                        ((0.0, 0.0),) * full, 1, 1, commit_frames=full)
+            self.forward(MicroBatch(-1, [fill], grid, {sid: PROFILE_PROMPT} if self.stage == 0 else {},
+                                    profile=True),
+                         inputs(full), None if self.stage == 0 else {sid: ctx}, torch.zeros(full, device=self.device))
+        works = [Work(sid, 0, 0, ((full, 0),), (500.0,), ((0.5, 0.0 if steps == 1 else 0.375),), steps, frames)
+                 for sid in sids]
+        n = frames * len(sids)
+        return MicroBatch(-1, works, grid, {}, profile=True), inputs(n), torch.full((n,), 500.0, device=self.device)
 
     # rebalance --------------------------------------------------------------------------------------
 

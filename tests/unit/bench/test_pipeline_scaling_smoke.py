@@ -1,5 +1,5 @@
 """bench/pipeline_scaling.py runs end to end (tiny model, a few chunks, one repeat): every case measured, the
-ratios taken from the measured rates. Not a speed threshold: the real run is `make bench`."""
+ratios taken from the measured rates, with --ring-ceiling. Not a speed threshold: the real run is `make bench`."""
 
 import os
 
@@ -11,7 +11,7 @@ from tests.unit.bench.runner import run_bench
 def test_pipeline_scaling_bench_smoke(tmp_path):
     out = tmp_path / "pipeline_scaling.json"
     proc, result = run_bench("pipeline_scaling.py", "--model", "tiny", "--chunks", "4", "--warmup", "1", "--repeats", "1",
-                             out=out, timeout=400)
+                             "--ring-ceiling", out=out, timeout=500)
     cases = result["cases"]
     assert {(c["stages"], c["mode"], c["streams"]) for c in cases.values()} == {
         (1, "stream_batch", 1), (2, "stream_batch", 1), (1, "sequential", 4), (2, "sequential", 4),
@@ -30,3 +30,7 @@ def test_pipeline_scaling_bench_smoke(tmp_path):
     assert ratios["stream_batch_P2_over_P1"] == pytest.approx(
         cases["stream_batch_P2"]["frames_per_s"] / cases["stream_batch_P1"]["frames_per_s"])
     assert f"sequential={ratios['sequential_P2_over_P1']:.2f}x" in proc.stdout
+    [ring] = result["ring_ceiling"]  # --ring-ceiling: the same case's stages without Ray, once per repeat
+    assert ring["P2_messages"]["activations"] == ring["P2_ticks"]
+    assert ratios["sequential_ring_P2_over_P1"] == ring["ratio"]
+    assert ratios["sequential_engine_over_ring"] == pytest.approx(ratios["sequential_P2_over_P1"] / ring["ratio"])
