@@ -65,7 +65,7 @@ train-demo: setup
 
 bench: setup
 	$(PY) bench/model_forward.py --out bench/out/model_forward.json
-	$(PY) bench/pipeline_scaling.py --out bench/out/pipeline_scaling.json
+	$(PY) bench/pipeline_scaling.py --ring-ceiling --out bench/out/pipeline_scaling.json
 	$(PY) bench/service_overhead.py --out bench/out/service_overhead.json
 	$(PY) bench/quality.py --out bench/out/quality.json
 
