@@ -99,8 +99,7 @@ def main() -> None:
     kept = keep_heap()  # as a CPU stage process does
     gen = GenerationConfig(model=get_config(args.model))
     cfg = gen.model
-    lh, lw = cfg.latent_grid(gen.height, gen.width)
-    grid = (lh // cfg.patch_size[1], lw // cfg.patch_size[2])
+    grid = cfg.token_grid(gen.height, gen.width)
     half = (0, cfg.num_layers // 2)
     worker = StageWorker(gen, half, 0, 2)  # the first stage of a P=2 pipeline
     cache_cfg = CacheConfig(sink_frames=1, window_frames=3, recache_frames=3)  # pipeline_scaling's

@@ -55,8 +55,7 @@ def dit_costs(gen: GenerationConfig, points: list[tuple[int, int]], repeats: int
     for the attention term."""
     ex = InProcessExecutor(gen, ParallelConfig(stages=2, backend="local", decode_workers=0))
     m = gen.model
-    lh, lw = m.latent_grid(gen.height, gen.width)
-    grid = (lh // m.patch_size[1], lw // m.patch_size[2])
+    grid = m.token_grid(gen.height, gen.width)
     tpf = grid[0] * grid[1]
 
     def per_block(n: int, f: int, cache: CacheConfig) -> tuple[int, float, float, float]:

@@ -31,12 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
-from bench.common import host_cpu, write_json  # noqa: E402
-
-STEPS = 4
-"""Denoising steps of a chunk (pipeline_scaling's): the forwards are a chunk's first step, so their next-step
-latents go around the ring."""
-
+from bench.common import host_cpu, outputs_rate, write_json  # noqa: E402
 
 def _worker(model: str, stage: int, stages: int, streams: int, groups: int):
     """This process's StageWorker (one torch thread, a core of its own when one is free) and ``groups``
@@ -54,9 +49,9 @@ def _worker(model: str, stage: int, stages: int, streams: int, groups: int):
     gen = generation_config(model, "sequential")
     cfg = gen.model
     worker = StageWorker(gen, even_split(cfg.num_layers, stages)[stage], stage, stages, "cpu", torch.float32, False)
-    lh, lw = cfg.latent_grid(cfg.default_height, cfg.default_width)
-    grid = (lh // cfg.patch_size[1], lw // cfg.patch_size[2])
-    batches = [worker.open_probe([f"g{g}s{i}" for i in range(streams)], grid, 1, gen.cache, steps=STEPS, seed=g)
+    grid = cfg.token_grid(gen.height, gen.width)
+    steps = len(gen.sampler.denoising_steps)  # each forward a chunk's first step: its latents go around the ring
+    batches = [worker.open_probe([f"g{g}s{i}" for i in range(streams)], grid, 1, gen.cache, steps=steps, seed=g)
                for g in range(groups)]
     return worker, batches, None if claim is None else claim.cores
 
@@ -128,12 +123,6 @@ def _single(model: str, streams: int, ticks: int, q) -> None:
     q.put((0, stamps, cpu, cores, 0))
 
 
-def _rate(stamps: list[float], warmup: int) -> float:
-    """Micro-batches per second over the steady window (from the warm-up's last to the last)."""
-    steady = stamps[warmup - 1:]
-    return (len(steady) - 1) / (steady[-1] - steady[0])
-
-
 def _run(target, arg_sets: list[tuple], timeout_s: float) -> list[tuple]:
     """``target(*args, q)`` in a spawned process per argument set, at once; their results sorted by stage."""
     ctx = mp.get_context("spawn")
@@ -159,8 +148,8 @@ def measure(model: str = "small", streams_per_mb: int = 2, ticks: int = 240, war
         rendezvous = os.path.join(tmp, "pg")
         (_, _, c_first, cores_a, rings), (_, s_last, c_last, cores_b, acts) = _run(
             _stage, [(model, stage, streams_per_mb, ticks, rendezvous) for stage in (0, 1)], timeout_s)
-    p1 = _rate(s1, max(1, single_ticks * warmup // ticks)) * 2 * streams_per_mb
-    p2 = _rate(s_last, warmup) * streams_per_mb
+    p1 = outputs_rate(s1, max(1, single_ticks * warmup // ticks))[1] * 2 * streams_per_mb
+    p2 = outputs_rate(s_last, warmup)[1] * streams_per_mb
     return {"P1_stream_steps_per_s": p1, "P2_stream_steps_per_s": p2, "ratio": p2 / p1,
             "P1_forward_cpu_ms": statistics.median(c1) * 1e3,
             "P2_forward_cpu_ms": [statistics.median(c[warmup:]) * 1e3 for c in (c_first, c_last)],

@@ -136,10 +136,15 @@ class ModelConfig:
             raise ValueError(f"width must be a positive multiple of {step_w}, got {width!r}")
         return height // self.vae_stride[1], width // self.vae_stride[2]
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token (h, w) of one latent frame for a pixel size: the latent grid over the patch."""
+        lh, lw = self.latent_grid(height, width)
+        return lh // self.patch_size[1], lw // self.patch_size[2]
+
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens one latent frame becomes: 1560 for 480x832 with the real patch (30 x 52)."""
-        lh, lw = self.latent_grid(height, width)
-        return (lh // self.patch_size[1]) * (lw // self.patch_size[2])
+        gh, gw = self.token_grid(height, width)
+        return gh * gw
 
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")

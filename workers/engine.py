@@ -147,7 +147,7 @@ class PipelineEngine:
         self.clock = clock
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
         self.latent_shape = (cfg.model.in_channels, lh, lw)
-        self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])
+        self.grid = cfg.model.token_grid(cfg.height, cfg.width)
         self.streams: dict[str, _Stream] = {}
         self.controls: deque[tuple[str, str, object]] = deque()
         self.latency = LatencyModel(executor.num_stages, executor.decode_workers, executor.decode_shared)

@@ -36,7 +36,7 @@ class ReferenceGenerator:
         self.vae = build_decoder(cfg, self.device, dtype)
         lh, lw = cfg.model.latent_grid(cfg.height, cfg.width)
         self.latent_shape = (cfg.model.in_channels, lh, lw)
-        self.grid = (lh // cfg.model.patch_size[1], lw // cfg.model.patch_size[2])
+        self.grid = cfg.model.token_grid(cfg.height, cfg.width)
 
     def _mode_cfg(self, mode: str | None) -> GenerationConfig:
         return self.cfg if mode is None else replace(self.cfg, sampler=replace(self.cfg.sampler, mode=mode))

@@ -171,8 +171,7 @@ def test_attention_over_the_cache_grows_with_the_frames_committed_up_to_its_capa
 
     g = gen()  # default cache: 3 sink + 6 window = 9 frames
     m = g.model
-    lh, lw = m.latent_grid(g.height, g.width)
-    grid = (lh // m.patch_size[1], lw // m.patch_size[2])
+    grid = m.token_grid(g.height, g.width)
     tpf = grid[0] * grid[1]
     p = Profile(name="hand", models={"small": ModelCosts(block=FREE, attention_s=1e-9)})
     ex = SimExecutor(g, ParallelConfig(stages=1, decode_workers=0), p, FakeClock())
