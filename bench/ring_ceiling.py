@@ -85,9 +85,9 @@ def _stage(model: str, stage: int, streams: int, ticks: int, rendezvous: str, q)
                 start = time.thread_time()
                 out, _, _ = worker.forward(mb, x, None, t)
                 cpu.append(time.thread_time() - start)
-                link.send_activation(mb, out, x, {})
-                if i + 2 < ticks:
+                if i + 2 < ticks:  # before the send, as a stage actor does (StageLink.post_ring)
                     link.post_ring(mb, shape)
+                link.send_activation(mb, out, x, {})
             else:
                 act, latents, _ = link.recv_activation(mb, shape)
                 received += 1

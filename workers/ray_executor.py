@@ -145,9 +145,9 @@ class StageActorBody(_Peer):
             t = None
         out, contexts, stats = self.worker.forward(mb, inputs, contexts, t)
         if not last:
-            self.link.send_activation(mb, out, latents, contexts)
-            if mb.ring_frames():
+            if mb.ring_frames():  # before the send: see post_ring
                 self.link.post_ring(mb, shape)
+            self.link.send_activation(mb, out, latents, contexts)
             return mb.seq, None, stats, encoded
         ring, finished = denoise.advance(mb, latents, out)
         if ring is not None and first:  # P = 1: the ring is this stage's own store
