@@ -100,6 +100,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
 
+TIME_ROWS_KEPT = 256
+"""Distinct timesteps whose embedding ``embed_time`` keeps (a few per sampler; more with a motion-aware noise
+controller's continuous steps): past it the rows are computed afresh."""
+
+
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's timestep embedding: float64, cat[cos, sin], freqs 10000^(-i/half). t [N] -> [N, dim]."""
     half = dim // 2
@@ -133,6 +138,8 @@ class CausalWanModel(nn.Module):
             self.head = Head(cfg)
         self.init_weights(cfg.init_seed)
         self.rope = RopeTables(cfg.head_dim)
+        self._time_rows: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}  # t -> (e_time [dim], e0 [6, dim])
+        self._time_version: tuple = ()  # the time embedding's weights the rows were computed with
 
     # ----------------------------------------------------------------------------------------------
     # weights
@@ -207,7 +214,28 @@ class CausalWanModel(nn.Module):
         return x[0].flatten(2).permute(1, 2, 0).contiguous()  # [F, T, dim]
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame timesteps [F] -> (e_time [F, dim], e0 [F, 6, dim])."""
+        """Per-frame timesteps [F] -> (e_time [F, dim], e0 [F, 6, dim]).
+
+        On CPU without autograd, each timestep's rows are computed once (alone, so they do not depend on the
+        batch) and kept: a stream's chunks repeat the sampler's few steps, and reading the [dim, 6 dim]
+        projection for a handful of rows was ~1 ms of a ``small`` first stage's forward on 2 CPUs. Dropped when
+        these weights change. On GPU the embedding is a few small kernels inside the stage's CUDA graph, and
+        reading ``t`` back to key the rows would synchronise."""
+        if t.device.type != "cpu" or torch.is_grad_enabled():
+            return self._embed_time(t)
+        params = [*self.time_embedding.parameters(), *self.time_projection.parameters()]
+        version = tuple((p.data_ptr(), p.dtype, p._version) for p in params)
+        if version != self._time_version or len(self._time_rows) >= TIME_ROWS_KEPT:
+            self._time_rows, self._time_version = {}, version
+        values = t.tolist()
+        for v in dict.fromkeys(values):
+            if v not in self._time_rows:
+                e_time, e0 = self._embed_time(torch.tensor([v], dtype=t.dtype))
+                self._time_rows[v] = (e_time[0], e0[0])
+        rows = [self._time_rows[v] for v in values]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def _embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e_time = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(self.dtype))
         e0 = self.time_projection(e_time).unflatten(1, (6, self.cfg.dim))
         return e_time, e0

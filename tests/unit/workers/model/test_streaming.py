@@ -5,6 +5,7 @@ import torch
 
 from workers.config import CacheConfig
 from workers.model import CausalWanModel, Segment, get_config
+from workers.model.dit import TIME_ROWS_KEPT
 
 CFG = get_config("tiny")
 F_CHUNK, N_CHUNKS, H, W = 2, 3, 4, 6  # latent 4x6 -> 2x3 tokens per frame
@@ -156,3 +157,28 @@ def test_first_slice_hands_on_a_contiguous_residual_stream():
     assert first.embed_latents(x).is_contiguous()
     act = first.stream_forward(x, [Segment(F_CHUNK, cache)], GRID, torch.full((F_CHUNK,), 500.0))
     assert act.hidden.shape == (F_CHUNK, GRID[0] * GRID[1], CFG.dim) and act.hidden.is_contiguous()
+
+
+def test_time_embedding_rows_are_kept_per_timestep_and_dropped_with_the_weights():
+    model = CausalWanModel(CFG, (0, 0), with_head=False).eval()
+    t = torch.tensor([1000.0, 250.0, 1000.0, 0.0])
+    with torch.enable_grad():  # autograd (training): computed as a batch, nothing kept
+        want_time, want_e0 = model.embed_time(t)
+    assert want_e0.requires_grad and model._time_rows == {}
+    with torch.no_grad():
+        e_time, e0 = model.embed_time(t)
+        assert sorted(model._time_rows) == [0.0, 250.0, 1000.0]  # one entry per distinct step
+        torch.testing.assert_close(e_time, want_time.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(e0, want_e0.detach(), rtol=1e-6, atol=1e-6)
+        # a row does not depend on the batch it comes in: each step's rows are computed alone
+        alone = model.embed_time(torch.tensor([250.0]))
+        assert torch.equal(alone[1][0], e0[1]) and torch.equal(alone[0][0], e_time[1])
+        model.time_projection[1].weight.mul_(2)  # new weights (a checkpoint loaded in place): rows recomputed
+        fresh = model._embed_time(t)[1]
+        assert torch.equal(model.embed_time(t)[1], torch.stack([model._embed_time(t[i:i + 1])[1][0]
+                                                                for i in range(4)]))
+        assert (model.embed_time(t)[1] - fresh).abs().max() <= 1e-5 and not torch.allclose(fresh, e0)
+        many = torch.arange(TIME_ROWS_KEPT + 10, dtype=torch.float32)  # bounded: a continuous noise controller
+        model.embed_time(many[:TIME_ROWS_KEPT])
+        model.embed_time(many[TIME_ROWS_KEPT:])
+        assert len(model._time_rows) <= TIME_ROWS_KEPT
