@@ -182,7 +182,7 @@ class EngineCore:
             for msg in self._take_inbox(block=idle):
                 if isinstance(msg, Stop):
                     return
-                self._apply(msg)
+                self._apply_or_fail(msg)
             if self.broken:  # no stages: only messages (closes, calls) until shut down
                 idle = True
                 continue
@@ -228,6 +228,22 @@ class EngineCore:
                 self._stats.stage_stats = (self._stats.stage_stats + stage_stats)[-MAX_STAGE_SAMPLES:]
             self.engine.stats.last_stage_stats = []
         return outputs, bool(outputs or stage_stats or self.engine.stats.micro_batches != dispatched)
+
+    def _apply_or_fail(self, msg: Message) -> None:
+        """Apply ``msg``; one that raises ends its stream (StreamFailed), never the engine thread. A dead stage
+        met here (opening a stream on it) is rebuilt by the next step, as one a probe meets."""
+        try:
+            self._apply(msg)
+        except Exception as err:  # noqa: BLE001 - logged; the stream ends, the core serves on
+            sid = getattr(msg, "stream_id", None)
+            log.exception("replica %d: %s of stream %s failed", self.index, type(msg).__name__, (sid or "-")[:8])
+            if isinstance(err, StageFailure):
+                self._stage_failure = err
+            if sid is not None and not isinstance(msg, CloseStream):
+                self._open.discard(sid)
+                if sid in self.engine.streams:
+                    self.engine.remove_stream(sid)
+                self._emit(StreamFailed(sid, f"{type(msg).__name__} failed", self.take_stats()))
 
     def _apply(self, msg: Message) -> None:
         engine = self.engine
@@ -313,8 +329,11 @@ class EngineCore:
         now = time.monotonic()
         self._recoveries = [t for t in self._recoveries if now - t < RECOVERY_WINDOW_S] + [now]
         if len(self._recoveries) > MAX_RECOVERIES:  # a failure that rebuilding does not cure
-            log.error("replica %d: %d failures in %d s; ending its streams", self.index, len(self._recoveries),
-                      RECOVERY_WINDOW_S)
+            log.error("replica %d: %d failures in %d s; ending its streams, out of service", self.index,
+                      len(self._recoveries), RECOVERY_WINDOW_S)
+            self.executor.kill()  # its in-flight calls would raise the same failure at every step
+            self.broken = True  # the fleet replaces it
+            self.engine.abandon_inflight()
             self._fail_all("repeated stage failures")
             return
         self._recover()

@@ -26,6 +26,11 @@ from workers.plan import Capacity, LatencyModel, balanced_split, batch_streams, 
 from workers.stream import StreamProgram
 from workers.v2v import VideoInput, VideoParams
 
+
+class LostMicroBatches(RuntimeError):
+    """Micro-batches the engine waits for that its executor no longer holds (lost with an error)."""
+
+
 CALIBRATE_REPEATS = 3
 """Timed forwards per stage (and decodes) at calibration; the fastest counts. One sample of a small model's
 blocks (milliseconds) can land on another process's time slice and skew the split it picks."""
@@ -330,10 +335,15 @@ class PipelineEngine:
         self.stats.inflight = 0
 
     def drain(self) -> list[ChunkOutput]:
-        """Collect every in-flight micro-batch and every decode without dispatching more."""
+        """Collect every in-flight micro-batch and every decode without dispatching more. Raises
+        ``LostMicroBatches`` when a wait brings nothing back and the executor holds nothing more to wait for
+        (its results were lost with an error): waiting again would spin."""
         outputs = []
         while not self.idle:
+            before = (len(self._inflight), self.executor.decoding)
             outputs += self._collect(wait=True)
+            if (len(self._inflight), self.executor.decoding) == before:
+                raise LostMicroBatches(f"micro-batches {sorted(self._inflight)} will not come back")
         return outputs
 
     # helpers ----------------------------------------------------------------------------------------
@@ -362,10 +372,7 @@ class PipelineEngine:
                 stream.send_text = True
                 prog.restart_unfinished()
             elif kind == "steps":  # unfinished chunks restart with the new list; cache rebuilt as on a prompt change
-                sampler = replace(prog.sampler, denoising_steps=value)
-                stream.program = prog = StreamProgram(sampler, self.cfg.cache, prog.seed, self.latent_shape,
-                                                      start_chunk=prog.first_unfinished(), history=list(prog.history),
-                                                      epoch=prog.epoch + 1)
+                prog.change_steps(value)
         stream.pending.clear()
 
     def _schedule(self) -> MicroBatch | None:
@@ -400,8 +407,8 @@ class PipelineEngine:
         return mb
 
     def _dispatch(self, mb: MicroBatch) -> None:
+        self.executor.submit(mb)  # first: a micro-batch whose submit raised is not waited for
         self._inflight[mb.seq] = mb
-        self.executor.submit(mb)
         self.stats.micro_batches += 1
         self.stats.forwards += len(mb.segments)
         self.stats.inflight = len(self._inflight)

@@ -29,7 +29,7 @@ when its inputs arrive. After ``end_input`` the chunks in flight finish without 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -182,6 +182,14 @@ class StreamProgram:
         self.epoch += 1
         self.recache_out = False
         self.recache_pending = bool(self.history)
+
+    def change_steps(self, steps: tuple[float, ...]) -> None:
+        """A steps change: the schedule takes the new step list and unfinished chunks start over under it, as
+        on a prompt change (``restart_unfinished``; a video stream keeps its inputs and waits for the next)."""
+        self.sampler = replace(self.sampler, denoising_steps=tuple(steps))
+        self.schedule = FlowMatchSchedule(self.sampler)
+        self.sigmas = tuple(self.schedule.step_sigmas())
+        self.restart_unfinished()
 
     def first_unfinished(self) -> int:
         """The oldest chunk whose clean latents are not back yet (in flight, or the next to start)."""

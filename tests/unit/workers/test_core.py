@@ -4,12 +4,13 @@ and the one stream-move mechanism (evict with a checkpoint, restore elsewhere)."
 import dataclasses
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from tests.integration.test_server import service_config
-from workers.core import EngineCore
+from workers.core import MAX_RECOVERIES, EngineCore
 from workers.core_messages import (Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, RestoreStream,
                                    StreamEvicted, StreamFailed)
 from workers.engine import PipelineEngine
@@ -187,3 +188,69 @@ def test_hand_off_finishes_in_flight_work_then_evicts_and_frees_the_caches(core)
     assert all(isinstance(i, FrameBatch) for i in items[:-1])
     assert items[-1].checkpoint.stream_id == "s" and not core.broken
     assert core.cache_bytes() == [0, 0]
+
+
+def test_a_message_that_fails_ends_its_stream_and_the_core_serves_on(core):
+    """Opening a stream on a stage that died fails that stream (the next step rebuilds the stages); the
+    engine thread lives on and the next stream gets frames."""
+    def arm():
+        def dead(*args, **kwargs):
+            raise StageFailure("died", "injected at open")
+        core.executor.open_stream = dead
+    core.call(arm, 30.0)
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    failed = core.out.next(timeout=30)
+    assert isinstance(failed, StreamFailed) and failed.stream_id == "s"
+    core.submit(OpenStream("t", "an owl", 1, 16.0, 4, RAW))
+    batch = core.out.next(timeout=30)
+    assert isinstance(batch, FrameBatch) and (batch.stream_id, batch.chunk) == ("t", 0)
+    assert core._thread.is_alive() and not core.broken
+
+
+def test_an_engine_error_fails_the_streams_and_the_core_serves_on(core):
+    """A forward that raises loses its micro-batch: the streams fail, and the engine does not wait for it."""
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    assert core.out.next().chunk == 0
+
+    def arm():
+        def boom(*args, **kwargs):
+            raise RuntimeError("forward failed (injected)")
+        core.executor.stages[1].forward = boom
+    core.call(arm, 30.0)
+    core.submit(Consumed("s"))
+    item = core.out.next(timeout=30)
+    while isinstance(item, FrameBatch):  # chunks already finished may still come out first
+        item = core.out.next(timeout=30)
+    assert isinstance(item, StreamFailed) and item.stream_id == "s"
+    core.call(lambda: delattr(core.executor.stages[1], "forward"), 30.0)  # the class's forward again
+    core.submit(OpenStream("t", "an owl", 1, 16.0, 4, RAW))
+    batch = core.out.next(timeout=30)
+    assert isinstance(batch, FrameBatch) and (batch.stream_id, batch.chunk) == ("t", 0)
+
+
+def test_repeated_stage_failures_put_the_core_out_of_service_without_spinning(core):
+    """One failure too many in the window: the streams fail, the stages are killed and the core is broken
+    (the fleet replaces it); its dead calls are not collected again at every step."""
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    assert core.out.next().chunk == 0
+    killed = []
+
+    def arm():
+        def dead(wait):  # as Ray's executor once its stages died: every collect meets the dead calls
+            raise StageFailure("died", "injected")
+        executor = core.executor
+        executor.collect = dead
+        kill = executor.kill
+        executor.kill = lambda: (killed.append(True), kill())
+        core._recoveries = [time.monotonic()] * MAX_RECOVERIES  # recent: the next failure is one too many
+    core.call(arm, 30.0)
+    core.submit(Consumed("s"))
+    item = core.out.next(timeout=30)
+    while isinstance(item, FrameBatch):
+        item = core.out.next(timeout=30)
+    assert isinstance(item, StreamFailed) and item.stream_id == "s"
+    for _ in range(3):
+        core.call(lambda: None, 30.0)  # the engine thread answers: it is not stuck
+    stats = [item.stats, core.take_stats()]
+    assert sum(s.stage_errors.get("died", 0) for s in stats if s is not None) == 1
+    assert core.broken and killed == [True]

@@ -164,3 +164,35 @@ def test_a_video_streams_encode_is_fitted_apart_and_charged_to_video_streams_onl
     assert forward < 0.05, forward
     assert engine.predicted_chunk_latency(3, video=True) >= engine.predicted_chunk_latency(3) + 0.4
     assert engine.frame_rate(3, video=True) < engine.frame_rate(3)
+
+
+def test_a_steps_change_keeps_a_video_stream_on_its_input():
+    """A steps change restarts unfinished chunks under the new list; a video stream stays one: its chunks
+    still wait for input, and each input chunk's output comes back once, in order."""
+    cfg = gen_config("sequential")
+    engine = make_engine(cfg, local_executor(cfg, 1))
+    engine.add_stream("v", "p", 0, sampler=video_sampler(cfg.sampler, 3), video=VideoParams(0.8, True))
+    chunks = video(4, cfg.sampler.chunk_frames)
+    engine.push_input("v", chunks[0], meta=0)
+    metas = []
+    for _ in range(200):
+        metas += [o.input for o in engine.step()]
+        if metas:
+            break
+    engine.set_steps("v", video_sampler(cfg.sampler, 2).denoising_steps)
+    engine.push_input("v", chunks[1], meta=1)
+    for _ in range(200):
+        metas += [o.input for o in engine.step()]
+        if engine.idle and not engine.streams["v"].program.ready():
+            break
+    program = engine.streams["v"].program
+    assert program.video and len(program.sigmas) == 2
+    assert metas == [0, 1]  # nothing generated from noise ahead of the input
+    assert not program.ready() and program.next_chunk == 2  # chunk 2 waits for its input
+    engine.push_input("v", chunks[2], meta=2)
+    engine.end_input("v")
+    for _ in range(200):
+        metas += [o.input for o in engine.step()]
+        if metas[-1:] == [2]:
+            break
+    assert metas == [0, 1, 2]
