@@ -299,24 +299,28 @@ class RayExecutor(Executor):
         # shared decode: the last stage's slot is split between the stage and its decode workers
         gpus, cpus, last = parallel.gpus_per_stage, parallel.cpus_per_stage, num_stages - 1
         share = 2 if self.decode_shared and self.decode_workers else 1
-        self.actors = []
-        for i, rng in enumerate(split):
-            g = gpus / share if i == last else gpus
-            self.actors.append(ray.remote(StageActorBody).options(**self._slot(i, cpus, g)).remote(
-                gen, parallel, rng, i, rendezvous))
-        self.decoders = []
-        for w in range(self.decode_workers):
-            slot, g, c = (last, gpus / (share * self.decode_workers), 0.0) if self.decode_shared else \
-                (num_stages + w, gpus, cpus)
-            self.decoders.append(ray.remote(DecodeActorBody).options(**self._slot(slot, c, g)).remote(
-                gen, parallel, w, rendezvous))
-        self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
-        self._get([d.ready.remote() for d in self.decoders], timeout=120)
-        self._procs = self._get([a.locate.remote() for a in self.actors + self.decoders], timeout=30)
+        self.actors, self.decoders = [], []
         self._inflight: deque = deque()  # (seq, [result ref per stage])
         self._answers: dict = {}  # result ref -> its value, fetched once, when it is first seen ready
-        self._decoding: list[deque] = [deque() for _ in self.decoders]  # per worker: (seq, ref) of decode calls
+        self._decoding: list[deque] = []  # per decode worker: (seq, ref) of its decode calls
         self.traffic = DriverTraffic()
+        try:
+            for i, rng in enumerate(split):
+                g = gpus / share if i == last else gpus
+                self.actors.append(ray.remote(StageActorBody).options(**self._slot(i, cpus, g)).remote(
+                    gen, parallel, rng, i, rendezvous))
+            for w in range(self.decode_workers):
+                slot, g, c = (last, gpus / (share * self.decode_workers), 0.0) if self.decode_shared else \
+                    (num_stages + w, gpus, cpus)
+                self.decoders.append(ray.remote(DecodeActorBody).options(**self._slot(slot, c, g)).remote(
+                    gen, parallel, w, rendezvous))
+            self._decoding = [deque() for _ in self.decoders]
+            self._split = list(self._get([a.ready.remote() for a in self.actors], timeout=120))
+            self._get([d.ready.remote() for d in self.decoders], timeout=120)
+            self._procs = self._get([a.locate.remote() for a in self.actors + self.decoders], timeout=30)
+        except BaseException:  # stages that failed to start: their actors, slots and rendezvous file go too
+            self.kill()
+            raise
 
     @property
     def max_inflight(self) -> int:

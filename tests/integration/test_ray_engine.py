@@ -12,6 +12,7 @@ import numpy as np
 from tests.engine_cases import STREAMS, assert_matches_reference, collect, gen_config, make_engine, ray_executor
 from workers.batch import OutputFormat
 from workers.config import GenerationConfig, ParallelConfig
+from workers.executor import StageFailure
 from workers.reference import ReferenceGenerator
 
 ray = pytest.importorskip("ray")
@@ -123,6 +124,20 @@ def test_four_stages_each_on_its_own_logical_gpu_equal_reference(local_ray):
         assert_matches_reference(cfg, got, renamed, 3)
     finally:
         ex.shutdown()
+
+
+def test_stages_that_fail_to_start_leave_no_slot_behind(local_ray, tmp_path):
+    """A pipeline whose stages die while starting (weights that cannot load) fails with StageFailure and gives
+    back the placement group it reserved: a rebuild or a replacement replica finds its slots free."""
+    def created():
+        return {gid for gid, g in ray.util.placement_group_table().items() if g["state"] == "CREATED"}
+
+    before = created()
+    cfg = GenerationConfig(model=TINY, model_path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(StageFailure) as err:
+        ray_executor(cfg, 2, gpus_per_stage=1)  # its own placement group: 2 bundles of 1 logical GPU
+    assert err.value.kind in ("died", "error")
+    assert created() == before  # removed: Ray ends the actors placed in it and frees its bundles
 
 
 @pytest.mark.parametrize("mode", ["sequential", "stream_batch"])
