@@ -45,19 +45,25 @@ def validate(req, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:
     max_frames = int(getattr(req, "max_frames", 0))  # a TransformConfig has none: until the input ends
     if max_frames > server.max_frames:
         raise _invalid("max_frames", f"exceeds {server.max_frames}")
-    try:
-        late = (LatePolicy.DROP, LatePolicy.DELIVER_FLAGGED)[int(req.late_policy)]
-    except (IndexError, ValueError):
-        raise _invalid("late_policy", f"unknown value {req.late_policy!r}") from None
-    try:
-        encoding = (Encoding.JPEG, Encoding.RAW_RGB)[int(req.encoding)]
-    except (IndexError, ValueError):
-        raise _invalid("encoding", f"unknown value {req.encoding!r}") from None
+    late = _enum_value("late_policy", req.late_policy, (LatePolicy.DROP, LatePolicy.DELIVER_FLAGGED))
+    encoding = _enum_value("encoding", req.encoding, (Encoding.JPEG, Encoding.RAW_RGB))
     quality = int(req.jpeg_quality) or 90
     if not (1 <= quality <= 100):
         raise _invalid("jpeg_quality", f"must be in [1, 100], got {req.jpeg_quality}")
     return StreamSpec(prompt, int(req.seed), width, height, fps, steps, budget_ms / 1000.0, late, max_frames,
                       encoding, quality)
+
+
+def _enum_value(field: str, value, members: tuple):
+    """The member a proto enum number names. proto3 enums are open (an unknown number, negative too, arrives as
+    is), so anything outside 0..len - 1 is refused rather than indexed from the end."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number < len(members):
+        raise _invalid(field, f"unknown value {value!r}")
+    return members[number]
 
 
 def validate_transform(cfg, server: ServerConfig, gen: GenerationConfig) -> StreamSpec:

@@ -85,22 +85,28 @@ class Service:
     async def _probe(self) -> None:
         """Readiness needs proof of real work: each replica runs a forward on all its stages every period.
         The service is SERVING while at least one replica passes; admission skips replicas that fail."""
-        server = self.cfg.server
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(server.probe_period_s)
+            await asyncio.sleep(self.cfg.server.probe_period_s)
             try:
-                hosts = [r for r in self.replicas if not r.broken]
-                results = await asyncio.gather(*(loop.run_in_executor(None, h.probe, server.probe_timeout_s)
-                                                 for h in hosts))
-                await self.servicer.set_ready(any(results))
+                await self._probe_once()
             except Exception:  # noqa: BLE001 - keep probing
                 log.exception("readiness probe failed")
 
-    async def _add_replica(self) -> None:
-        """Build a replica (actors, calibration: blocking, so off the event loop) and put it in service."""
+    async def _probe_once(self) -> None:
+        """Probe every replica that is not broken (a draining one still holds streams: a hung stage there is
+        found too); the service is ready when one in service passes: admission places nothing on the others."""
+        loop = asyncio.get_running_loop()
+        hosts = [r for r in self.replicas if not r.broken]
+        results = await asyncio.gather(*(loop.run_in_executor(None, h.probe, self.cfg.server.probe_timeout_s)
+                                         for h in hosts))
+        await self.servicer.set_ready(any(ok and h.in_service for h, ok in zip(hosts, results)))
+
+    async def _add_replica(self, counted: bool = False) -> None:
+        """Build a replica (actors, calibration: blocking, so off the event loop) and put it in service.
+        ``counted``: the caller already counted it as starting (``_launch``)."""
         index, self._next_index = self._next_index, self._next_index + 1
-        self._starting += 1
+        if not counted:
+            self._starting += 1
         self._count_replicas()
         loop = asyncio.get_running_loop()
         try:
@@ -123,7 +129,7 @@ class Service:
         would place it (re-cached from its checkpoint), or end it UNAVAILABLE. Runs on the thread that saw
         them leave (an engine thread, or the event loop)."""
         for record in records:
-            candidates = [r for r in self.replicas if r is not left and not r.draining and not r.broken]
+            candidates = [r for r in self.replicas if r is not left and r.in_service and r.healthy]
             decision = place(record.spec.fps, record.steps, candidates, self.cfg.server, record.spec.is_video)
             if decision is None:
                 self.metrics.stream_migrations.labels("failed").inc()
@@ -131,8 +137,9 @@ class Service:
                 continue
             target = candidates[decision.replica]
             target.adopt(record)
-            if self.servicer is not None:
-                self.servicer.rehome(record.stream_id, target)
+            if self.servicer is not None and not self.servicer.rehome(record.stream_id, target):
+                target.close(record.stream_id)  # it ended while it moved: its end closed it on the old replica
+                continue
             self.metrics.stream_migrations.labels("ok").inc()
 
     async def _tend_fleet(self) -> None:
@@ -155,8 +162,8 @@ class Service:
 
     async def _retire(self) -> None:
         """Shut down replicas with nothing left on them that are out of service (drained, or broken after
-        their streams were handed off)."""
-        for host in [r for r in self.replicas if r.draining and r.active() == 0]:
+        their streams were handed off or failed)."""
+        for host in [r for r in self.replicas if not r.in_service and r.active() == 0]:
             self.replicas.remove(host)
             await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
 
@@ -165,14 +172,20 @@ class Service:
         ``repair_period_s`` before the next try (no free slots: retrying at once only burns the cluster)."""
         auto = self.cfg.autoscaling
         floor = auto.min_replicas if auto else self.cfg.replicas
-        in_service = sum(not r.draining for r in self.replicas) + self._starting
+        in_service = sum(r.in_service for r in self.replicas) + self._starting
         if in_service < floor and loop_time() >= self._next_repair:
             log.warning("fleet: %d of %d replicas in service; starting a replacement", in_service, floor)
-            asyncio.create_task(self._start_replica(repair=True))
+            self._launch(repair=True)
+
+    def _launch(self, repair: bool = False) -> None:
+        """Start a replica in the background, counted as starting from now: the autoscaler's decision in the
+        same fleet step sees it (else both would start one for the same missing replica)."""
+        self._starting += 1
+        asyncio.create_task(self._start_replica(repair))
 
     async def _start_replica(self, repair: bool = False) -> None:
         try:
-            await self._add_replica()
+            await self._add_replica(counted=True)
         except Exception:  # noqa: BLE001 - e.g. no free slots within placement_timeout_s
             log.exception("could not start a replica")
             self._next_repair = loop_time() + self.cfg.repair_period_s
@@ -183,7 +196,7 @@ class Service:
             self.metrics.replica_repairs.labels("ok").inc()
 
     def _scale(self, policy: AutoscalePolicy, seen_refusals: int) -> int:
-        serving = [r for r in self.replicas if not r.draining]
+        serving = [r for r in self.replicas if r.in_service]
         refusals = self.servicer.capacity_refusals
         refused = refusals > seen_refusals
         cap = self.cfg.server.max_streams_per_replica  # the hard cap counts as load too
@@ -191,14 +204,14 @@ class Service:
         decision = policy.decide(loop_time(), loads, self._starting, refused)
         if decision.delta > 0:
             log.info("autoscaler: adding a replica (%d serving)", len(serving))
-            asyncio.create_task(self._start_replica())
+            self._launch()
         elif decision.delta < 0:
             log.info("autoscaler: draining replica %d", serving[decision.drain].index)
             serving[decision.drain].draining = True
         return refusals
 
     def _count_replicas(self) -> None:
-        draining = sum(r.draining for r in self.replicas)
+        draining = sum(not r.in_service for r in self.replicas)
         self.metrics.replicas.labels("serving").set(len(self.replicas) - draining)
         self.metrics.replicas.labels("draining").set(draining)
         self.metrics.replicas.labels("starting").set(self._starting)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,6 +25,9 @@ from orchestrator.types import Encoding, InputOutcome
 MAX_INPUT_SIDE = 4096
 QUEUE_CHUNKS = 3
 """The input queue holds this many chunks' worth of frames at most."""
+DECODE_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError,
+                 NotImplementedError, EOFError, struct.error)
+"""What PIL raises on malformed image bytes (its plugins use all of these)."""
 
 
 class InvalidFrame(ValueError):
@@ -49,12 +53,14 @@ def decode_frame(data: bytes, encoding: Encoding, width: int, height: int, out_w
             raise InvalidFrame(f"{len(data)} bytes, raw RGB {width}x{height} needs {width * height * 3}")
         image = Image.frombuffer("RGB", (width, height), data, "raw", "RGB", 0, 1)
     else:
-        try:
-            image = Image.open(io.BytesIO(data))
+        try:  # only the JPEG decoder sees client bytes: PIL's others (PPM, PNG, DDS, ...) are more attack surface
+            image = Image.open(io.BytesIO(data), formats=["JPEG"])
             if image.size != (width, height):
                 raise InvalidFrame(f"JPEG is {image.size[0]}x{image.size[1]}, the frame says {width}x{height}")
             image = image.convert("RGB")  # decodes (a truncated file fails here)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        except InvalidFrame:
+            raise
+        except DECODE_ERRORS as err:  # whatever the decoder raises on bad bytes is the client's bad frame
             raise InvalidFrame(f"not a decodable JPEG ({type(err).__name__})") from None
     scale = max(out_w / width, out_h / height)
     crop_w, crop_h = out_w / scale, out_h / scale
@@ -121,6 +127,17 @@ class Ingress:
         # the next chunk no sooner than its frames take at the stream's fps (a little slack for jitter)
         self.next_at = now + 0.9 * self.frames_needed() * self.interval
         return np.stack([frame for _, frame in chosen]), [meta for meta, _ in chosen]
+
+    def ready_at(self, now: float) -> float | None:
+        """When ``take`` will build a chunk from the frames already queued: ``next_at``, or ``now`` once that
+        has passed; None when it cannot without more frames (``offer``) or, its time past, without the engine
+        giving a chunk back (``delivered``). Callers take again after those, so None needs no timer."""
+        if len(self.queue) < self.frames_needed():
+            return None
+        at = now if self.next_at is None else max(self.next_at, now)
+        if at <= now and len(self._pending) >= self.max_pending:
+            return None
+        return at
 
     @property
     def pending(self) -> int:

@@ -42,7 +42,8 @@ class TenantQuotas:
 
     def started(self, tenant: str) -> None:
         self._active[tenant] = self._active.get(tenant, 0) + 1
-        self._starts.setdefault(tenant, deque()).append(self.clock.now())
+        if self.enforce:  # only check() reads the window, and prunes it: unchecked, it would only grow
+            self._starts.setdefault(tenant, deque()).append(self.clock.now())
 
     def ended(self, tenant: str) -> None:
         left = self._active.get(tenant, 0) - 1

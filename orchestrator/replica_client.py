@@ -176,7 +176,13 @@ class ReplicaClient(ABC):
     @property
     @abstractmethod
     def broken(self) -> bool:
-        """Its stages could not be rebuilt: out of service for good (its streams were moved)."""
+        """Its stages could not be rebuilt, or failed again and again: out of service for good."""
+
+    @property
+    def in_service(self) -> bool:
+        """Takes new and moved streams and counts toward the fleet's floor: neither draining nor broken (the
+        fleet retires it once its streams are gone, and starts a replacement)."""
+        return not self.draining and not self.broken
 
     @abstractmethod
     def max_streams(self, fps: float, steps: int, video: bool = False) -> int:

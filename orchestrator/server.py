@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -69,6 +71,14 @@ class LiveStream:
     video: VideoStream | None = None
     """Video-to-video: its input side (orchestrator/transform.py)."""
 
+    async def wait_resumed(self, ends_at: float, clock: Clock) -> None:
+        """Wait while the stream is paused: until it resumes or ends, or until ``ends_at`` (its maximum duration
+        applies paused too), when it ends MAX_DURATION."""
+        try:
+            await asyncio.wait_for(self.resumed.wait(), max(0.0, ends_at - clock.now()))
+        except asyncio.TimeoutError:
+            self.session.end(EndReason.MAX_DURATION)
+
 
 class StreamService(stream_pb2_grpc.StreamServiceServicer):
     def __init__(self, cfg: ServiceConfig, replicas: list[ReplicaClient], metrics: Metrics, health_servicer,
@@ -82,6 +92,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         self.admission = Admission(cfg.server, cfg.generation.sampler.chunk_frames)
         self.quotas = TenantQuotas(cfg.tenants, self.clock, cfg.server.retry_after_ms, enforce=tenants)
         self.streams: dict[str, LiveStream] = {}
+        self._moves = threading.Lock()  # a stream's end against its move to another replica (an engine thread)
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's (streams are opened on it)
         self.draining = False
         self._drained = asyncio.Event()
@@ -96,8 +107,8 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
     async def Generate(self, request, context):
         caller = current_caller()
         if request is MALFORMED:
-            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:malformed")
-            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
+            await self._reject(context, caller, Rejection.INVALID, "malformed", grpc.StatusCode.INTERNAL,
+                               "request could not be parsed")
         start = self.clock.now()
         live = await self._admit(context, caller, lambda: validate(request, self.cfg.server, self.cfg.generation),
                                  start)
@@ -123,13 +134,11 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         except StopAsyncIteration:
             first = None
         if first is MALFORMED:
-            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:malformed")
-            await abort(context, grpc.StatusCode.INTERNAL, "request could not be parsed")
+            await self._reject(context, caller, Rejection.INVALID, "malformed", grpc.StatusCode.INTERNAL,
+                               "request could not be parsed")
         if first is None or first.WhichOneof("kind") != "config":
-            self.metrics.stream_starts.labels("rejected").inc()
-            self.metrics.stream_rejections.labels(Rejection.INVALID.value).inc()
-            audit("stream_start", caller.request_id, caller.principal.tenant, "rejected:invalid")
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "first message must be config")
+            await self._reject(context, caller, Rejection.INVALID, Rejection.INVALID.value,
+                               grpc.StatusCode.INVALID_ARGUMENT, "first message must be config")
         live = await self._admit(context, caller, lambda: validate_transform(first.config, self.cfg.server,
                                                                              self.cfg.generation), start)
         video = live.video = VideoStream(self, live, context, self.cfg.generation.sampler.chunk_frames, MALFORMED,
@@ -149,8 +158,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             self._release(live, reason, start, caller)
         counts = tuple((f"input-{k.value.replace('_', '-')}", str(n)) for k, n in sorted(video.totals.items()))
         if video.ended is not None:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if video.ended.reason is EndReason.IDLE else \
-                grpc.StatusCode.INVALID_ARGUMENT
+            code = _READER_END_CODES.get(video.ended.reason, grpc.StatusCode.INVALID_ARGUMENT)
             await abort(context, code, video.ended.message, trailers=counts)
         await self._end_status(live, context, counts)
         context.set_trailing_metadata(counts)
@@ -160,21 +168,19 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         refusals abort the call (audited)."""
         tenant = caller.principal.tenant
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0.001:
-            audit("stream_start", caller.request_id, tenant, "rejected:deadline")
-            await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already expired")
+        if remaining is not None and remaining <= 0.001:  # no time left for any frame: the budget reason
+            await self._reject(context, caller, Rejection.BUDGET, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED,
+                               "deadline already expired")
         try:
             spec = make_spec()
             self.quotas.check(tenant)
-            serving = [r for r in self.replicas if not r.draining and r.healthy]
+            serving = [r for r in self.replicas if r.in_service and r.healthy]
             decision = self.admission.decide(spec, serving, self.draining)
         except RequestError as err:
             if err.reason is Rejection.CAPACITY:
                 self.capacity_refusals += 1
-            self.metrics.stream_starts.labels("rejected").inc()
-            self.metrics.stream_rejections.labels(err.reason.value).inc()
-            audit("stream_start", caller.request_id, tenant, f"rejected:{err.reason.value}")
-            await abort(context, STATUS[err.reason], err.message, err.retry_after_ms)
+            await self._reject(context, caller, err.reason, err.reason.value, STATUS[err.reason], err.message,
+                               err.retry_after_ms)
         self.quotas.started(tenant)
         self.metrics.stream_starts.labels("admitted").inc()
         stream_id = secrets.token_hex(16)  # 128 random bits: ids are not guessable (tenancy is checked anyway)
@@ -193,6 +199,15 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         replica.open(stream_id, spec, sink)
         return live
 
+    async def _reject(self, context, caller, reason: Rejection, outcome: str, code: grpc.StatusCode, message: str,
+                      retry_after_ms: int | None = None) -> NoReturn:
+        """A refused start, the one way: counted (a rejected start and its reason), audited as
+        ``rejected:<outcome>``, aborted with ``code``."""
+        self.metrics.stream_starts.labels("rejected").inc()
+        self.metrics.stream_rejections.labels(reason.value).inc()
+        audit("stream_start", caller.request_id, caller.principal.tenant, f"rejected:{outcome}")
+        await abort(context, code, message, retry_after_ms)
+
     def _cancelled(self, live: LiveStream, context) -> EndReason:
         # The client's deadline fires first: its cancel reaches us a moment before our own copy of it expires.
         remaining = context.time_remaining()
@@ -202,9 +217,11 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
     def _release(self, live: LiveStream, reason: EndReason, start: float, caller) -> None:
         """The stream's one end: its replica frees it, its quota, session, metrics and audit line record it."""
         session = live.session
-        live.replica.close(session.stream_id)
+        with self._moves:  # once it is out of the table, a move that comes after closes it on its new replica
+            self.streams.pop(session.stream_id, None)
+            replica = live.replica
+        replica.close(session.stream_id)
         session.end(reason)
-        self.streams.pop(session.stream_id, None)
         self.quotas.ended(live.tenant)
         self.metrics.streams_active.dec()
         self.metrics.streams_ended.labels(session.end_reason.value).inc()
@@ -252,10 +269,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
                 if session.done or session.state is State.ENDED:  # max_frames, or ended by drain / cancel
                     break
                 if session.state is State.PAUSED:  # output stops; the engine waits on its look-ahead bound
-                    try:
-                        await asyncio.wait_for(live.resumed.wait(), max(0.0, ends_at - self.clock.now()))
-                    except asyncio.TimeoutError:
-                        session.end(EndReason.MAX_DURATION)
+                    await live.wait_resumed(ends_at, self.clock)
                     if session.state is State.ENDED:
                         break
                     pacer.resume(slot, self.clock.now())
@@ -297,13 +311,17 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if session.done:
             session.end(EndReason.CLIENT_DONE)
 
-    def rehome(self, stream_id: str, replica: ReplicaClient) -> None:
-        """The stream now lives on ``replica`` (a migration); controls and close go there. Thread-safe."""
-        live = self.streams.get(stream_id)
-        if live is not None:
+    def rehome(self, stream_id: str, replica: ReplicaClient) -> bool:
+        """The stream now lives on ``replica`` (a migration); controls and close go there. Thread-safe. False
+        when the stream ended meanwhile: the caller closes it on ``replica``, which nothing else would."""
+        with self._moves:
+            live = self.streams.get(stream_id)
+            if live is None:
+                return False
             live.replica = replica
-            if live.video is not None:  # the chunks the old replica held will not come back
-                self._loop.call_soon_threadsafe(live.video.moved)
+        if live.video is not None:  # the chunks the old replica held will not come back
+            self._loop.call_soon_threadsafe(live.video.moved)
+        return True
 
     def _offer(self, live: LiveStream, item) -> None:
         """Put without blocking (on the loop). The engine's look-ahead bound keeps the queue from filling;
@@ -373,7 +391,7 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         steps = request.steps or self.cfg.generation.sampler.num_steps
         if fps <= 0 or fps != fps or not (1 <= steps <= MAX_STEPS):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "fps / steps out of range")
-        serving = [r for r in self.replicas if not r.draining and r.healthy]
+        serving = [r for r in self.replicas if r.in_service and r.healthy]
         video = bool(request.video)
         total = sum(min(r.max_streams(fps, steps, video), self.cfg.server.max_streams_per_replica) for r in serving)
         latency = min((r.predicted_chunk_latency(steps, video) for r in serving), default=0.0)
@@ -435,6 +453,11 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             except asyncio.TimeoutError:
                 log.warning("%d streams still open after drain", len(self.streams))
 
+
+_READER_END_CODES = {  # a Transform's reader ended it: idle input, a bug; otherwise bad input (INVALID_ARGUMENT)
+    EndReason.IDLE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    EndReason.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
 _END_MESSAGES = {
     EndReason.DRAIN: "server is draining; reconnect elsewhere",

@@ -6,7 +6,8 @@ requests (input frames into the ingress, controls, the half-close), the handler 
 
 Ends: the client half-closes (after the chunks in flight come back: OK), cancels, goes idle
 (DEADLINE_EXCEEDED, reason idle), sends ``max_invalid_frames`` unusable frames in a row or a second config
-(INVALID_ARGUMENT), or the server drains or loses the stream (UNAVAILABLE).
+(INVALID_ARGUMENT), the stream reaches its maximum duration, paused or not (DEADLINE_EXCEEDED), the server
+drains or loses the stream (UNAVAILABLE), or reading the requests fails unexpectedly (INTERNAL).
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ class VideoStream:
         nxt = None  # the pending read: kept across timeouts (cancelling a read would end the request stream)
         try:
             while session.state is not State.ENDED:
-                timeout = idle if self.ingress.next_at is None else \
-                    max(0.0, min(idle, self.ingress.next_at - self.service.clock.now()))
+                # Wake at the idle end, or sooner when the frames queued make a chunk at a known time; a chunk
+                # that waits for more frames (or, past its time, for the engine) needs no timer: a frame, or
+                # the frames loop after the engine gives a chunk back, feeds it.
+                wake = self._last_input_at + idle
+                chunk_at = self.ingress.ready_at(self.service.clock.now())
+                if chunk_at is not None:
+                    wake = min(wake, chunk_at)
                 nxt = nxt or asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({nxt}, timeout=max(timeout, 0.001))
+                done, _ = await asyncio.wait({nxt}, timeout=max(0.0, wake - self.service.clock.now()))
                 if not done:
                     if self.service.clock.now() - self._last_input_at >= idle:
                         return self._end(Ended(EndReason.IDLE, f"idle: no input frame for {idle:g} s"))
@@ -84,6 +90,9 @@ class VideoStream:
                 if self.invalid_run >= server.max_invalid_frames:
                     return self._end(Ended(EndReason.INVALID_INPUT,
                                            f"frame.data: {self.invalid_run} unusable frames in a row"))
+        except Exception:  # noqa: BLE001 - a bug: the stream ends INTERNAL (opaque), never as the client's OK end
+            log.error("stream %s: reading its requests failed", session.stream_id[:8], exc_info=True)
+            self._end(Ended(EndReason.INTERNAL, "internal error"))
         finally:
             if nxt is not None:
                 nxt.cancel()
@@ -152,8 +161,8 @@ class VideoStream:
                 self.live.resumed.set()
 
     def _end(self, ended: Ended) -> None:
-        self.ended = ended
-        self.live.session.end(ended.reason)
+        if self.live.session.end(ended.reason):  # the first end stands (a drain or cancel may have come first)
+            self.ended = ended
         self.live.resumed.set()
         self.service._offer(self.live, None)
 
@@ -214,7 +223,7 @@ class VideoStream:
                     metrics.frames.labels(FrameOutcome.DROPPED_STALE.value).inc()
                     continue
                 if session.state is State.PAUSED:
-                    await live.resumed.wait()
+                    await live.wait_resumed(ends_at, clock)
                 if session.state is State.ENDED:
                     return
                 placement = self.pacer.place(meta.arrival, max(item.ready_at, clock.now()))

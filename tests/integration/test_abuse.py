@@ -1,7 +1,9 @@
 """S-T8, S-T9, S5, S6: server-wide abuse limits, each a config key, each against a real server on 127.0.0.1:
 keepalive enforcement (GOAWAY too_many_pings), maximum_concurrent_rpcs (health still answers), the maximum
-stream duration, and message limits set from the frame size."""
+stream duration (Generate and Transform, paused too), and message limits set from the frame size."""
 
+import asyncio
+import itertools
 import time
 
 import grpc
@@ -9,8 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator.auth import HEALTH_RPCS
+from orchestrator.client import StreamgenClient
 from orchestrator.config import TenantQuota, TenantsConfig
 from protos.streamgen.v1 import stream_pb2
+from tests.integration.test_transform import clip
 from tests.secured import OWN_POOL, config, health, request, start, stub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -123,6 +127,36 @@ def test_a_stream_ends_deadline_exceeded_at_the_maximum_duration_even_paused():
                 assert "maximum duration" in err.value.details()
             assert 1.0 <= time.monotonic() - started < 5.0
         assert running.service.metrics.registry.get_sample_value(*ended) == 2
+    finally:
+        running.stop()
+
+
+def test_a_transform_ends_deadline_exceeded_at_the_maximum_duration_even_paused():
+    """The same for video-to-video: paused while its chunks still come back (input goes on, so it is not idle)."""
+    running = start(config(max_stream_duration_s=2.0))
+    ended = ("streamgen_streams_ended_total", {"reason": "max_duration"})
+
+    async def paused():
+        async with StreamgenClient(running.target) as client:
+            controls: asyncio.Queue = asyncio.Queue()
+            live = (image for _ in itertools.count() for image in clip(16))
+            call = client.transform(live, "a neon city", fps=16.0, encoding="raw_rgb", input_fps=16.0,
+                                    controls=controls, timeout=10)
+            got = 0
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    got += 1
+                    if got == 1:  # the rest of its chunk is still to go out
+                        await controls.put({"paused": True})
+            return err.value, got
+
+    try:
+        started = time.monotonic()
+        err, got = asyncio.run(paused())
+        assert got >= 1 and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "maximum duration" in err.details()
+        assert 2.0 <= time.monotonic() - started < 6.0
+        assert running.service.metrics.registry.get_sample_value(*ended) == 1
     finally:
         running.stop()
 

@@ -41,6 +41,7 @@ def test_defaults_fill_in():
     ("width", 16384), ("height", 16384), ("width", 48), ("height", 32),
     ("fps", float("nan")), ("fps", -1.0), ("fps", 0.0), ("fps", 1000.0), ("fps", float("inf")),
     ("steps", 9), ("max_frames", 10**9), ("late_policy", 7), ("encoding", 5), ("jpeg_quality", 101),
+    ("late_policy", -1), ("encoding", -1),  # proto3 enums carry unknown values, negative ones too
 ])
 def test_bad_fields_are_named(field, value):
     with pytest.raises(RequestError) as err:

@@ -3,6 +3,8 @@ fps, the bounded queue, order checks, every input frame's one outcome; the playo
 
 import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -99,6 +101,32 @@ def test_decode_crops_to_the_aspect_and_resizes():
                                  (b"", Encoding.RAW_RGB, 5000, 10, "size")]:
         with pytest.raises(InvalidFrame, match=why):
             decode_frame(data, enc, w, h, 48, 32)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_only_the_jpeg_decoder_sees_client_bytes_and_its_errors_are_invalid_frames():
+    """Client bytes that another PIL decoder would take (PPM, PNG, DDS) are refused, and no decoder error
+    escapes as anything but InvalidFrame (a ValueError, SyntaxError or NotImplementedError would end the
+    stream's reader)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 80, 200)).save(buf, format="PNG")
+    png = buf.getvalue()
+    at = png.index(b"IDAT")
+    idat = png[at + 4:at + 4 + struct.unpack(">I", png[at - 4:at])[0]]
+    broken_png = png[:at - 4] + _chunk(b"IDAT", idat[:len(idat) // 2]) + b"\0\0\0\4\0\1\2\3abcd\0\0\0\0"
+    dds = (b"DDS " + struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 4)
+           + b"XYZW" + bytes(104))
+    got = {}
+    for name, data in [("ppm", b"P6\n16 16\nxyz\n" + bytes(768)), ("broken png", broken_png), ("dds", dds),
+                       ("valid png", png)]:
+        try:
+            got[name] = decode_frame(data, Encoding.JPEG, 16, 16, 8, 8).shape
+        except InvalidFrame as err:
+            got[name] = str(err).split(" (")[0]
+    assert got == dict.fromkeys(got, "not a decodable JPEG")
 
 
 def test_playout_keeps_the_input_cadence_and_judges_each_frame_against_its_arrival():

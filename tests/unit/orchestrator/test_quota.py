@@ -60,6 +60,17 @@ def test_an_open_server_enforces_no_tenant_quota():
     assert q.active("") == 5
 
 
+def test_an_open_server_keeps_no_growing_record_of_starts():
+    """Nothing prunes the start window when quotas are off (check returns early): starts are not recorded."""
+    tenants = TenantsConfig(default=TenantQuota(max_streams=1, starts_per_minute=1))
+    q = TenantQuotas(tenants, FakeClock(), retry_after_ms=1000, enforce=False)
+    for _ in range(1000):
+        q.check("")
+        q.started("")
+        q.ended("")
+    assert len(q._starts.get("", ())) <= 1 and q.active("") == 0
+
+
 def test_the_rate_window_keeps_at_most_the_quota():
     clock = FakeClock()
     q = quotas(clock)

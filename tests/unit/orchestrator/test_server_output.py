@@ -1,14 +1,21 @@
-"""Generate driven with a fake replica and a fake gRPC context: what overflows a stream's output queue is
-counted and gives its look-ahead slot back; a stream closed at its ``yield`` ends for the caller's reason.
-GetCapacity answers for the stream kind asked."""
+"""Generate and Transform driven with a fake replica and a fake gRPC context: what overflows a stream's output
+queue is counted and gives its look-ahead slot back; a stream closed at its ``yield`` ends for the caller's reason;
+every refused start is counted; a Transform whose request reader fails ends INTERNAL, and one waiting for input
+does not poll. GetCapacity answers for the stream kind asked."""
 
 import asyncio
+import logging
 
+import grpc
+import numpy as np
 import pytest
 
+from orchestrator import transform
 from orchestrator.auth import _CALLER, Caller
+from orchestrator.client import encode_input
+from orchestrator.clock import FakeClock
 from orchestrator.metrics import Metrics
-from orchestrator.server import StreamService
+from orchestrator.server import MALFORMED, StreamService
 from protos.streamgen.v1 import stream_pb2
 from tests.integration.test_server import service_config
 from orchestrator.tokens import OPEN
@@ -16,10 +23,11 @@ from workers.core_messages import FrameBatch
 
 
 class FakeReplica:
-    index, draining, healthy, broken = 0, False, True, False
+    index, draining, healthy, broken, in_service = 0, False, True, False, True
 
     def __init__(self):
         self.sinks, self.consumed_calls = {}, 0
+        self.pushed: list[int] = []  # video-to-video: each input chunk's frame count
 
     def open(self, stream_id, spec, *rest):  # the sink is the last argument
         self.sinks[stream_id] = rest[-1]
@@ -34,6 +42,12 @@ class FakeReplica:
         pass
 
     def set_steps(self, stream_id, steps):
+        pass
+
+    def push_input(self, stream_id, frames, metas, due):
+        self.pushed.append(len(metas))
+
+    def end_input(self, stream_id):
         pass
 
     def max_streams(self, fps, steps, video=False):
@@ -134,6 +148,142 @@ def test_a_stream_closed_at_its_yield_ends_as_the_callers_cancel_or_deadline(rem
     ended, sinks, streams = asyncio.run(run())
     assert ended[reason] == 1 and ended["internal"] in (None, 0.0)
     assert not sinks and not streams
+
+
+def rejected(metrics, reason: str) -> tuple[float, float]:
+    return (metrics.registry.get_sample_value("streamgen_stream_starts_total", {"result": "rejected"}),
+            metrics.registry.get_sample_value("streamgen_stream_rejections_total", {"reason": reason}))
+
+
+async def one(*items):
+    for item in items:
+        yield item
+
+
+@pytest.mark.parametrize("how, reason, code", [
+    ("generate_malformed", "invalid", grpc.StatusCode.INTERNAL),
+    ("transform_malformed", "invalid", grpc.StatusCode.INTERNAL),
+    ("deadline_expired", "budget", grpc.StatusCode.DEADLINE_EXCEEDED)])
+def test_every_refused_start_is_counted(how, reason, code):
+    """Each refusal is a rejected start with a reason (RELIABILITY R14: the reason counters add up to the
+    refused calls), not only an audit line."""
+    _CALLER.set(Caller(OPEN, "test"))
+    metrics, replica = Metrics(), FakeReplica()
+    service = StreamService(service_config(), [replica], metrics, health_servicer=None)
+    call = {"generate_malformed": lambda: service.Generate(MALFORMED, FakeContext()),
+            "transform_malformed": lambda: service.Transform(one(MALFORMED), FakeContext()),
+            "deadline_expired": lambda: service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0),
+                                                         DeadlineContext(0.0))}[how]()
+    with pytest.raises(RuntimeError) as err:  # FakeContext.abort
+        asyncio.run(call.__anext__())
+    assert str(err.value).startswith(str(code)) and not replica.sinks
+    assert rejected(metrics, reason) == (1.0, 1.0)
+
+
+def frame_request(index: int) -> stream_pb2.TransformRequest:
+    return stream_pb2.TransformRequest(frame=encode_input(np.zeros((8, 8, 3), np.uint8), index, 0, "raw_rgb"))
+
+
+async def open_transform(context, clock=None) -> tuple:
+    """A service over one FakeReplica and one Transform call on it, its first frame asked for: (service, metrics,
+    replica, the call, the pending first frame, the stream's VideoStream, the queue its requests come from)."""
+    _CALLER.set(Caller(OPEN, "test"))
+    metrics, replica = Metrics(), FakeReplica()
+    service = StreamService(service_config(), [replica], metrics, health_servicer=None, clock=clock)
+    requests: asyncio.Queue = asyncio.Queue()
+
+    async def request_stream():
+        yield stream_pb2.TransformRequest(config=stream_pb2.TransformConfig(prompt="a fox", fps=16.0,
+                                                                            encoding=stream_pb2.RAW_RGB))
+        while True:
+            yield await requests.get()
+
+    call = service.Transform(request_stream(), context)
+    first = asyncio.ensure_future(call.__anext__())
+    for _ in range(1000):
+        if replica.sinks or first.done():
+            break
+        await asyncio.sleep(0)
+    assert replica.sinks, first
+    (live,) = service.streams.values()
+    return service, metrics, replica, call, first, live.video, requests
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.005)):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+async def close(call, first) -> None:
+    first.cancel()
+    try:
+        await first
+    except (asyncio.CancelledError, StopAsyncIteration):
+        pass
+    await call.aclose()
+
+
+def test_a_transform_whose_request_reader_fails_ends_internal_not_ok(monkeypatch, caplog):
+    """An unexpected error reading the requests (a bug) ends the stream INTERNAL with an opaque message, logged
+    with its traceback; it is never the client's clean end (OK, client_done)."""
+    def broken(*args):
+        raise RuntimeError("a bug in decoding")
+
+    monkeypatch.setattr(transform, "decode_frame", broken)
+
+    async def run():
+        service, metrics, replica, call, first, video, requests = await open_transform(FakeContext())
+        await requests.put(frame_request(0))
+        try:
+            await asyncio.wait_for(first, 5.0)
+            status = "a frame"
+        except StopAsyncIteration:  # the call ended without an error
+            status = "OK"
+        except RuntimeError as err:  # FakeContext.abort
+            status = str(err)
+        ended = {r: metrics.registry.get_sample_value("streamgen_streams_ended_total", {"reason": r})
+                 for r in ("internal", "client_done")}
+        return status, ended, service.streams
+
+    with caplog.at_level(logging.ERROR, logger="streamgen.transform"):
+        status, ended, streams = asyncio.run(run())
+    assert status == f"{grpc.StatusCode.INTERNAL}: internal error"
+    assert ended == {"internal": 1.0, "client_done": 0.0} and not streams
+    assert [r.exc_info[0] for r in caplog.records] == [RuntimeError]
+
+
+def test_a_transform_past_its_next_chunk_time_but_short_of_frames_does_not_poll():
+    """The next chunk's earliest time has passed but too few frames are queued for it: only a new frame (or the
+    idle timeout) can change that, so the reader waits for one instead of waking every millisecond."""
+    clock = FakeClock()
+
+    async def run():
+        service, metrics, replica, call, first, video, requests = await open_transform(FakeContext(), clock)
+        for i in range(9):  # the first chunk: 1 + 4 (3 - 1) frames
+            await requests.put(frame_request(i))
+        await until(lambda: replica.pushed == [9])
+        clock.advance(1.0)  # past the next chunk's earliest time (0.9 of its 12 frames at 16 fps)
+        await requests.put(frame_request(9))  # 1 of the 12 it needs
+        await until(lambda: video.ingress.last_index == 9)
+        feeds = 0
+        feed = video._feed
+
+        def counted():
+            nonlocal feeds
+            feeds += 1
+            feed()
+
+        video._feed = counted
+        await asyncio.sleep(0.3)
+        await close(call, first)
+        return feeds, replica.pushed
+
+    feeds, pushed = asyncio.run(run())
+    assert feeds <= 2, f"{feeds} feeds in 0.3 s with nothing new to build"
+    assert pushed == [9]
 
 
 class VideoPricedReplica(FakeReplica):
