@@ -160,9 +160,7 @@ class Admission:
         if not replicas:
             raise RequestError(Rejection.DRAINING, "no pipeline replica is ready", self.server.retry_after_ms)
         video = spec.is_video
-        latency = min(r.predicted_chunk_latency(spec.steps, video) for r in replicas)
-        if video:  # an output frame also waits for its chunk's input frames to arrive
-            latency += input_buffering_s(spec.fps, self.chunk_frames)
+        latency = self._latency(spec, spec.steps, replicas)
         if latency > spec.latency_budget_s:
             raise RequestError(Rejection.BUDGET, f"latency_budget_ms: {spec.latency_budget_s * 1e3:.0f} ms is below "
                                                  f"the pipeline's {latency * 1e3:.0f} ms per chunk")
@@ -173,3 +171,23 @@ class Admission:
                                                      f"{spec.steps} steps")
             raise RequestError(Rejection.CAPACITY, "no capacity: try again later", self.server.retry_after_ms)
         return decision
+
+    def check_steps(self, spec: StreamSpec, steps: int, replica: ReplicaView, share: float) -> None:
+        """A running stream asks for ``steps``: the admission rules, on the replica that holds it, where its share
+        is ``share`` now. Refused (RequestError) when a chunk at those steps would take longer than the stream's
+        latency budget, or when its larger share would take the replica past ``admission_headroom`` (fewer
+        steps are always taken)."""
+        latency = self._latency(spec, steps, [replica])
+        if latency > spec.latency_budget_s:
+            raise RequestError(Rejection.BUDGET, f"steps: {steps} take {latency * 1e3:.0f} ms per chunk, over the "
+                                                 f"stream's latency budget of {spec.latency_budget_s * 1e3:.0f} ms")
+        new = stream_share(replica, spec.fps, steps, spec.is_video)
+        if new > share and replica.load() - share + new > self.server.admission_headroom + 1e-9:
+            raise RequestError(Rejection.CAPACITY, f"steps: no capacity for {steps} steps on this stream's pipeline",
+                               self.server.retry_after_ms)
+
+    def _latency(self, spec: StreamSpec, steps: int, replicas: list[ReplicaView]) -> float:
+        """The fastest of ``replicas``' chunk latency at ``steps``; a video stream's output frame also waits for
+        its chunk's input frames to arrive."""
+        latency = min(r.predicted_chunk_latency(steps, spec.is_video) for r in replicas)
+        return latency + (input_buffering_s(spec.fps, self.chunk_frames) if spec.is_video else 0.0)

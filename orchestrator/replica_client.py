@@ -156,6 +156,12 @@ class ReplicaClient(ABC):
         with self._changed:
             return stream_id in self._streams
 
+    def share(self, stream_id: str) -> float:
+        """The stream's admission load here (0 when it does not live here)."""
+        with self._changed:
+            record = self._streams.get(stream_id)
+            return record.load if record is not None else 0.0
+
     def load(self) -> float:
         """Admission load: sum over its streams of 1 / max_streams(their fps, steps, kind)."""
         with self._changed:

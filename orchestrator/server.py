@@ -311,6 +311,13 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
         if session.done:
             session.end(EndReason.CLIENT_DONE)
 
+    def check_steps(self, live: LiveStream, steps: int) -> None:
+        """A steps change: in range, and admitted where the stream runs (its latency budget, its replica's
+        headroom); raises RequestError."""
+        validate_steps(steps)
+        replica = live.replica
+        self.admission.check_steps(live.session.spec, steps, replica, replica.share(live.session.stream_id))
+
     def rehome(self, stream_id: str, replica: ReplicaClient) -> bool:
         """The stream now lives on ``replica`` (a migration); controls and close go there. Thread-safe. False
         when the stream ended meanwhile: the caller closes it on ``replica``, which nothing else would."""
@@ -367,9 +374,9 @@ class StreamService(stream_pb2_grpc.StreamServiceServicer):
             if request.HasField("prompt"):
                 validate_prompt(request.prompt, self.cfg.server)
             if request.HasField("steps"):
-                validate_steps(request.steps)
+                self.check_steps(live, request.steps)
         except RequestError as err:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
+            await abort(context, STATUS[err.reason], err.message, err.retry_after_ms)
         if request.HasField("prompt"):
             session.prompt_revision += 1
             live.replica.set_prompt(request.stream_id, request.prompt)

@@ -5,7 +5,8 @@ requests (input frames into the ingress, controls, the half-close), the handler 
     chunks in the engine) ... FrameBatch -> PlayoutPacer (due at input arrival + budget) -> Frame messages
 
 Ends: the client half-closes (after the chunks in flight come back: OK), cancels, goes idle
-(DEADLINE_EXCEEDED, reason idle), sends ``max_invalid_frames`` unusable frames in a row or a second config
+(DEADLINE_EXCEEDED, reason idle), sends ``max_invalid_frames`` unusable frames in a row, a second config or a
+control it cannot take (a bad value, or more steps than its pipeline has room or latency budget for)
 (INVALID_ARGUMENT), the stream reaches its maximum duration, paused or not (DEADLINE_EXCEEDED), the server
 drains or loses the stream (UNAVAILABLE), or reading the requests fails unexpectedly (INTERNAL).
 """
@@ -16,7 +17,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from orchestrator.admission import validate_prompt, validate_steps
+from orchestrator.admission import validate_prompt
 from orchestrator.deadline import PlayoutPacer
 from orchestrator.ingress import Ingress, InputMeta, InvalidFrame, decode_frame
 from orchestrator.session import State
@@ -140,7 +141,7 @@ class VideoStream:
             if control.HasField("prompt"):
                 validate_prompt(control.prompt, self.service.cfg.server)
             if control.HasField("steps"):
-                validate_steps(control.steps)
+                self.service.check_steps(self.live, control.steps)
             if control.HasField("noise_scale") and not 0 < control.noise_scale <= 1:
                 raise RequestError(Rejection.INVALID, "noise_scale: must be in (0, 1]")
         except RequestError as err:

@@ -305,3 +305,57 @@ def test_get_capacity_answers_for_the_stream_kind_asked():
     cap = service.cfg.server.max_streams_per_replica
     assert text.streams_max == 2 * min(3, cap) and text.predicted_chunk_latency_s == pytest.approx(0.01)
     assert video.streams_max == 2 and video.predicted_chunk_latency_s == pytest.approx(0.05)
+
+
+class StepsPricedReplica(FakeReplica):
+    """Sustains 4 streams at 1 step, 1 at 8; its load follows the steps of the streams it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: dict[str, int] = {}
+
+    def open(self, stream_id, spec, *rest):
+        super().open(stream_id, spec, *rest)
+        self.steps[stream_id] = spec.steps
+
+    def set_steps(self, stream_id, steps):
+        self.steps[stream_id] = steps
+
+    def max_streams(self, fps, steps, video=False):
+        return 4 if steps <= 1 else 1
+
+    def share(self, stream_id):
+        return 1 / self.max_streams(16.0, self.steps[stream_id])
+
+    def load(self):
+        return sum(1 / self.max_streams(16.0, s) for s in self.steps.values())
+
+
+def test_a_steps_change_is_admitted_like_a_start():
+    """More steps than the stream's replica has room for are refused (RESOURCE_EXHAUSTED) and change nothing;
+    fewer are taken."""
+    _CALLER.set(Caller(OPEN, "test"))
+    replica = StepsPricedReplica()
+    service = StreamService(service_config(), [replica], Metrics(), health_servicer=None)
+
+    async def run():
+        calls = [service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0, steps=1), FakeContext())
+                 for _ in range(2)]
+        pending = [asyncio.ensure_future(c.__anext__()) for c in calls]
+        for _ in range(1000):
+            if len(replica.sinks) == 2:
+                break
+            await asyncio.sleep(0)
+        sid = next(iter(replica.sinks))
+        with pytest.raises(RuntimeError) as err:  # 0.25 + 1.0 > the 0.9 headroom
+            await service.Control(stream_pb2.ControlRequest(stream_id=sid, steps=8), FakeContext())
+        refused = str(err.value)
+        steps_after_refusal = dict(replica.steps)
+        await service.Control(stream_pb2.ControlRequest(stream_id=sid, steps=1), FakeContext())
+        for call, first in zip(calls, pending):
+            await close(call, first)
+        return refused, steps_after_refusal
+
+    refused, steps = asyncio.run(run())
+    assert refused.startswith(str(grpc.StatusCode.RESOURCE_EXHAUSTED)) and "steps" in refused
+    assert set(steps.values()) == {1}
