@@ -63,6 +63,7 @@ class WebServer:
                         for name in ASSETS}
         self._runner: web.AppRunner | None = None
         self._reload: asyncio.Task | None = None
+        self._current_tls: ssl.SSLContext | None = None  # what a new connection's handshake uses
         self._channel: grpc.aio.Channel | None = None
         self._loopback = is_loopback(cfg.server.web_listen)
 
@@ -84,11 +85,13 @@ class WebServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         host, _, port = self.cfg.server.web_listen.rpartition(":")
-        context = self._tls()
+        context = self._current_tls = self._tls()
+        if context is not None:
+            context.sni_callback = self._handshake  # called for every ClientHello, SNI or not
         site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=context)
         await site.start()
         if context is not None:
-            self._reload = asyncio.create_task(self._reload_tls(context))
+            self._reload = asyncio.create_task(self._reload_tls())
         self.port = self._runner.addresses[0][1]
         log.info("browser page on %s", self.address)
         return self
@@ -116,9 +119,15 @@ class WebServer:
             stamps.append(st and (st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(stamps)
 
-    async def _reload_tls(self, context: ssl.SSLContext) -> None:
-        """Rotated files go into the live context (new handshakes use them; open pages keep theirs), as the gRPC
-        port reloads its own; files that do not load keep the current certificate in service."""
+    def _handshake(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        """Each new connection takes the context loaded last: a whole new one per rotation, because a context's
+        trust store only grows (loading a rotated client CA into it would keep trusting the old one)."""
+        if self._current_tls is not context:
+            connection.context = self._current_tls
+
+    async def _reload_tls(self) -> None:
+        """Rotated files become a new context for new handshakes (open pages keep theirs), as the gRPC port
+        reloads its own; files that do not load keep the current certificate in service."""
         stamp = self._tls_files()
         while True:
             await asyncio.sleep(TLS_CHECK_S)
@@ -126,9 +135,7 @@ class WebServer:
             if now == stamp:
                 continue
             try:
-                context.load_cert_chain(self.cfg.server.tls_cert, self.cfg.server.tls_key)
-                if self.cfg.server.tls_client_ca:
-                    context.load_verify_locations(self.cfg.server.tls_client_ca)
+                self._current_tls = self._tls()
             except (OSError, ssl.SSLError):
                 log.warning("the page's TLS files changed but cannot be used yet; keeping the current certificate")
                 continue

@@ -320,6 +320,38 @@ def test_the_endpoint_binds_loopback_unless_tls_and_then_serves_https(tmp_path):
         running.stop()
 
 
+def test_a_rotated_client_ca_replaces_the_old_one_on_the_page(tmp_path):
+    """Mutual TLS on the page: once the client CA file is rotated, certificates of the new CA are let in and
+    those of the old one are refused (a context's trust store only grows: each rotation is a new context)."""
+    server_ca, old_ca = CA(tmp_path, "server-ca"), CA(tmp_path, "clients-old")
+    leaf, client_ca_file = server_ca.issue("server"), tmp_path / "client-ca.crt"
+    client_ca_file.write_bytes(old_ca.pem.read_bytes())
+    old_client = old_ca.issue("old-client", server=False)
+    running = start(web_config(tls_cert=str(leaf.cert), tls_key=str(leaf.key), tls_client_ca=str(client_ca_file)))
+    try:
+        address = running.service.web.address
+
+        async def status(client) -> int | None:
+            trust = ssl.create_default_context(cafile=str(server_ca.pem))
+            trust.load_cert_chain(str(client.cert), str(client.key))
+            try:
+                async with aiohttp.ClientSession() as session, session.get(address, ssl=trust) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return None
+
+        assert asyncio.run(status(old_client)) == 200
+        new_ca = CA(tmp_path, "clients-new")
+        new_client = new_ca.issue("new-client", server=False)
+        rotated = tmp_path / "client-ca.new"
+        rotated.write_bytes(new_ca.pem.read_bytes())
+        rotated.rename(client_ca_file)
+        assert wait_for(lambda: asyncio.run(status(new_client)) == 200, 6.0, period=0.5)
+        assert asyncio.run(status(old_client)) is None
+    finally:
+        running.stop()
+
+
 def test_streamgen_serve_web_listen_prints_the_page_and_serves_it():
     import re
     import urllib.request
