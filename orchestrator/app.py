@@ -166,6 +166,7 @@ class Service:
         for host in [r for r in self.replicas if not r.in_service and r.active() == 0]:
             self.replicas.remove(host)
             await asyncio.get_running_loop().run_in_executor(None, host.shutdown)
+            self.metrics.forget_replica(host.index)
 
     def _repair(self) -> None:
         """Start a replacement while fewer replicas serve than the floor; after a failed start, wait

@@ -154,6 +154,15 @@ class Metrics:
         self.stage_microbatches_inflight.labels(str(replica)).set(stats.inflight)
         self.stage_queue_depth.labels(str(replica)).set(stats.inflight)
 
+    def forget_replica(self, replica: int) -> None:
+        """A retired replica's own series go (replica indices are never reused: kept, they would only pile up
+        and report its last value)."""
+        for gauge in (self.stage_microbatches_inflight, self.stage_queue_depth):
+            try:
+                gauge.remove(str(replica))
+            except KeyError:  # it never reported
+                pass
+
     def observe_stage_stats(self, stats) -> None:
         for s in stats:
             stage = str(s.stage)

@@ -13,6 +13,7 @@ from orchestrator.replica_client import StreamRecord
 from orchestrator.server import StreamService
 from tests.integration.test_server import service_config
 from tests.unit.orchestrator.test_replica_client import FakeClient, spec
+from workers.core_messages import CoreStats
 
 
 class Replica(FakeClient):
@@ -55,6 +56,7 @@ def test_a_broken_replica_with_no_streams_is_retired_and_replaced():
     broken = Replica(broken=True)
     svc, started = service([broken])
     assert not broken.in_service
+    svc.metrics.export_core_stats(CoreStats(inflight=2), broken.index)
 
     async def step():
         await svc._retire()
@@ -63,6 +65,8 @@ def test_a_broken_replica_with_no_streams_is_retired_and_replaced():
 
     asyncio.run(step())
     assert broken.shut and broken not in svc.replicas
+    for name in ("streamgen_stage_microbatches_inflight", "streamgen_stage_queue_depth"):  # its series went too
+        assert svc.metrics.registry.get_sample_value(name, {"replica": "0"}) is None
     assert started == [True] and len(svc.replicas) == 1 and svc._starting == 0
 
 
