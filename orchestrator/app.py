@@ -43,6 +43,8 @@ class Service:
         self._ray_started = False
         self._next_index = 0
         self._starting = 0
+        self._start_tasks: set[asyncio.Task] = set()  # replicas being built in the background (_launch)
+        self._stopping = False
         self._fleet: asyncio.Task | None = None
         self._next_repair = 0.0  # loop time before which no replacement replica is started
         self._prober: asyncio.Task | None = None
@@ -120,6 +122,9 @@ class Service:
                 host = await loop.run_in_executor(None, LocalReplicaClient, self.cfg, self.metrics, index)
         finally:
             self._starting -= 1
+        if self._stopping:  # the service stopped while this one was built: it never serves
+            await loop.run_in_executor(None, host.shutdown)
+            return
         host.rehome = self._rehome
         self.replicas.append(host)
         self._count_replicas()
@@ -182,7 +187,9 @@ class Service:
         """Start a replica in the background, counted as starting from now: the autoscaler's decision in the
         same fleet step sees it (else both would start one for the same missing replica)."""
         self._starting += 1
-        asyncio.create_task(self._start_replica(repair))
+        task = asyncio.create_task(self._start_replica(repair))
+        self._start_tasks.add(task)  # stop() waits for it: a replica built meanwhile is shut down, not leaked
+        task.add_done_callback(self._start_tasks.discard)
 
     async def _start_replica(self, repair: bool = False) -> None:
         try:
@@ -244,6 +251,7 @@ class Service:
             if task is not None:
                 task.cancel()
         self._fleet = self._prober = None
+        self._stopping = True
         if self.servicer is not None:
             await self.servicer.drain(self.cfg.server.drain_timeout_s if drain_timeout is None else drain_timeout)
         if self.web is not None:  # after the drain: pages saw their streams end with its status
@@ -255,6 +263,7 @@ class Service:
             await self._health_server.stop(grace=None)
             self._health_server = None
         loop = asyncio.get_running_loop()
+        await asyncio.gather(*self._start_tasks, return_exceptions=True)  # each shuts down what it built
         await asyncio.gather(*(loop.run_in_executor(None, host.shutdown) for host in self.replicas))
         self.replicas.clear()
         if self._metrics_server is not None:

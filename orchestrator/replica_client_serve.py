@@ -38,8 +38,12 @@ class ServeReplicaClient(ReplicaClient):
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_loss = -1e9
         self._deploy(cfg.parallel.placement_timeout_s)
-        self.handle = serve.get_app_handle(self.app)
-        self._status: CoreStatus = self.handle.status.remote().result(timeout_s=60)
+        try:
+            self.handle = serve.get_app_handle(self.app)
+            self._status: CoreStatus = self.handle.status.remote().result(timeout_s=60)
+        except BaseException:  # deployed but not answering: nobody else would delete it (and free its slots)
+            serve.delete(self.app)
+            raise
 
     def _deploy(self, timeout_s: float) -> None:
         """serve.run waits until the application runs, without a bound: run it on a thread and give up

@@ -1,9 +1,10 @@
 """The fleet loop over fake replicas: what is out of service (draining or broken) is retired once empty and
-replaced, starts are counted from the moment they are decided, readiness and moved streams count only
-replicas in service."""
+replaced, starts are counted from the moment they are decided and finished (or shut down) before the service
+stops, readiness and moved streams count only replicas in service."""
 
 import asyncio
 import dataclasses
+import threading
 from types import SimpleNamespace
 
 from orchestrator.app import Service
@@ -124,3 +125,32 @@ def test_a_stream_that_ends_while_it_moves_is_not_left_on_its_new_replica():
     record = StreamRecord("s", spec(), lambda item: None, 0.25, "a fox", steps=4)
     svc._rehome(source, [record])
     assert not target.holds("s") and target.active() == 0
+
+
+def test_a_replica_still_being_built_when_the_service_stops_is_shut_down(monkeypatch):
+    """A replacement still starting when the service stops (SIGTERM during a repair): stop waits for it and
+    shuts it down; it is never left running (with Serve, an application holding the cluster's slots)."""
+    from orchestrator import replica_client_local
+
+    building, release, made = threading.Event(), threading.Event(), []
+
+    class Slow(Replica):
+        def __init__(self, cfg, metrics, index):
+            super().__init__()
+            made.append(self)
+            building.set()
+            release.wait(10)
+
+    monkeypatch.setattr(replica_client_local, "LocalReplicaClient", Slow)
+    svc = Service(dataclasses.replace(service_config(), replicas=1))
+
+    async def run():
+        svc._launch(repair=True)
+        await asyncio.get_running_loop().run_in_executor(None, building.wait, 10)
+        stopping = asyncio.create_task(svc.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await stopping
+
+    asyncio.run(run())
+    assert made and made[0].shut and not svc.replicas
