@@ -1,7 +1,8 @@
 """Pipeline scaling on CPU: the engine on Ray stage actors (gloo between them), `small` model, one torch
 thread per stage, P=1 and P=2 measured in one run.
 
-Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state; DiT only, no decode):
+Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state: every case leaves its first
+``--warmup`` chunks per stream out, while the KV caches fill; DiT only, no decode):
 * one stream, stream_batch, P=2 vs P=1, with the same ``--lanes`` for both P (identical sampling
   semantics; default 2, the fewest that keep 2 stages busy);
 * four streams, sequential, P=2 vs P=1;
@@ -83,7 +84,7 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
     measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
             "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned, "kept_heaps": kept_heaps,
-            "steps": len(steps), "chunks_measured": measured, "chunks_per_s": chunks_per_s,
+            "steps": len(steps), "warmup_chunks": warmup, "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
 
@@ -110,6 +111,9 @@ def main() -> None:
     parser.add_argument("--ring-ceiling", action="store_true",
                         help="also measure the sequential case's stages in a bare gloo ring each repeat (ring_ceiling.py)")
     args = parser.parse_args()
+    if args.warmup < 1 or args.chunks < 2:
+        parser.error("--warmup must be at least 1 and --chunks at least 2 (a rate is measured between chunks after "
+                     "the warm-up)")
     torch.set_num_threads(1)
     steps4 = STEPS4
     start_local_ray(num_cpus=2)
@@ -119,10 +123,10 @@ def main() -> None:
     cases = {  # name -> (stages, mode, lanes, streams, chunks, warm-up, pin cores)
         "stream_batch_P1": (1, "stream_batch", args.lanes, 1, args.chunks, args.warmup, pin),
         "stream_batch_P2": (2, "stream_batch", args.lanes, 1, args.chunks, args.warmup, pin),
-        "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), 1, pin),
-        "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), 1, pin),
+        "sequential4_P1": (1, "sequential", 1, 4, max(4, args.chunks // 2), args.warmup, pin),
+        "sequential4_P2": (2, "sequential", 1, 4, max(4, args.chunks // 2), args.warmup, pin),
         "stream_batch_lanes1_P1": (1, "stream_batch", 1, 1, args.chunks, args.warmup, pin),
-        "sequential1_P1": (1, "sequential", 1, 1, max(4, args.chunks // 2), 1, pin),
+        "sequential1_P1": (1, "sequential", 1, 1, max(4, args.chunks // 2), args.warmup, pin),
     }
     if args.compare_pinning:
         cases["stream_batch_P2_other_pinning"] = cases["stream_batch_P2"][:-1] + (other,)

@@ -166,8 +166,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=40, help="P=2 micro-batches left out of the rate")
     parser.add_argument("--repeats", type=int, default=3, help="P=1/P=2 pairs; the median ratio counts")
     args = parser.parse_args()
-    if not 2 <= args.warmup + 2 <= args.ticks:
-        parser.error("--warmup must leave at least 2 of --ticks")
+    if not 1 <= args.warmup <= args.ticks - 2:
+        parser.error("--warmup must be at least 1 and leave at least 2 of --ticks (a rate is measured between ticks "
+                     "after it)")
     runs = []
     for rep in range(args.repeats):
         runs.append(measure(args.model, args.streams_per_mb, args.ticks, args.warmup))
