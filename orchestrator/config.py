@@ -196,8 +196,8 @@ class AutoscalingConfig:
     """Load must stay above target this long before a replica is added."""
     downscale_delay_s: Annotated[float, Field(ge=0, le=86400)] = 10.0
     """Load must stay below target this long before a replica is drained."""
-    period_s: Annotated[float, Field(ge=0, le=3600)] = 0.5
-    """How often the policy runs."""
+    period_s: Annotated[float, Field(gt=0, le=3600)] = 0.5
+    """How often the policy runs (the fleet loop sleeps this long between steps)."""
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingConfig:
@@ -318,8 +318,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     """The raw mapping of a YAML config file (an empty file is an empty mapping)."""
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:  # missing, a directory, unreadable
+        raise ValueError(f"{path}: cannot read it ({err.strerror or type(err).__name__})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

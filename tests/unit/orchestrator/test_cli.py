@@ -96,6 +96,11 @@ def test_config_file_flag(tmp_path, capsys):
     assert (cfg.parallel.stages, cfg.replicas) == (3, 2)
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    for path, said in ((bad, "not valid YAML"), (tmp_path, "cannot read it")):  # clear errors, no traceback
+        assert main(["serve", "--config", str(path), "--dry-run"]) == 2
+        assert f"streamgen: error: {path}: {said}" in capsys.readouterr().err
 
 
 def test_explicit_flags_override_the_file_and_keep_its_other_values(tmp_path):

@@ -48,6 +48,8 @@ def test_autoscaling_bounds():
         AutoscalingConfig(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="target_utilisation"):
         AutoscalingConfig(target_utilisation=0.0)
+    with pytest.raises(ValueError, match="period_s"):  # 0 would spin the fleet loop on the server's event loop
+        AutoscalingConfig(period_s=0)
     assert ServiceConfig(autoscaling=AutoscalingConfig(1, 4)).autoscaling.max_replicas == 4
 
 
