@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,20 +62,41 @@ def write_json(path: str, results) -> None:
 def start_serve(config_path: str, log_path: str, timeout_s: float = 600) -> tuple[subprocess.Popen, int, int | None]:
     """`streamgen serve --config FILE` (listen 127.0.0.1:0); once it serves: the process, its gRPC port and its
     /metrics port (None when the file turns metrics off)."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config", config_path], cwd=ROOT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=log, text=True)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config", config_path],
+                                cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                stderr=log, text=True)
+    line = wait_for_line(proc, r"serving on 127\.0\.0\.1:(\d+)", timeout_s)
+    if line is None:
+        stop_serve(proc)
+        raise RuntimeError(f"streamgen serve exited or did not start within {timeout_s:g} s; its log: {log_path}")
+    metrics = re.search(r"metrics on 127\.0\.0\.1:(\d+)", line)
+    return proc, int(re.search(r"serving on 127\.0\.0\.1:(\d+)", line).group(1)), \
+        int(metrics.group(1)) if metrics else None
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, timeout_s: float) -> str | None:
+    """The first line of ``proc``'s stdout matching ``pattern`` within ``timeout_s``; None when it exits or the
+    time runs out first. A thread reads the lines (and goes on draining them, so the pipe never fills): a
+    ``readline`` here would block past the deadline on a child that prints nothing."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for text in proc.stdout:
+            lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=read, name="serve-stdout", daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            metrics = re.search(r"metrics on 127\.0\.0\.1:(\d+)", line)
-            return proc, int(m.group(1)), int(metrics.group(1)) if metrics else None
-    stop_serve(proc)
-    raise RuntimeError(f"streamgen serve did not start; its log: {log_path}")
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        if re.search(pattern, line):
+            return line
 
 
 def stop_serve(proc: subprocess.Popen) -> None:

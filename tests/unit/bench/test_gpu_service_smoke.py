@@ -19,7 +19,9 @@ def test_gpu_service_bench_smoke(tmp_path):
         assert row["delivered_fps"] > 0 and row["frames"] >= row["streams"] * 24 and row["ttff_p50_s"] > 0
         assert 0 < row["frame_latency_p50_s"] <= row["frame_latency_p99_s"]
     assert svc["admitted_at_16fps"]["streams"] >= 1  # opened until admission refused one
-    assert svc["service_over_engine"] > 0
+    one = svc["one_stream"]
+    assert svc["delivered_over_requested"] == one["delivered_fps"] / one["fps_requested"] > 0
+    assert svc["requested_over_engine"] == one["fps_requested"] / result["engine"][1]["fps"] > 0
     assert result["graphs"]["max_abs_latent_diff"] == 0.0 and result["graphs"]["replays"] == 0  # CPU: eager
     assert "StreamDiffusionV2" in proc.stdout
 
@@ -44,5 +46,7 @@ def test_gpu_service_builds_the_real_models_decoders_and_configs(tmp_path):
         assert gen.model.text_encoder == "hash" and gen.model.vae_decoder == decoder
         assert type(build_decoder(gen)).__name__ == {"taehv": "TAEHVDecoder", "wan": "WanVAE"}[decoder]
         gpu_service.write_service_config(str(tmp_path / "serve.yaml"), Args, 1, decoder, paths)
-        served = load_service_config(str(tmp_path / "serve.yaml")).generation
+        cfg = load_service_config(str(tmp_path / "serve.yaml"))
+        served = cfg.generation
         assert served.model == gen.model and served.sampler == gen.sampler
+        assert cfg.engine == gpu_service.ENGINE  # the service runs what the engine rows run
