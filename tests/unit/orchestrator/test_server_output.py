@@ -78,6 +78,15 @@ def batch(stream_id: str, chunk: int) -> FrameBatch:
     return FrameBatch(stream_id, chunk, 0, [b"\0" * 12] * 12, 2, 2, 0.01, 0.0)
 
 
+async def opened(replica, calls: list) -> None:
+    """Let ``calls`` (their first frame asked for) run until each opened its stream on ``replica``."""
+    for _ in range(1000):
+        if len(replica.sinks) == len(calls) or any(c.done() for c in calls):
+            break
+        await asyncio.sleep(0)
+    assert len(replica.sinks) == len(calls), calls
+
+
 async def open_stream(context) -> tuple:
     """A service over one FakeReplica and one Generate call on it, its first frame asked for: (service,
     metrics, replica, the call, the pending first frame, stream id, the replica's sink for it)."""
@@ -86,11 +95,7 @@ async def open_stream(context) -> tuple:
     service = StreamService(service_config(), [replica], metrics, health_servicer=None)
     gen = service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0), context)
     reader = asyncio.ensure_future(gen.__anext__())
-    for _ in range(1000):
-        if replica.sinks or reader.done():
-            break
-        await asyncio.sleep(0)
-    assert replica.sinks, reader
+    await opened(replica, [reader])
     (stream_id, sink), = replica.sinks.items()
     return service, metrics, replica, gen, reader, stream_id, sink
 
@@ -200,11 +205,7 @@ async def open_transform(context, clock=None) -> tuple:
 
     call = service.Transform(request_stream(), context)
     first = asyncio.ensure_future(call.__anext__())
-    for _ in range(1000):
-        if replica.sinks or first.done():
-            break
-        await asyncio.sleep(0)
-    assert replica.sinks, first
+    await opened(replica, [first])
     (live,) = service.streams.values()
     return service, metrics, replica, call, first, live.video, requests
 
@@ -342,10 +343,7 @@ def test_a_steps_change_is_admitted_like_a_start():
         calls = [service.Generate(stream_pb2.GenerateRequest(prompt="a fox", fps=16.0, steps=1), FakeContext())
                  for _ in range(2)]
         pending = [asyncio.ensure_future(c.__anext__()) for c in calls]
-        for _ in range(1000):
-            if len(replica.sinks) == 2:
-                break
-            await asyncio.sleep(0)
+        await opened(replica, pending)
         sid = next(iter(replica.sinks))
         with pytest.raises(RuntimeError) as err:  # 0.25 + 1.0 > the 0.9 headroom
             await service.Control(stream_pb2.ControlRequest(stream_id=sid, steps=8), FakeContext())
