@@ -45,9 +45,7 @@ class LocalReplicaClient(ReplicaClient):
                     record.sink(item)
             case StreamFailed():
                 self._fail(item.stream_id, item)
-            case StreamEvicted():
-                if self.core.broken:
-                    self.draining = True
+            case StreamEvicted():  # a broken core is out of service through ``broken`` (ReplicaClient.in_service)
                 self._send_away(item.stream_id, item.checkpoint)
 
     # capacity, health, lifecycle ---------------------------------------------------------------------

@@ -281,14 +281,8 @@ class EngineCore:
                 video = engine.streams[msg.stream_id].video is not None
                 steps = video_sampler(engine.cfg.sampler, msg.steps).denoising_steps if video else step_list(msg.steps)
                 engine.set_steps(msg.stream_id, steps)
-            case PushInput() if msg.stream_id in self._open:
-                try:
-                    engine.push_input(msg.stream_id, torch.as_tensor(msg.frames), msg.meta, msg.due)
-                except ValueError as err:  # a chunk of the wrong shape: the stream cannot go on
-                    log.warning("replica %d: stream %s: %s", self.index, msg.stream_id[:8], err)
-                    self._open.discard(msg.stream_id)
-                    engine.remove_stream(msg.stream_id)
-                    self._emit(StreamFailed(msg.stream_id, "bad input chunk", self.take_stats()))
+            case PushInput() if msg.stream_id in self._open:  # a chunk of the wrong shape fails its stream
+                engine.push_input(msg.stream_id, torch.as_tensor(msg.frames), msg.meta, msg.due)
             case EndInput() if msg.stream_id in self._open:
                 engine.end_input(msg.stream_id)
             case SetNoiseScale() if msg.stream_id in self._open:

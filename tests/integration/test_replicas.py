@@ -135,7 +135,7 @@ def test_streams_of_a_replica_that_cannot_be_rebuilt_move_or_end_unavailable(ser
 
 
 def in_service(svc) -> int:
-    return sum(not r.draining for r in svc.replicas) if not svc._starting else -1
+    return sum(r.in_service for r in svc.replicas) if not svc._starting else -1
 
 
 def repairs(svc, result: str) -> float:

@@ -11,10 +11,11 @@ import pytest
 
 from tests.integration.test_server import service_config
 from workers.core import MAX_RECOVERIES, EngineCore
-from workers.core_messages import (Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, RestoreStream,
-                                   StreamEvicted, StreamFailed)
+from workers.core_messages import (Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, PushInput,
+                                   RestoreStream, StreamEvicted, StreamFailed)
 from workers.engine import PipelineEngine
 from workers.executor import InProcessExecutor, StageFailure
+from workers.v2v import VideoParams
 
 RAW = OutputFormat("raw_rgb", 90)
 
@@ -254,3 +255,15 @@ def test_repeated_stage_failures_put_the_core_out_of_service_without_spinning(co
     stats = [item.stats, core.take_stats()]
     assert sum(s.stage_errors.get("died", 0) for s in stats if s is not None) == 1
     assert core.broken and killed == [True]
+
+
+def test_an_input_chunk_of_the_wrong_shape_fails_its_stream_only(core):
+    """A video stream's chunk that its engine refuses (wrong frame count) ends that stream (StreamFailed); the
+    core serves on."""
+    core.submit(OpenStream("v", "a fox", 5, 16.0, 3, RAW, video=VideoParams(0.8, True)))
+    core.submit(PushInput("v", np.zeros((2, 8, 8, 3), np.uint8)))  # the first chunk takes 1 + 4 (f - 1) frames
+    failed = core.out.next(timeout=30)
+    assert isinstance(failed, StreamFailed) and failed.stream_id == "v"
+    core.submit(OpenStream("t", "an owl", 1, 16.0, 4, RAW))
+    batch = core.out.next(timeout=30)
+    assert isinstance(batch, FrameBatch) and (batch.stream_id, batch.chunk) == ("t", 0)
