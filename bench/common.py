@@ -46,10 +46,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def outputs_rate(stamps: list[float], warmup_outputs: int) -> tuple[int, float]:
-    """(outputs, per second) over the steady window: from the last warm-up output to the last output. Outputs
-    come in bursts of one micro-batch, so the window starts at a burst's end, not inside one."""
-    steady = stamps[warmup_outputs:]
-    return len(steady), len(steady) / (steady[-1] - stamps[warmup_outputs - 1])
+    """(outputs, per second) over the steady window: from the end of the burst that holds the last warm-up
+    output to the last output. Outputs that arrive together (a micro-batch's, or a call's of several) carry one
+    stamp, so the window starts at a burst's end, never inside one; give every output of the last burst too."""
+    if warmup_outputs < 1:
+        raise ValueError("the window starts at a warm-up output: warmup_outputs must be at least 1")
+    start = warmup_outputs - 1
+    while start + 1 < len(stamps) and stamps[start + 1] == stamps[start]:
+        start += 1
+    steady = stamps[start + 1:]
+    if not steady:
+        raise ValueError(f"no output after the burst of warm-up output {warmup_outputs} ({len(stamps)} in all)")
+    return len(steady), len(steady) / (steady[-1] - stamps[start])
 
 
 def write_json(path: str, results) -> None:

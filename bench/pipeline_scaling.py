@@ -7,6 +7,13 @@ Cases (frames/s = finished chunks x 4 x chunk frames per second, steady state: e
   semantics; default 2, the fewest that keep 2 stages busy);
 * four streams, sequential, P=2 vs P=1;
 * stream_batch vs sequential, one stream, P=1, 4 steps.
+The driver hands each stage ``--micro-batches-per-call`` micro-batches per Ray call (``ParallelConfig.
+micro_batches_per_call``; default 5 here, 1 in the service's config), the same for every case: Ray's hand-over
+between calls costs a busy CPU stage ~1 ms of its time, which P=2 pays twice per P=1's once. 5 is a sequential
+chunk's forwards per micro-batch of streams (4 steps and the context forward), so calls line up with chunks
+(one call a chunk at P=1; at P=2 two micro-batches alternate, and two calls carry a chunk of each) and outputs
+come at an even pace; a rate window starts and ends at a call's return. A finished chunk comes back with the
+rest of its call (the latencies below include that, and the deeper queue).
 Stages claim a core each (``ParallelConfig.pin_cores``; ``--no-pin-cores``: the OS places them); each case
 records the cores its stages got, and ``--compare-pinning`` adds both P=2 cases with the other setting,
 interleaved with the rest (ratio ``*_pinned_over_floating``). Each case also reports p50/p99 per-chunk latency
@@ -58,32 +65,39 @@ def generation_config(model: str, mode: str, lanes: int = 1, steps: tuple[float,
 
 
 def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunks: int, warmup: int,
-             steps: tuple[float, ...], pin_cores: bool = True) -> dict:
+             steps: tuple[float, ...], pin_cores: bool = True, per_call: int = 1) -> dict:
     cfg = generation_config(model, mode, lanes, steps)
     executor = build_executor(cfg, ParallelConfig(stages=stages, backend="ray", threads_per_stage=1, cpus_per_stage=1,
                                                   decode_workers=0,  # DiT only: the clean latents come back
-                                                  pin_cores=pin_cores))
+                                                  pin_cores=pin_cores, micro_batches_per_call=per_call))
     try:
         pinned, kept_heaps = executor.pinned_cores(), executor.kept_heaps()
         engine = PipelineEngine(cfg, executor, EngineConfig(profile_every=4, rebalance_every=8))
         for i in range(streams):
             engine.add_stream(f"s{i}", f"prompt {i}", i)
-        stamps, latencies = [], []
-        need = {f"s{i}": warmup + chunks for i in range(streams)}
-
-        def on_output(out):
-            stamps.append(time.perf_counter())
-            if out.chunk >= warmup:
-                latencies.append(out.latency_s)
-
-        engine.run_chunks(need, on_output=on_output)
+        stamps, latencies = [], []  # stamps: one per output, the same for outputs one step delivered
+        got = {f"s{i}": 0 for i in range(streams)}
+        # until every stream has its chunks and some output came after the burst that ended the warm-up (with
+        # several micro-batches a call, one burst can hold them all)
+        for _ in range(100_000):
+            if min(got.values()) >= warmup + chunks and stamps[-1] > stamps[warmup * streams - 1]:
+                break
+            outs = engine.step()
+            now = time.perf_counter()
+            for out in outs:  # all of them, the last burst's too (the rate's window ends at a burst's end)
+                got[out.stream_id] += 1
+                stamps.append(now)
+                if out.chunk >= warmup:
+                    latencies.append(out.latency_s)
+        else:
+            raise RuntimeError(f"the engine did not deliver the chunks asked for: {got}")
         engine.drain()
         executor_split = executor.split()
     finally:
         executor.shutdown()
     measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
-            "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned, "kept_heaps": kept_heaps,
+            "micro_batches_per_call": per_call, "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned, "kept_heaps": kept_heaps,
             "steps": len(steps), "warmup_chunks": warmup, "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
@@ -108,6 +122,8 @@ def main() -> None:
                         help="also run both P=2 cases with the other --pin-cores setting, interleaved")
     parser.add_argument("--lanes", type=int, default=2,
                         help="stream_batch lanes of the one-stream P=1/P=2 cases (the same for both P)")
+    parser.add_argument("--micro-batches-per-call", type=int, default=5,
+                        help="micro-batches the driver hands each stage per call (ParallelConfig.micro_batches_per_call)")
     parser.add_argument("--ring-ceiling", action="store_true",
                         help="also measure the sequential case's stages in a bare gloo ring each repeat (ring_ceiling.py)")
     args = parser.parse_args()
@@ -138,7 +154,7 @@ def main() -> None:
             print(f"-- repeat {rep + 1}/{args.repeats}", flush=True)
             for name, (stages, mode, lanes, streams, chunks, warmup, pin_cores) in cases.items():
                 runs[name].append(run_case(args.model, stages, mode, lanes, streams, chunks, warmup, steps4,
-                                           pin_cores))
+                                           pin_cores, args.micro_batches_per_call))
                 show(runs[name][-1])
             if args.ring_ceiling:  # the sequential case's micro-batches: 2 streams each at P=2, 4 at P=1
                 rings.append(ring_ceiling.measure(args.model, streams_per_mb=2))
@@ -164,7 +180,7 @@ def main() -> None:
                                                   ) ** (1 if pin else -1)
     result = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu": host_cpu(), "cpu_count": os.cpu_count(), "threads_per_stage": 1,
-                          "pin_cores": args.pin_cores},
+                          "pin_cores": args.pin_cores, "micro_batches_per_call": args.micro_batches_per_call},
               "cases": rows, "ratios": ratios, "ring_ceiling": rings}
     write_json(args.out, result)
     print(f"stream_batch vs sequential at P=1 (4 steps, one stream): x{ratios['stream_batch_over_sequential_P1']:.2f}")

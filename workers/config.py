@@ -405,6 +405,10 @@ class ParallelConfig:
     # for nodes whose cores are this service's (workers/host.py; docs/operations.md "CPU stages and cores")
     pin_cores: bool = False
     """CPU stages each claim threads_per_stage free cores of their node and run only there; too few free: float."""
+    # more per call: Ray's hand-over between calls (~1 ms of a busy CPU stage's time) is paid once per call; a
+    # micro-batch's result waits for the rest of its call and the engine issues work further ahead
+    micro_batches_per_call: Annotated[int, Field(ge=1, le=64)] = 1
+    """Ray: micro-batches the driver hands each stage in one call (docs/pipeline.md, Executors)."""
     stage_call_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
     """A stage that does not finish a forward within this long is treated as dead (hung stage)."""
     placement_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 60.0

@@ -165,7 +165,7 @@ class PipelineEngine:
         self.rebalances = 0
         self.recoveries = 0
         self._target_split: list[tuple[int, int]] | None = None
-        self._last_check = -1  # micro-batch count at the last split check
+        self._last_check = 0  # micro-batches // rebalance_every at the last split check
         self._proposed_split: list[tuple[int, int]] | None = None  # the last check's plan, awaiting a second
 
     # control plane ---------------------------------------------------------------------------------
@@ -237,11 +237,14 @@ class PipelineEngine:
         """One iteration: controls, then fill the pipeline, then collect what finished."""
         self._apply_controls()
         self._maybe_rebalance()
-        while self._target_split is None and len(self._inflight) < self.executor.max_inflight:
-            mb = self._schedule()
-            if mb is None:
-                break
-            self._dispatch(mb)
+        try:
+            while self._target_split is None and len(self._inflight) < self.executor.max_inflight:
+                mb = self._schedule()
+                if mb is None:
+                    break
+                self._dispatch(mb)
+        finally:  # what was submitted goes out even if scheduling the next one raised: the engine waits for it
+            self.executor.flush()
         return self._collect(wait=wait and not self.idle)
 
     def _collect(self, wait: bool) -> list[ChunkOutput]:
@@ -407,7 +410,7 @@ class PipelineEngine:
         return mb
 
     def _dispatch(self, mb: MicroBatch) -> None:
-        self.executor.submit(mb)  # first: a micro-batch whose submit raised is not waited for
+        self.executor.submit(mb)  # first: a micro-batch whose submit raised is not waited for (nor sent)
         self._inflight[mb.seq] = mb
         self.stats.micro_batches += 1
         self.stats.forwards += len(mb.segments)
@@ -575,9 +578,9 @@ class PipelineEngine:
         drains the pipeline, so it needs the same plan at two checks in a row: one slow block timing (a
         preempted thread) must not move blocks."""
         every = self.engine_cfg.rebalance_every
-        count = self.stats.micro_batches
-        if self._target_split is None and every and count and count % every == 0 and count != self._last_check:
-            self._last_check = count
+        due = self.stats.micro_batches // every if every else 0  # a step may dispatch several: count crossings
+        if self._target_split is None and due and due != self._last_check:
+            self._last_check = due
             plan, proposed, self._proposed_split = self.planned_split(), self._proposed_split, None
             if plan is not None:
                 split, best, now = plan

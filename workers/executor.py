@@ -52,10 +52,14 @@ class Executor(ABC):
 
     @abstractmethod
     def submit(self, mb: MicroBatch) -> None:
-        """Start ``mb`` on stage 0; it flows through every stage, and the last stage sends the latents of
-        its unfinished entries back to stage 0 and those of its finished chunks to the streams' decode
-        workers. Called with at most P in flight, in issue order: a work whose latents come from an earlier
-        micro-batch's ring may be submitted before that one completes."""
+        """Start ``mb`` on stage 0 (by the next ``flush``); it flows through every stage, and the last stage
+        sends the latents of its unfinished entries back to stage 0 and those of its finished chunks to the
+        streams' decode workers. Called with at most ``max_inflight`` in flight, in issue order: a work whose
+        latents come from an earlier micro-batch's ring may be submitted before that one completes."""
+
+    def flush(self) -> None:
+        """Start what ``submit`` was given since the last flush (the engine flushes once per step, after its
+        dispatches). An executor may hold submitted micro-batches until then to send several in one call."""
 
     @abstractmethod
     def collect(self, wait: bool) -> Collected:

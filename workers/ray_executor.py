@@ -2,15 +2,15 @@
 torch.distributed (gloo on CPU, NCCL on CUDA), never through Ray's object store, and the ring closes the
 same way.
 
-The driver submits every micro-batch to every stage actor at once (P calls a micro-batch), plus one call
-to each decode worker the micro-batch finishes chunks for. Ray runs an actor's tasks from one caller in
-submission order, and each stage blocks in ``recv`` until its predecessor sends, so stage s works on
-micro-batch m while stage s+1 works on m-1: the pipeline fills by itself. The last stage computes x0 and
-the re-noise, sends the next step's latents to stage 0 (``RING_TAG``) and finished chunks' latents to
-their decode workers (ranks P.., ``DECODE_TAG``); stage 0 posts the ring receive as soon as it has run
-the micro-batch and waits on it only when a later forward needs those latents, and every later stage posts
-the receive of its next input before it runs a forward (``workers.stage_link``). Only finished chunks'
-clean latents, encoded frames and stats come back through Ray.
+The driver submits every micro-batch to every stage actor at once (P calls a micro-batch, or P calls for
+``ParallelConfig.micro_batches_per_call`` of them), plus one call to each decode worker the call finishes
+chunks for. Ray runs an actor's tasks from one caller in submission order, and each stage blocks in ``recv``
+until its predecessor sends, so stage s works on micro-batch m while stage s+1 works on m-1: the pipeline
+fills by itself. The last stage computes x0 and the re-noise, sends the next step's latents to stage 0
+(``RING_TAG``) and finished chunks' latents to their decode workers (ranks P.., ``DECODE_TAG``); stage 0
+posts the ring receive as soon as it has run the micro-batch and waits on it only when a later forward needs
+those latents, and every later stage posts the receive of its next input before it runs a forward
+(``workers.stage_link``). Only finished chunks' clean latents, encoded frames and stats come back through Ray.
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: float | None = None, 
                     _node_ip_address="127.0.0.1")
 
 
-def max_inflight(num_stages: int) -> int:
-    """Micro-batches in flight at most: one more than the stages. It waits in stage 0's task queue, so stage 0
-    starts it as soon as it is free instead of after the driver hears the oldest one came back and submits the
-    next."""
-    return num_stages + 1
+def max_inflight(num_stages: int, per_call: int = 1) -> int:
+    """Micro-batches in flight at most, in calls of ``per_call``: enough calls to cover the P stages plus one
+    that waits in stage 0's task queue, so stage 0 starts it as soon as it is free instead of after the driver
+    hears the oldest call came back and submits the next (P + 1 micro-batches one to a call; 2 calls once a
+    call holds P or more)."""
+    return per_call * (1 + -(-num_stages // per_call))
 
 
 def _rendezvous_file() -> str:
@@ -110,7 +111,7 @@ class StageActorBody(_Peer):
         self.worker = StageWorker(gen, block_range, stage, self.num_stages, self.device, dtype,
                                   parallel.cuda_graphs == "auto")
         self.link = StageLink(stage, self.num_stages, gen.model, self.device, self.worker.model.dtype,
-                              max_inflight(self.num_stages))
+                              max_inflight(self.num_stages, parallel.micro_batches_per_call))
         self._join(stage, world, rendezvous, self.device)
         self._nice = parallel.serving_nice
 
@@ -130,7 +131,11 @@ class StageActorBody(_Peer):
     def free_memory(self) -> int | None:
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
-    def run(self, mb: MicroBatch) -> tuple[int, list | None, StageStats, dict]:
+    def run(self, mbs: list[MicroBatch]) -> list[tuple[int, list | None, StageStats, dict]]:
+        """The call's micro-batches through this stage, in order (``_run_one`` each)."""
+        return [self._run_one(mb) for mb in mbs]
+
+    def _run_one(self, mb: MicroBatch) -> tuple[int, list | None, StageStats, dict]:
         """One micro-batch through this stage: (seq, finished chunks per segment on the last stage, stats,
         stage 0's encoded video chunks: stream -> (chunk, z))."""
         first, last = self.stage == 0, self.stage == self.num_stages - 1
@@ -223,7 +228,7 @@ class DecodeActorBody(_Peer):
         return torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
 
     def decode(self, jobs: list[DecodeJob], latent_shape: tuple[int, int, int]) -> list[DecodedChunk]:
-        """One micro-batch's finished chunks for this worker, in the order the last stage sends them."""
+        """One stage call's finished chunks for this worker, in the order the last stage sends them."""
         out = []
         for job in jobs:
             latents = torch.empty((job.frames,) + tuple(latent_shape), device=self.device)
@@ -254,7 +259,7 @@ class DriverTraffic:
     calls: int = 0
     """Stage actor calls made for micro-batches."""
     decode_calls: int = 0
-    """Decode worker calls (one per worker a micro-batch finishes chunks for)."""
+    """Decode worker calls (one per worker a stage call finishes chunks for)."""
     latent_bytes_out: int = 0
     """Latent bytes sent with micro-batches (re-cache only)."""
     latent_bytes_in: int = 0
@@ -262,8 +267,8 @@ class DriverTraffic:
 
 
 class RayExecutor(Executor):
-    """P stage actors and the decode worker actors in Ray; submission-ordered, at most P + 1 micro-batches in
-    flight (the engine's bound: ``max_inflight``)."""
+    """P stage actors and the decode worker actors in Ray; submission-ordered, at most ``max_inflight``
+    micro-batches in flight (the engine's bound), in calls of ``micro_batches_per_call``."""
 
     def __init__(self, gen: GenerationConfig, parallel: ParallelConfig, split: list[tuple[int, int]] | None = None,
                  placement_group=None, first_bundle: int = 0):
@@ -282,7 +287,10 @@ class RayExecutor(Executor):
         self.num_stages = num_stages
         self.decode_workers = parallel.decode_workers
         self.decode_shared = parallel.decode == "shared"
-        self.call_timeout_s = parallel.stage_call_timeout_s
+        self.per_call = parallel.micro_batches_per_call
+        # a call runs per_call forwards, and a stream's open or close waits behind the calls in flight
+        self.call_timeout_s = parallel.stage_call_timeout_s * self.per_call
+        self._pending: list[MicroBatch] = []  # submitted, not yet flushed
         self.router = DecodeRouter(self.decode_workers)
         rendezvous = self._rendezvous = _rendezvous_file()
         bundle = {k: v for k, v in (("CPU", parallel.cpus_per_stage), ("GPU", parallel.gpus_per_stage)) if v}
@@ -300,7 +308,7 @@ class RayExecutor(Executor):
         gpus, cpus, last = parallel.gpus_per_stage, parallel.cpus_per_stage, num_stages - 1
         share = 2 if self.decode_shared and self.decode_workers else 1
         self.actors, self.decoders = [], []
-        self._inflight: deque = deque()  # (seq, [result ref per stage])
+        self._inflight: deque = deque()  # per call, oldest first: ([seq per micro-batch], [result ref per stage])
         self._answers: dict = {}  # result ref -> its value, fetched once, when it is first seen ready
         self._decoding: list[deque] = []  # per decode worker: (seq, ref) of its decode calls
         self.traffic = DriverTraffic()
@@ -324,7 +332,7 @@ class RayExecutor(Executor):
 
     @property
     def max_inflight(self) -> int:
-        return max_inflight(self.num_stages)
+        return max_inflight(self.num_stages, self.per_call)
 
     def _slot(self, slot: int, cpus: float, gpus: float) -> dict:
         """Ray options of an actor on GPU slot ``slot`` (its placement-group bundle, if any)."""
@@ -337,22 +345,36 @@ class RayExecutor(Executor):
         return options
 
     def submit(self, mb: MicroBatch) -> None:
+        """Held until ``flush``, which sends it with the others submitted since, ``per_call`` to a call."""
         if self.decoders:
             mb.decode_to = self.router.routes({w.stream_id for w in mb.segments})
-        light = replace(mb, segments=[replace(w, inline=None, input=None) for w in mb.segments])  # stage 0 only
-        refs = [actor.run.remote(mb if i == 0 else light) for i, actor in enumerate(self.actors)]
+        self._pending.append(mb)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), self.per_call):
+            self._call(pending[i:i + self.per_call])
+
+    def _call(self, mbs: list[MicroBatch]) -> None:
+        """One call per stage for ``mbs`` (in order), and one per decode worker they finish chunks for."""
+        light = [replace(mb, segments=[replace(w, inline=None, input=None) for w in mb.segments])  # stage 0 only
+                 for mb in mbs]
+        refs = [actor.run.remote(mbs if i == 0 else light) for i, actor in enumerate(self.actors)]
         self.traffic.calls += len(refs)
-        self.traffic.latent_bytes_out += sum(w.inline.nbytes for w in mb.segments if w.inline is not None)
-        self._inflight.append((mb.seq, refs))
+        self.traffic.latent_bytes_out += sum(w.inline.nbytes for mb in mbs for w in mb.segments
+                                             if w.inline is not None)
+        self._inflight.append(([mb.seq for mb in mbs], refs))
         jobs: dict[int, list[DecodeJob]] = {}
-        for work in mb.segments:  # in the order the last stage sends them
-            if work.stream_id in mb.decode_to:
-                for chunk in work.finishes():
-                    jobs.setdefault(mb.decode_to[work.stream_id], []).append(
-                        DecodeJob(work.stream_id, chunk, work.chunk_frames))
-        shape = (self.cfg.in_channels, mb.grid[0] * self.cfg.patch_size[1], mb.grid[1] * self.cfg.patch_size[2])
+        for mb in mbs:
+            for work in mb.segments:  # in the order the last stage sends them
+                if work.stream_id in mb.decode_to:
+                    for chunk in work.finishes():
+                        jobs.setdefault(mb.decode_to[work.stream_id], []).append(
+                            DecodeJob(work.stream_id, chunk, work.chunk_frames))
+        grid = mbs[0].grid
+        shape = (self.cfg.in_channels, grid[0] * self.cfg.patch_size[1], grid[1] * self.cfg.patch_size[2])
         for w, batch in jobs.items():
-            self._decoding[w].append((mb.seq, self.decoders[w].decode.remote(batch, shape)))
+            self._decoding[w].append((mbs[-1].seq, self.decoders[w].decode.remote(batch, shape)))
             self.traffic.decode_calls += 1
 
     def collect(self, wait: bool) -> Collected:
@@ -360,11 +382,13 @@ class RayExecutor(Executor):
             self._wait_any()
         out = Collected()
         while self._inflight and self._ready(self._inflight[0][1]):
-            seq, refs = self._inflight.popleft()
-            results = [self._answers.pop(r) for r in refs]  # _ready fetched every one
-            finished = results[-1][1]
-            self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
-            out.finished.append(Finished(seq, finished, [r[2] for r in results], results[0][3]))
+            seqs, refs = self._inflight.popleft()
+            per_stage = [self._answers.pop(r) for r in refs]  # _ready fetched every one
+            for i, seq in enumerate(seqs):
+                results = [answers[i] for answers in per_stage]
+                finished = results[-1][1]
+                self.traffic.latent_bytes_in += sum(x.nbytes for seg in finished for _, x in seg)
+                out.finished.append(Finished(seq, finished, [r[2] for r in results], results[0][3]))
         for queue in self._decoding:  # in order per worker, so per stream
             while queue and self._handed_out(queue[0][0]) and self._ready([queue[0][1]]):
                 out.decoded += self._answers.pop(queue.popleft()[1])
@@ -373,14 +397,14 @@ class RayExecutor(Executor):
     def _handed_out(self, seq: int) -> bool:
         """Whether micro-batch ``seq`` came back to the engine: its chunks' frames may go out only after the
         chunks themselves (the decode worker can finish before the driver hears from the last stage)."""
-        return not self._inflight or seq < self._inflight[0][0]
+        return not self._inflight or seq < self._inflight[0][0][0]
 
     @property
     def decoding(self) -> int:
         return sum(len(q) for q in self._decoding)
 
     def _wait_any(self) -> None:
-        """Block until the oldest micro-batch has every stage's answer or a decode worker's next result is in,
+        """Block until the oldest call has every stage's answer or a decode worker's next result is in,
         whichever comes first: a chunk's frames go out as soon as they are decoded, not after the next forward.
         Event-driven (``ray.wait`` for the first of them); no answer within the call timeout counts as dead."""
         deadline = time.monotonic() + self.call_timeout_s
@@ -503,7 +527,7 @@ class RayExecutor(Executor):
         return self._get([self.decoders[0].profile.remote(latent_shape, frames, repeats)])[0]
 
     def rebalance(self, split: list[tuple[int, int]]) -> None:
-        if self._inflight:
+        if self._inflight or self._pending:
             raise RuntimeError("rebalance with micro-batches in flight")
         for src, dst, blocks in moves(self._split, split):
             released = self.actors[src].release_blocks.remote(blocks)
@@ -537,6 +561,7 @@ class RayExecutor(Executor):
             except (ValueError, self._ray.exceptions.RayError):  # already gone
                 log.debug("stage actor already gone", exc_info=True)
         self._inflight.clear()
+        self._pending.clear()
         self._answers.clear()
         for queue in getattr(self, "_decoding", []):
             queue.clear()

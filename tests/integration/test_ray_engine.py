@@ -162,6 +162,63 @@ def test_driver_makes_p_calls_a_micro_batch_and_sees_latents_once_a_chunk(execut
     assert_matches_reference(cfg, got, {sid: ("a cat on a sofa", 1)}, 4)
 
 
+@pytest.mark.parametrize("stages,per_call", [(2, 3), (3, 2)])
+def test_calls_of_several_micro_batches_equal_the_reference(local_ray, stages, per_call):
+    """``micro_batches_per_call``: the driver hands each stage several micro-batches per call (and each decode
+    worker one call for their chunks); the engine keeps ``max_inflight(P, per_call)`` in flight, and the frames
+    still equal the single-process reference and come back once each, in order, with the decode worker's. A
+    prompt switch and a removal with calls in flight keep the other streams on their references."""
+    cfg = gen_config("sequential")
+    streams = dict(list(STREAMS.items())[:3])
+    a, b, c = streams
+    ex = ray_executor(cfg, stages, decode_workers=1, micro_batches_per_call=per_call)
+    try:
+        assert ex.max_inflight == max_inflight(stages, per_call) == 6
+        engine = make_engine(cfg, ex)
+        for sid, (prompt, seed) in streams.items():
+            engine.add_stream(sid, prompt, seed, output=OutputFormat("raw_rgb"))
+        outs = []
+
+        def count(sid):
+            return sum(o.stream_id == sid for o in outs)
+
+        while min(count(sid) for sid in streams) < 3:
+            outs += engine.step()
+        assert engine.stats.max_inflight == ex.max_inflight  # it filled the deeper pipeline
+        mbs = engine.stats.micro_batches
+        assert stages * mbs / per_call <= ex.traffic.calls < stages * mbs  # calls of several, the last may be short
+        engine.set_prompt(a, "a castle at night")
+        engine.remove_stream(c)
+        removed_at = len(outs)
+        switch_at = None
+        for _ in range(10_000):
+            for o in engine.step():
+                outs.append(o)
+                if o.stream_id == a and o.prompt_revision == 1 and switch_at is None:
+                    switch_at = o.chunk
+            if count(a) >= 6 and count(b) >= 6 and switch_at is not None:
+                break
+        outs += engine.drain()
+        assert not [o for o in outs[removed_at:] if o.stream_id == c]  # its results in flight were dropped
+        ref = ReferenceGenerator(cfg)
+        for sid in (a, b):
+            prompt, seed = streams[sid]
+            mine = [o for o in outs if o.stream_id == sid]
+            assert [o.chunk for o in mine] == list(range(len(mine)))  # once each, in order
+            diff = np.abs(_frames(mine[:3]).astype(int) - ref.generate(prompt, seed, 3).numpy().astype(int))
+            assert diff.max() <= 1, diff.max()  # the decode worker's frames, chunk by chunk, in order
+        got = {sid: {o.chunk: o.latents for o in outs if o.stream_id == sid} for sid in (a, b)}
+        assert switch_at is not None and 3 <= switch_at <= 6
+        assert_matches_reference(cfg, got, {sid: streams[sid] for sid in (a, b)}, 6,
+                                 prompt_schedules={a: {switch_at: "a castle at night"}})
+        for sid in (a, b):
+            engine.remove_stream(sid)
+        engine.step(wait=False)
+        assert ex.cache_bytes() == [0] * stages
+    finally:
+        ex.shutdown()
+
+
 def test_messages_larger_than_the_receive_posted_ahead_arrive_whole(local_ray):
     """Stage to stage, each stage posts the next message's receive ahead, sized for the largest message so far.
     Streams that join later make larger micro-batches (more frames, their new contexts): those messages come

@@ -5,7 +5,9 @@ import subprocess
 import sys
 import time
 
-from bench.common import wait_for_line
+import pytest
+
+from bench.common import outputs_rate, wait_for_line
 
 
 def child(code: str) -> subprocess.Popen:
@@ -33,3 +35,14 @@ def test_the_line_is_found_among_others_and_an_exit_ends_the_wait():
         proc.wait()
     quits = child("print('bye')")
     assert wait_for_line(quits, r"serving on", 20) is None and quits.wait() == 0
+
+
+def test_the_rate_window_starts_and_ends_at_burst_ends():
+    """Outputs that come back together share a stamp: the window starts after the whole burst that holds the
+    last warm-up output (not inside it, which would count outputs that took no time) and ends at the last."""
+    stamps = [1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0]  # a burst of 1, then bursts of 3 a second apart
+    assert outputs_rate(stamps, 2) == (6, 3.0)  # warm-up output 2 is in the burst at 2.0: 6 outputs in 2 s
+    assert outputs_rate(stamps, 1) == (9, 3.0)  # one output at 1.0, then 9 in 3 s
+    assert outputs_rate([1.0, 2.0, 3.0, 5.0], 2) == (2, 2 / 3.0)  # single outputs: as before
+    with pytest.raises(ValueError, match="no output after"):
+        outputs_rate([1.0, 2.0, 2.0], 2)

@@ -18,10 +18,11 @@ def test_pipeline_scaling_bench_smoke(tmp_path):
         (1, "sequential", 1)}
     for c in cases.values():
         assert c["warmup_chunks"] == 2  # every case leaves the same warm-up out (the caches fill in it)
+        assert c["micro_batches_per_call"] == 5  # the default here, the same for every case
         assert c["chunks_measured"] > 0 and c["frames_per_s"] > 0 and len(c["repeats_frames_per_s"]) == 1
         assert 0 < c["latency_p50_s"] <= c["latency_p99_s"]
         assert len(c["split"]) == c["stages"] == len(c["pinned_cores"])
-    assert result["machine"]["pin_cores"] is True
+    assert result["machine"]["pin_cores"] is True and result["machine"]["micro_batches_per_call"] == 5
     if len(os.sched_getaffinity(0)) >= 2:  # two stages, two cores: a core each
         pinned = cases["sequential4_P2"]["pinned_cores"]
         assert None not in pinned and len({core for claim in pinned for core in claim}) == 2

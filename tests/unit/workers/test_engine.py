@@ -372,3 +372,41 @@ def test_frames_per_chunk_follow_the_vae_temporal_stride():
     # chunk 3 starts at video frame 3 * 8 (stride 4) or 3 * 2 (stride 1), due at that frame / fps
     assert four.streams["a"].due() - four.streams["a"].started == pytest.approx(3 * 8 / 8.0)
     assert one.streams["a"].due() - one.streams["a"].started == pytest.approx(3 * 2 / 8.0)
+
+
+def test_a_split_check_runs_once_each_time_the_count_crosses_rebalance_every():
+    """One engine step may dispatch several micro-batches (a pipeline filling, or calls of several), so the
+    micro-batch count can jump past a multiple of ``rebalance_every``: the check runs at the first step after
+    each crossing, once (it ran only on exact multiples, and skipped every crossing a jump went past)."""
+    from workers.config import EngineConfig
+    from workers.engine import PipelineEngine
+
+    cfg = gen_config("sequential")
+    engine = PipelineEngine(cfg, local_executor(cfg, 2), EngineConfig(rebalance_every=4))
+    checks = []
+    engine.planned_split = lambda: checks.append(engine.stats.micro_batches)  # no plan: the split stays
+    for count in (3, 5, 7, 8, 13, 13, 16):
+        engine.stats.micro_batches = count
+        engine._maybe_rebalance()
+    assert checks == [5, 8, 13, 16]
+
+
+def test_what_was_submitted_is_flushed_even_when_scheduling_the_next_raises():
+    """The engine waits for every micro-batch it submitted, so ``flush`` must send them even when the step's
+    dispatch loop fails after a submit (an executor that holds submissions until flush would keep it forever)."""
+    cfg = gen_config("sequential")
+    executor = local_executor(cfg, 2)
+    engine = make_engine(cfg, executor)
+    engine.add_stream("a", "x", 0)
+    flushed, schedule = [], engine._schedule
+
+    def schedule_once():
+        if engine._inflight:
+            raise RuntimeError("scheduling failed")
+        return schedule()
+
+    engine._schedule = schedule_once
+    executor.flush = lambda: flushed.append(sorted(engine._inflight))
+    with pytest.raises(RuntimeError, match="scheduling failed"):
+        engine.step()
+    assert flushed == [[0]]

@@ -105,23 +105,26 @@ class _Refs:
 
 def test_ray_collect_hands_out_a_chunks_frames_only_after_the_chunk():
     """The decode worker can finish a chunk before the driver hears from the last stage that produced it; its
-    frames must then wait for that micro-batch, or the engine would not know the chunk and lose its frames."""
+    frames must then wait for that micro-batch, or the engine would not know the chunk and lose its frames.
+    Here one call carries micro-batches 6 and 7 (``micro_batches_per_call``): both come back, in order, with
+    the call."""
     from collections import deque
 
     from workers.executor import StageFailure
     from workers.ray_executor import DriverTraffic, RayExecutor
 
     ex = RayExecutor.__new__(RayExecutor)  # no Ray: only collect's ordering, over fake call results
-    ex._ray, ex.traffic, ex.call_timeout_s, ex._answers = _Refs(), DriverTraffic(), 0.05, {}
-    ex._inflight = deque([(7, ["stage0", "stage1"])])
+    ex._ray, ex.traffic, ex.call_timeout_s, ex._answers, ex.per_call = _Refs(), DriverTraffic(), 0.05, {}, 2
+    ex._inflight = deque([([6, 7], ["stage0", "stage1"])])
     ex._decoding = [deque([(7, "decode")])]
-    ex._ray.done.update(stage0=(None, [], "stats0", None), decode=["frames of mb 7"])  # stage 1 not back yet
+    ex._ray.done.update(stage0=[(None, [], "stats0", None)] * 2, decode=["frames of mb 7"])  # stage 1 not back yet
     got = ex.collect(False)
     assert got.finished == [] and got.decoded == []
     with pytest.raises(StageFailure, match="timeout"):  # waiting, too, waits for the micro-batch itself
         ex.collect(True)
-    ex._ray.done["stage1"] = (None, [], "stats1", None)
+    ex._ray.done["stage1"] = [(None, [], "stats1 of 6", None), (None, [], "stats1 of 7", None)]
     got = ex.collect(True)
-    assert [f.seq for f in got.finished] == [7] and got.decoded == ["frames of mb 7"]
+    assert [f.seq for f in got.finished] == [6, 7] and got.decoded == ["frames of mb 7"]
+    assert [f.stats for f in got.finished] == [["stats0", "stats1 of 6"], ["stats0", "stats1 of 7"]]
     assert not ex._inflight and not ex.decoding and not ex._answers  # each answer handed out, none kept
     assert sorted(ex._ray.fetched) == ["decode", "stage0", "stage1"]  # each deserialized once, though polled often
