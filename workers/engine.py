@@ -1,6 +1,6 @@
 """PipelineEngine: one per pipeline replica. Its loop reads like the architecture diagram:
 
-    step():  apply controls -> schedule (EDF micro-batches) -> dispatch (<= P in flight) -> collect -> update
+    step():  apply controls -> schedule (EDF micro-batches) -> dispatch (<= max_inflight) -> flush -> collect -> update
 
 Executors (``workers.executor``) share one contract: in-process (all stages in this process) and Ray
 (one actor per stage and decode worker, torch.distributed between them). The engine owns the per-stream
