@@ -52,7 +52,8 @@ def chromium(window: str = "1200,900"):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-STATS = re.compile(r"delivered (?P<fps>[\d.]+) fps · latency (?P<latency>\d+|–) ?m?s? (?P<what>from capture|behind due)"
+STATS = re.compile(r"delivered (?P<fps>[\d.]+) fps · latency (?P<latency>\d+|–) ?m?s? "
+                   r"(?P<what>from capture|behind due|ahead of due)"
                    r" · deadline misses (?P<misses>\d+) · revision (?P<revision>\d+|–) · dropped (?P<dropped>\d+)")
 
 
@@ -92,7 +93,8 @@ class Page:
         m = STATS.search(self.text("stats"))
         assert m, self.text("stats")
         d = m.groupdict()
-        return {"fps": float(d["fps"]), "latency_ms": None if d["latency"] == "–" else int(d["latency"]),
+        sign = -1 if d["what"] == "ahead of due" else 1
+        return {"fps": float(d["fps"]), "latency_ms": None if d["latency"] == "–" else sign * int(d["latency"]),
                 "what": d["what"], "misses": int(d["misses"]),
                 "revision": None if d["revision"] == "–" else int(d["revision"]), "dropped": int(d["dropped"])}
 

@@ -134,8 +134,10 @@
     const s = state.shown;
     const fps = s.length >= 2 ? (s.length - 1) / ((s[s.length - 1].t - s[0].t) / 1000) : 0;
     const latencies = s.map((x) => x.latency).sort((a, b) => a - b);
-    const latency = latencies.length ? `${Math.round(latencies[latencies.length >> 1])} ms` : "–";
-    const what = state.mode === "camera" ? "from capture" : "behind due";
+    const median = latencies.length ? Math.round(latencies[latencies.length >> 1]) : null;
+    const latency = median === null ? "–" : `${Math.abs(median)} ms`;
+    // a generated frame can be shown before its due time (the server's clock, estimated here): say so, unsigned
+    const what = state.mode === "camera" ? "from capture" : median !== null && median < 0 ? "ahead of due" : "behind due";
     el.stats.textContent = `delivered ${fps.toFixed(1)} fps · latency ${latency} ${what} · deadline misses ` +
       `${state.misses} · revision ${state.revision ?? "–"} · dropped ${state.dropped}`;
     el.stats.dataset.frames = String(state.frames);
