@@ -97,7 +97,8 @@ def run_case(model: str, stages: int, mode: str, lanes: int, streams: int, chunk
         executor.shutdown()
     measured, chunks_per_s = outputs_rate(stamps, warmup * streams)
     return {"model": model, "stages": stages, "mode": mode, "lanes": lanes, "streams": streams,
-            "micro_batches_per_call": per_call, "split": executor_split, "rebalances": engine.rebalances, "pinned_cores": pinned, "kept_heaps": kept_heaps,
+            "micro_batches_per_call": per_call, "split": executor_split, "rebalances": engine.rebalances,
+            "pinned_cores": pinned, "kept_heaps": kept_heaps,
             "steps": len(steps), "warmup_chunks": warmup, "chunks_measured": measured, "chunks_per_s": chunks_per_s,
             "frames_per_s": chunks_per_s * 4 * cfg.sampler.chunk_frames,
             "latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99)}
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=2,
                         help="stream_batch lanes of the one-stream P=1/P=2 cases (the same for both P)")
     parser.add_argument("--micro-batches-per-call", type=int, default=5,
-                        help="micro-batches the driver hands each stage per call (ParallelConfig.micro_batches_per_call)")
+                        help="micro-batches the driver hands each stage per call "
+                             "(ParallelConfig.micro_batches_per_call)")
     parser.add_argument("--ring-ceiling", action="store_true",
                         help="also measure the sequential case's stages in a bare gloo ring each repeat (ring_ceiling.py)")
     args = parser.parse_args()
