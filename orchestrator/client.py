@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from orchestrator._compat import ServerStatusCall
 from orchestrator.config import is_loopback
 from protos.streamgen.v1 import stream_pb2, stream_pb2_grpc
 
@@ -135,15 +136,16 @@ class StreamgenClient:
         """Start a video-to-video stream; iterate the returned call for restyled Frames (``call.cancel()`` ends
         it). ``frames``: an iterable (or async iterable) of uint8 RGB frames [H, W, 3] or (frame,
         capture_unix_ns) pairs, sent as ``input_encoding`` and, with ``input_fps``, paced at that rate (a live
-        source); the request stream half-closes after the last. ``controls``: an optional asyncio.Queue of
+        source); the request stream half-closes after the last. The call ends with the server's status even
+        when a write races that end (``_compat.ServerStatusCall``). ``controls``: an optional asyncio.Queue of
         ``TransformControl`` kwargs dicts sent as they come (None ends the controls)."""
         config = stream_pb2.TransformConfig(
             prompt=prompt, seed=seed, fps=fps, steps=steps, latency_budget_ms=latency_budget_ms,
             late_policy=stream_pb2.DELIVER_FLAGGED if late_policy == "deliver_flagged" else stream_pb2.DROP,
             encoding=stream_pb2.RAW_RGB if encoding == "raw_rgb" else stream_pb2.JPEG, noise_scale=noise_scale,
             motion_aware=motion_aware, similarity_threshold=similarity_threshold, idle_timeout_ms=idle_timeout_ms)
-        return self.stub.Transform(_transform_requests(config, frames, input_encoding, input_fps, controls),
-                                   timeout=timeout)
+        return ServerStatusCall(self.stub.Transform(
+            _transform_requests(config, frames, input_encoding, input_fps, controls), timeout=timeout))
 
     async def control(self, stream_id: str, prompt: str | None = None, steps: int | None = None,
                       paused: bool | None = None, cancel: bool = False) -> stream_pb2.ControlReply:

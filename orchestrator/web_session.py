@@ -29,6 +29,7 @@ from collections import deque
 import grpc
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from orchestrator._compat import ServerStatusCall
 from orchestrator.admission import validate, validate_prompt, validate_steps, validate_transform
 from orchestrator.config import MAX_STEPS, ServiceConfig
 from orchestrator.metrics import Metrics
@@ -172,8 +173,8 @@ class PageSession:
             stream = PageStream(self._streams, mode, self.stub.Generate(request, metadata=metadata), metadata, None)
         else:
             inputs = CameraInput(config, self.metrics)
-            stream = PageStream(self._streams, mode, self.stub.Transform(inputs.requests(), metadata=metadata),
-                                metadata, inputs)
+            call = ServerStatusCall(self.stub.Transform(inputs.requests(), metadata=metadata))
+            stream = PageStream(self._streams, mode, call, metadata, inputs)
         self.stream = stream
         stream.tasks = [asyncio.create_task(self._pump(stream)), asyncio.create_task(self._forward(stream))]
         await self._send({"type": "starting", "mode": mode, "stream": stream.number})

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from orchestrator._compat import masks_server_status
+
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]*\", line \d+")
 EXCEPTION_CLASS = re.compile(r"\b[A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Interrupt)\b|Exception calling application"
                              r"|<class '")
@@ -127,7 +129,7 @@ class _Sync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
 
 
 async def _status(call):
-    return await call.code(), await call.details(), await call.trailing_metadata()
+    return await call.code(), await call.details(), await call.trailing_metadata(), await call.debug_error_string()
 
 
 def _finished(coro):
@@ -147,7 +149,9 @@ class _Aio:
         self.target = target
 
     def _done(self, method: str, call) -> None:
-        code, details, trailers = _finished(_status(call))
+        code, details, trailers, debug = _finished(_status(call))
+        if masks_server_status(code, details, debug):
+            return  # made by grpc.aio in this process, never sent (grpc#36066): the server's comes later, unswept
         _record(Status(code, details or "", tuple(trailers or ()), self.target, method))
 
     def _watch(self, details, call):

@@ -290,6 +290,8 @@ class EngineCore:
             case Consumed() if msg.stream_id in self._open:
                 engine.consumed(msg.stream_id, msg.chunks)
             case Call():
+                if not self.broken:
+                    engine.apply_controls()  # the call sees every message before it took effect
                 self._run_call(msg)
 
     def _run_call(self, call: Call) -> None:

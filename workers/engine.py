@@ -231,11 +231,28 @@ class PipelineEngine:
         """Control: change the denoising step list from the next unfinished chunk on."""
         self.controls.append((stream_id, "steps", tuple(steps)))
 
+    def apply_controls(self) -> None:
+        """Apply the controls queued so far (each step starts with this; so does the core before it runs a
+        call, which thus sees every message sent before it, e.g. a closed stream's caches freed)."""
+        for _ in range(len(self.controls)):
+            sid, kind, value = self.controls.popleft()
+            stream = self.streams.get(sid)
+            if stream is None:
+                continue
+            if kind == "remove":
+                del self.streams[sid]
+                self.executor.close_stream(sid)
+            else:
+                stream.pending.append((kind, value))
+        for stream in self.streams.values():
+            if stream.pending and stream.program.outstanding == 0:
+                self._apply_pending(stream)
+
     # the loop ---------------------------------------------------------------------------------------
 
     def step(self, wait: bool = True) -> list[ChunkOutput]:
         """One iteration: controls, then fill the pipeline, then collect what finished."""
-        self._apply_controls()
+        self.apply_controls()
         self._maybe_rebalance()
         try:
             while self._target_split is None and len(self._inflight) < self.executor.max_inflight:
@@ -350,21 +367,6 @@ class PipelineEngine:
         return outputs
 
     # helpers ----------------------------------------------------------------------------------------
-
-    def _apply_controls(self) -> None:
-        for _ in range(len(self.controls)):
-            sid, kind, value = self.controls.popleft()
-            stream = self.streams.get(sid)
-            if stream is None:
-                continue
-            if kind == "remove":
-                del self.streams[sid]
-                self.executor.close_stream(sid)
-            else:
-                stream.pending.append((kind, value))
-        for stream in self.streams.values():
-            if stream.pending and stream.program.outstanding == 0:
-                self._apply_pending(stream)
 
     def _apply_pending(self, stream: _Stream) -> None:
         prog = stream.program

@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.test_server import service_config
 from workers.core import MAX_RECOVERIES, EngineCore
-from workers.core_messages import (Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, PushInput,
+from workers.core_messages import (Call, CloseStream, Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, PushInput,
                                    RestoreStream, StreamEvicted, StreamFailed)
 from workers.engine import PipelineEngine
 from workers.executor import InProcessExecutor, StageFailure
@@ -267,3 +267,20 @@ def test_an_input_chunk_of_the_wrong_shape_fails_its_stream_only(core):
     core.submit(OpenStream("t", "an owl", 1, 16.0, 4, RAW))
     batch = core.out.next(timeout=30)
     assert isinstance(batch, FrameBatch) and (batch.stream_id, batch.chunk) == ("t", 0)
+
+
+def test_a_call_sees_a_stream_closed_just_before_it_with_its_caches_freed(core):
+    """A close and a call that reach the engine thread in one inbox batch: the call runs after the close took
+    effect (the leak check asks for cache bytes right after closing its last stream)."""
+    core.submit(OpenStream("s", "a fox", 5, 16.0, 4, RAW))
+    core.out.next()
+    assert sum(core.cache_bytes()) > 0
+    busy, release = threading.Event(), threading.Event()
+    threading.Thread(target=lambda: core.call(lambda: (busy.set(), release.wait(30)), 60), daemon=True).start()
+    assert busy.wait(30)  # the engine thread is inside that call: what follows queues up as one batch
+    core.submit(CloseStream("s"))
+    cache_bytes = Call(core.executor.cache_bytes)
+    core.submit(cache_bytes)
+    release.set()
+    assert cache_bytes.done.wait(30) and cache_bytes.ok
+    assert sum(cache_bytes.value) == 0
