@@ -290,14 +290,14 @@ class EngineCore:
             case Consumed() if msg.stream_id in self._open:
                 engine.consumed(msg.stream_id, msg.chunks)
             case Call():
-                if not self.broken:
-                    engine.apply_controls()  # the call sees every message before it took effect
                 self._run_call(msg)
 
     def _run_call(self, call: Call) -> None:
         try:
             if call.given_up.is_set():
                 return
+            if not self.broken:
+                self.engine.apply_controls()  # the call sees every message sent before it in effect (a close)
             call.value, call.ok = call.fn(), True
         except StageFailure as err:  # a probe met a dead or hung stage: the loop rebuilds, as for a step
             self._stage_failure = err

@@ -11,8 +11,8 @@ import pytest
 
 from tests.integration.test_server import service_config
 from workers.core import MAX_RECOVERIES, EngineCore
-from workers.core_messages import (Call, CloseStream, Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat, PushInput,
-                                   RestoreStream, StreamEvicted, StreamFailed)
+from workers.core_messages import (Call, CloseStream, Consumed, CoreStats, FrameBatch, OpenStream, OutputFormat,
+                                   PushInput, RestoreStream, StreamEvicted, StreamFailed)
 from workers.engine import PipelineEngine
 from workers.executor import InProcessExecutor, StageFailure
 from workers.v2v import VideoParams
