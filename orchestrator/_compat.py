@@ -44,15 +44,23 @@ def loopback_serve_replica_grpc() -> None:
 _MASKED_DETAILS = "Internal error from Core"
 
 
-def masks_server_status(code, details, debug) -> bool:
-    """Whether a grpc.aio call's status is the INTERNAL one grpc.aio sets itself when a client write fails
-    as the call ends (see ``ServerStatusCall``), not one the server sent."""
+def masks_server_status(status: tuple) -> bool:
+    """Whether a grpc.aio call's status (code, details, trailing metadata, debug string) is the INTERNAL one
+    grpc.aio sets itself when a client write fails as the call ends (see ``ServerStatusCall``), not one the
+    server sent."""
+    code, details, _, debug = status
     return code == grpc.StatusCode.INTERNAL and details == _MASKED_DETAILS and "SendMessageOperation" in (debug or "")
 
 
-def _settled(coro):
-    """The value of a call's status coroutine on a finished call (it returns without suspending); None if it
-    would suspend (a grpcio that changed that: then nothing is recovered, the library's status stands)."""
+async def _read_status(call) -> tuple:
+    return await call.code(), await call.details(), await call.trailing_metadata(), await call.debug_error_string()
+
+
+def settled_status(call) -> tuple | None:
+    """A finished grpc.aio call's status (code, details, trailing metadata, debug string), read at once, e.g.
+    in a done callback: its status coroutines return without suspending then. None if they would suspend (a
+    grpcio that changed that)."""
+    coro = _read_status(call)
     try:
         coro.send(None)
     except StopIteration as stop:
@@ -85,15 +93,12 @@ class ServerStatusCall:
         call.add_done_callback(self._on_done)
 
     def _on_done(self, call) -> None:
-        self._first = tuple(_settled(get()) for get in (call.code, call.details, call.trailing_metadata,
-                                                        call.debug_error_string))
+        self._first = settled_status(call)
 
     async def _status(self) -> tuple:
-        now = (await self._call.code(), await self._call.details(), await self._call.trailing_metadata(),
-               await self._call.debug_error_string())
-        first = self._first
-        if masks_server_status(now[0], now[1], now[3]) and first and not masks_server_status(*first[:2], first[3]):
-            return first
+        now = await _read_status(self._call)
+        if masks_server_status(now) and self._first is not None and not masks_server_status(self._first):
+            return self._first
         return now
 
     async def _responses(self):
@@ -101,7 +106,7 @@ class ServerStatusCall:
             async for response in self._call:
                 yield response
         except grpc.aio.AioRpcError as err:
-            if not masks_server_status(err.code(), err.details(), err.debug_error_string()):
+            if not masks_server_status((err.code(), err.details(), None, err.debug_error_string())):
                 raise
             code, details, trailers, debug = await self._status()
             if code == grpc.StatusCode.OK:

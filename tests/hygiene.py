@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator._compat import masks_server_status
+from orchestrator._compat import masks_server_status, settled_status
 
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]*\", line \d+")
 EXCEPTION_CLASS = re.compile(r"\b[A-Z][A-Za-z0-9_]*(?:Error|Exception|Exit|Interrupt)\b|Exception calling application"
@@ -128,20 +128,6 @@ class _Sync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
         return self._watch(details, continuation(details, request_iterator))
 
 
-async def _status(call):
-    return await call.code(), await call.details(), await call.trailing_metadata(), await call.debug_error_string()
-
-
-def _finished(coro):
-    """The value of a coroutine that cannot suspend: a done call's status accessors return at once."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise RuntimeError("the call's status is not ready")
-
-
 class _Aio:
     """The same for grpc.aio calls, whose status accessors are coroutines: read once the call is done."""
 
@@ -149,8 +135,11 @@ class _Aio:
         self.target = target
 
     def _done(self, method: str, call) -> None:
-        code, details, trailers, debug = _finished(_status(call))
-        if masks_server_status(code, details, debug):
+        status = settled_status(call)
+        if status is None:
+            raise RuntimeError("the call's status is not ready")
+        code, details, trailers, _ = status
+        if masks_server_status(status):
             return  # made by grpc.aio in this process, never sent (grpc#36066): the server's comes later, unswept
         _record(Status(code, details or "", tuple(trailers or ()), self.target, method))
 
