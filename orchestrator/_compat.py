@@ -6,6 +6,7 @@ place to look when upgrading Ray or grpcio.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import grpc
@@ -42,6 +43,7 @@ def loopback_serve_replica_grpc() -> None:
 
 
 _MASKED_DETAILS = "Internal error from Core"
+SERVER_STATUS_WAIT_S = 5.0  # the server's status lands a few event-loop turns after the masked one
 
 
 def masks_server_status(status: tuple) -> bool:
@@ -80,26 +82,36 @@ class ServerStatusCall:
     proposed in grpc/grpc#43486. A live video-to-video client writes until the server ends the stream, so
     this hits it (measured: 73 of 200 ends with the writer unpaced; 1 CI run with a 16 fps writer).
 
-    How: a done callback added at the start reads the status the call first settles with, at once (the
-    server's, when it came first); the status read later (the server's, when the failed write came first).
-    Whichever of the two is not the masked one is the server's. Remove when grpcio ships #43486's fix:
+    How: a done callback added at the start reads each status the call settles with, at once. grpcio's status
+    task (``_handle_status_once_received``) still sets the server's status after the masked one, since a
+    finished call is never cancelled locally, so the callback runs again then. Whoever reads a masked status
+    waits for the server's, up to ``SERVER_STATUS_WAIT_S`` (a CI run read the masked status before the
+    server's had landed: 1 of 200 ends). Remove when grpcio ships #43486's fix:
     ``tests/unit/orchestrator/test_client.py::test_a_write_racing_the_servers_end_reports_the_servers_status``
     then passes with ``StreamgenClient.transform`` returning the bare call.
     """
 
     def __init__(self, call):
         self._call = call
-        self._first = None  # (code, details, trailing metadata, debug string) of the first settled status
+        self._server = None  # (code, details, trailing metadata, debug string) the server sent, once settled
+        self._server_settled = asyncio.Event()
         call.add_done_callback(self._on_done)
 
-    def _on_done(self, call) -> None:
-        self._first = settled_status(call)
+    def _on_done(self, call) -> None:  # runs once per status grpcio sets: the masked one, the server's
+        status = settled_status(call)
+        if status is not None and not masks_server_status(status) and self._server is None:
+            self._server = status
+            self._server_settled.set()
 
     async def _status(self) -> tuple:
         now = await _read_status(self._call)
-        if masks_server_status(now) and self._first is not None and not masks_server_status(self._first):
-            return self._first
-        return now
+        if not masks_server_status(now):
+            return now
+        try:
+            await asyncio.wait_for(self._server_settled.wait(), SERVER_STATUS_WAIT_S)
+        except TimeoutError:
+            return now  # no status came after the masked one: report what grpcio has
+        return self._server
 
     async def _responses(self):
         try:
